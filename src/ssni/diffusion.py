@@ -1,0 +1,129 @@
+"""Variance-preserving (VP) diffusion maths, with no network in it.
+
+Discrete DDPM schedule (Ho et al., 2020): ``T = 1000`` levels, ``beta`` linear
+from ``1e-4`` to ``0.02``, ``abar[t] = prod_{s<=t} (1 - beta[s])`` for a level
+``t`` in ``1..T``; level ``0`` is the clean image (``abar = 1``). Its continuous
+twin (Song et al., 2021, VP-SDE) is ``abar(s) = exp(-0.5 (b1 - b0) s^2 - b0 s)``
+with ``s = t / T``, ``b0 = 0.1``, ``b1 = 20``.
+
+Noise levels always travel as ``[B]`` tensors so that every sample of a batch
+can sit at its own level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import InputError
+
+
+@dataclass(frozen=True)
+class VPSchedule:
+    """The DDPM linear-beta schedule and its continuous VP-SDE twin.
+
+    Attributes:
+        num_levels: ``T``, the number of discrete noise levels.
+        beta_start: first ``beta`` (at level 1).
+        beta_end: last ``beta`` (at level ``T``).
+    """
+
+    num_levels: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    @property
+    def betas(self) -> Tensor:
+        """``beta[t]`` for ``t = 0..T`` (float64, ``beta[0] = 0``)."""
+        inner = torch.linspace(self.beta_start, self.beta_end, self.num_levels, dtype=torch.float64)
+        return torch.cat([torch.zeros(1, dtype=torch.float64), inner])
+
+    @property
+    def abar_table(self) -> Tensor:
+        """``abar[t]`` for ``t = 0..T`` (float64, ``abar[0] = 1``)."""
+        return torch.cumprod(1.0 - self.betas, dim=0)
+
+    def check_levels(self, t: Tensor, batch: int | None = None) -> Tensor:
+        """Validate integer levels ``t: [B]`` in ``0..T`` and return them as int64."""
+        if not isinstance(t, Tensor):
+            raise InputError(f"noise levels must be a [B] tensor, found {type(t).__name__}; "
+                             "wrap them with torch.as_tensor")
+        if t.dim() != 1:
+            raise InputError(f"noise levels must be a [B] tensor, found shape {tuple(t.shape)}")
+        if batch is not None and t.shape[0] != batch:
+            raise InputError(f"expected {batch} noise levels (one per sample), found {t.shape[0]}")
+        if t.is_floating_point() and not torch.equal(t, t.round()):
+            raise InputError("noise levels must be integers; round them first")
+        t = t.long()
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) > self.num_levels):
+            raise InputError(f"noise levels must lie in [0, {self.num_levels}], found "
+                             f"[{int(t.min())}, {int(t.max())}]")
+        return t
+
+    def abar(self, t: Tensor, like: Tensor | None = None) -> Tensor:
+        """``abar`` at integer levels ``t: [B]`` (dtype/device of ``like`` if given)."""
+        table = self.abar_table.to(t.device)[t.long()]
+        return table.to(like.dtype) if like is not None else table.float()
+
+    def abar_continuous(self, t: Tensor) -> Tensor:
+        """Continuous twin ``abar(s)`` at real-valued levels ``t`` (``s = t / T``)."""
+        s = t / self.num_levels
+        b0, b1 = self.beta_start * self.num_levels, self.beta_end * self.num_levels
+        return torch.exp(-0.5 * (b1 - b0) * s**2 - b0 * s)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        """Noise-to-signal ratio ``sigma = sqrt((1 - abar) / abar)`` (EDM's sigma)."""
+        a = self.abar(t).double()
+        return torch.sqrt((1 - a) / a).float()
+
+    def level_from_sigma(self, sigma: Tensor) -> Tensor:
+        """Nearest integer level whose ``sigma`` matches (inverse of :meth:`sigma`)."""
+        table = torch.sqrt((1 - self.abar_table) / self.abar_table).to(sigma.device)
+        idx = torch.searchsorted(table, sigma.double().contiguous())
+        idx = idx.clamp(1, self.num_levels)
+        lower_closer = (sigma.double() - table[idx - 1]).abs() < (table[idx] - sigma.double()).abs()
+        return torch.where(lower_closer, idx - 1, idx)
+
+
+def broadcast_to(values: Tensor, x: Tensor) -> Tensor:
+    """Reshape a ``[B]`` tensor to ``[B, 1, 1, ...]`` to broadcast against ``x``."""
+    return values.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+
+
+def forward_jump(
+    schedule: VPSchedule, x0: Tensor, t: Tensor, eps: Tensor, t_relaxed: Tensor | None = None
+) -> Tensor:
+    """Diffuse ``x0`` to per-sample levels in one jump: ``x_t = sqrt(abar) x0 + sqrt(1-abar) eps``.
+
+    Args:
+        schedule: the VP schedule.
+        x0: ``[B, C, H, W]`` in the model's ``[-1, 1]`` scale.
+        t: ``[B]`` integer levels in ``0..T``.
+        eps: standard Gaussian noise shaped like ``x0``.
+        t_relaxed: optional real-valued ``[B]`` levels carrying a gradient. The
+            forward value still uses the integer ``t``; the gradient flows
+            through the continuous twin ``abar(t_relaxed)`` (straight-through
+            relaxation of the rounding), so an attacker can see how a change of
+            level changes the injected noise.
+    """
+    abar = schedule.abar(t, like=x0)
+    if t_relaxed is not None:
+        smooth = schedule.abar_continuous(t_relaxed).to(x0.dtype)
+        abar = abar + (smooth - smooth.detach())
+    abar = broadcast_to(abar, x0)
+    return abar.sqrt() * x0 + (1 - abar).clamp_min(0).sqrt() * eps
+
+
+def to_model_scale(x: Tensor) -> Tensor:
+    """Map images from ``[0, 1]`` to the diffusion model's ``[-1, 1]``."""
+    return 2 * x - 1
+
+
+def to_image_scale(x: Tensor) -> Tensor:
+    """Map from ``[-1, 1]`` back to ``[0, 1]`` (clipped)."""
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+__all__ = ["VPSchedule", "forward_jump", "broadcast_to", "to_model_scale", "to_image_scale"]
