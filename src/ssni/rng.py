@@ -68,13 +68,22 @@ class SampleNoise:
         Row ``j`` is drawn from ``(seeds[idx[j]], *key)`` alone.
         """
         seeds = self.seeds if idx is None else self.seeds[idx.cpu()]
-        if seeds.shape[0] != like.shape[0]:
-            raise ValueError(f"{seeds.shape[0]} noise streams for a batch of {like.shape[0]}")
-        gen = torch.Generator()
-        rows = []
-        for seed in seeds.tolist():
-            gen.manual_seed(derive_seed(seed, *key))
-            rows.append(torch.randn(like.shape[1:], generator=gen))
-        if not rows:
-            return torch.zeros_like(like)
-        return torch.stack(rows).to(device=like.device, dtype=like.dtype)
+        return _rows(seeds.tolist(), [tuple(key)] * len(seeds), like)
+
+    def randn_levels(self, key: Sequence[int | str], levels: Tensor, like: Tensor) -> Tensor:
+        """Like :meth:`randn`, with row ``j`` keyed by ``(*key, levels[j])`` too."""
+        keys = [(*key, int(level)) for level in levels.tolist()]
+        return _rows(self.seeds.tolist(), keys, like)
+
+
+def _rows(seeds: list[int], keys: list[tuple], like: Tensor) -> Tensor:
+    if len(seeds) != like.shape[0]:
+        raise ValueError(f"{len(seeds)} noise streams for a batch of {like.shape[0]}")
+    if not seeds:
+        return torch.zeros_like(like)
+    gen = torch.Generator()
+    rows = []
+    for seed, key in zip(seeds, keys):
+        gen.manual_seed(derive_seed(seed, *key))
+        rows.append(torch.randn(like.shape[1:], generator=gen))
+    return torch.stack(rows).to(device=like.device, dtype=like.dtype)

@@ -1,0 +1,137 @@
+"""``Defense``: image -> score norm -> t* -> purify -> classify -> logits, one ``nn.Module``.
+
+Attacks see one differentiable model. Gradients flow through the classifier,
+every reverse step (optionally with activation checkpointing), the forward
+jump, and, with SSNI, through the score norm and the reweighting: the integer
+level is used in the forward value, and its gradient is the straight-through
+gradient of the continuous twin ``abar(t_relaxed)`` (see
+:func:`ssni.diffusion.forward_jump`). Set ``ssni.differentiable = False`` to
+treat the levels as constants (the paper's attacks recompute them without
+gradient).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .diffusion import VPSchedule
+from .denoisers.protocol import EpsModel
+from .errors import ConfigError
+from .purifiers.base import Purifier
+from .reweight import Reweight
+from .rng import SampleNoise
+from .score_norm import score_norm
+from .validation import check_images
+
+
+@dataclass
+class Levels:
+    """What SSNI decided for a batch: ``t: [R, B]`` integer levels, ``t_relaxed`` (or ``None``),
+    ``score_norm: [B]`` (or ``None`` without SSNI), and the reverse plan."""
+
+    t: Tensor
+    t_relaxed: Tensor | None
+    score_norm: Tensor | None
+    start: Tensor
+    extra_steps: int
+
+
+class SSNI(nn.Module):
+    """Sample-specific levels from score norms.
+
+    Args:
+        score_model: epsilon network used for the score norm (usually the purifier's).
+        reweight: :class:`ssni.reweight.Reweight` (SSNI-N, SSNI-L or a user callable).
+        schedule: VP schedule of ``score_model``.
+        n_levels: ``N`` smallest levels averaged in the EPS (20 on CIFAR-10, 50 on ImageNet).
+        differentiable: let the gradient reach the score norm (adaptive attacks).
+    """
+
+    def __init__(self, score_model: EpsModel, reweight: Reweight, schedule: VPSchedule = VPSchedule(),
+                 n_levels: int = 20, differentiable: bool = True):
+        super().__init__()
+        if n_levels < 1:
+            raise ConfigError(f"n_levels must be >= 1, found {n_levels}")
+        self.score_model, self.reweight, self.schedule = score_model, reweight, schedule
+        self.n_levels, self.differentiable = n_levels, differentiable
+
+    def forward(self, x: Tensor, t_stars: tuple[int, ...], noise: SampleNoise) -> Levels:
+        with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
+            e = score_norm(self.score_model, self.schedule, x, noise, self.n_levels)
+        pairs = [self.reweight.levels(e, t_star, self.schedule.num_levels) for t_star in t_stars]
+        t = torch.stack([p[0] for p in pairs])
+        t_relaxed = torch.stack([p[1] for p in pairs]) if e.requires_grad else None
+        start, extra = self.reweight.reverse_plan(t)
+        return Levels(t, t_relaxed, e, start.clamp_max(self.schedule.num_levels), extra)
+
+
+class Defense(nn.Module):
+    """Classifier protected by a purifier, with optional SSNI levels.
+
+    ``defense(x)`` returns logits for ``x: [B, C, H, W]`` in ``[0, 1]``, averaged over
+    ``votes`` independent purifications (differentiable); :meth:`predict` takes the
+    majority vote of their labels instead (GNS's classification rule).
+
+    Randomness: sample ``i`` of a call is purified with seeds derived from
+    ``(seed, sample_ids[i], draw)``. ``sample_ids`` defaults to positions
+    ``0..B-1``; ``draw`` defaults to a counter that advances on every call, so
+    repeated calls (EOT) see fresh randomness and a fixed ``draw`` reproduces one.
+    """
+
+    def __init__(self, classifier: nn.Module, purifier: Purifier, ssni: SSNI | None = None,
+                 seed: int = 0, votes: int = 1):
+        super().__init__()
+        if votes < 1:
+            raise ConfigError(f"votes must be >= 1, found {votes}")
+        self.classifier, self.purifier, self.ssni = classifier, purifier, ssni
+        self.seed, self.votes, self.draw = seed, votes, 0
+        if isinstance(purifier.model, nn.Module):
+            self.denoiser = purifier.model  # registered so .eval()/.to() reach it
+
+    def _noise(self, x: Tensor, sample_ids: Tensor | None, draw: int | None, vote: int) -> SampleNoise:
+        ids = torch.arange(x.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids).cpu()
+        if ids.shape != (x.shape[0],):
+            raise ConfigError(f"sample_ids must be [B] = [{x.shape[0]}], found {tuple(ids.shape)}")
+        if draw is None:
+            draw, self.draw = self.draw, self.draw + 1
+        return SampleNoise.from_ids(self.seed, ids, draw * self.votes + vote)
+
+    def levels(self, x: Tensor, noise: SampleNoise) -> Levels:
+        """The levels each sample gets: SSNI's, or the base method's constant ``t*``."""
+        if self.ssni is None:
+            t = self.purifier.default_levels(x.shape[0]).to(x.device)
+            return Levels(t, None, None, t, 0)
+        return self.ssni(x, self.purifier.t_stars, noise)
+
+    def purify(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | None = None,
+               vote: int = 0) -> tuple[Tensor, Levels]:
+        """Purified images and the levels used, for one draw of the randomness."""
+        check_images(x)
+        noise = self._noise(x, sample_ids, draw, vote)
+        lv = self.levels(x, noise)
+        out = self.purifier.purify(x, lv.t, noise, t_relaxed=lv.t_relaxed, start=lv.start,
+                                   extra_steps=lv.extra_steps)
+        return out, lv
+
+    def _all_votes(self, x: Tensor, sample_ids: Tensor | None, draw: int | None) -> list[Tensor]:
+        if draw is None:
+            draw, self.draw = self.draw, self.draw + 1
+        return [self.classifier(self.purify(x, sample_ids, draw, v)[0]) for v in range(self.votes)]
+
+    def forward(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | None = None) -> Tensor:
+        return torch.stack(self._all_votes(x, sample_ids, draw)).mean(0)
+
+    def predict(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | None = None) -> Tensor:
+        """Majority vote of the ``votes`` purifications' labels (ties go to the lower class)."""
+        labels = torch.stack([logits.argmax(1) for logits in self._all_votes(x, sample_ids, draw)])
+        n_classes = int(labels.max()) + 1
+        return torch.nn.functional.one_hot(labels, n_classes).sum(0).argmax(1)
+
+    @torch.no_grad()
+    def explain(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | None = None) -> dict[str, Tensor]:
+        """Score norms ``[B]`` (SSNI only) and levels ``[R, B]`` this defense would use."""
+        lv = self.levels(check_images(x), self._noise(x, sample_ids, draw, 0))
+        return {"score_norm": lv.score_norm, "t_star": lv.t}

@@ -1,0 +1,134 @@
+"""Purifier: rounds of (forward jump to per-sample levels, reverse chain back to 0).
+
+DiffPure is one round, GDMP several rounds at the same level with a guided
+step, GNS several rounds at growing levels. A subclass only names its rounds
+(``t_stars``) and its reverse step; batching, per-sample randomness, input
+checks and the ``[0, 1] <-> [-1, 1]`` maps live here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from ..denoisers.protocol import EpsModel, eps_to_x0
+from ..diffusion import VPSchedule, broadcast_to, forward_jump, to_image_scale, to_model_scale
+from ..errors import ConfigError, InputError
+from ..rng import SampleNoise
+from ..validation import check_images
+from .schedule import common_grid, run_common_length, run_join_when_due, unique_grid
+
+Scheduler = Literal["join", "common"]
+
+
+@dataclass
+class Purifier:
+    """Shared machinery; see :class:`DiffPure`, :class:`GDMP`, :class:`GNS`.
+
+    Attributes:
+        model: epsilon network in the project protocol.
+        schedule: its VP schedule.
+        steps: reverse grid length ``n`` per round (``None``: unit steps, full DDPM).
+        clip_x0: clip ``x0_hat`` to ``[-1, 1]`` in every step (as guided-diffusion's
+            ``clip_denoised``); keeps short chains stable.
+        scheduler: ``"join"`` (skip repeated levels, cost ``sum_i min(n, t_i)``) or
+            ``"common"`` (the authors' ``B * n`` scheme; same output, for reference).
+        checkpoint: activation checkpointing over reverse steps when gradients are on.
+        eta: ``1`` for DDPM ancestral steps, ``0`` for deterministic DDIM steps.
+    """
+
+    model: EpsModel
+    schedule: VPSchedule = VPSchedule()
+    steps: int | None = None
+    clip_x0: bool = True
+    scheduler: Scheduler = "join"
+    checkpoint: bool = False
+    eta: float = 1.0
+
+    @property
+    def t_stars(self) -> tuple[int, ...]:
+        """The base method's constant level of each round."""
+        raise NotImplementedError
+
+    def reverse_step(self, x_a: Tensor, a: Tensor, c: Tensor, idx: Tensor, *, noise: SampleNoise,
+                     round_: int, x_in: Tensor) -> Tensor:
+        """One reverse step of rows ``idx`` from levels ``a`` to ``c`` (unguided by default)."""
+        # Each sample's noise for the step leaving level a is its own, keyed by (round, a).
+        z = noise.subset(idx).randn_levels(("reverse", round_), a, x_a)
+        return self.denoise_step(x_a, a, c, z, self.eta)[0]
+
+    def default_levels(self, batch: int) -> Tensor:
+        """``[R, B]`` levels of the base method (every sample at ``t*``)."""
+        return torch.tensor(self.t_stars).unsqueeze(1).repeat(1, batch)
+
+    def purify(self, x: Tensor, t: Tensor | None, noise: SampleNoise, *, t_relaxed: Tensor | None = None,
+               start: Tensor | None = None, extra_steps: int = 0) -> Tensor:
+        """Purify ``x: [B, C, H, W]`` in ``[0, 1]`` at levels ``t`` -> ``[B, C, H, W]`` in ``[0, 1]``.
+
+        Args:
+            t: ``[B]`` integer levels (every round at that level) or ``[R, B]`` (one row per
+                round); ``None`` for the base method's constant ``t*``.
+            noise: per-sample noise streams (:class:`ssni.rng.SampleNoise`).
+            t_relaxed: real-valued levels shaped like ``t`` that carry a gradient into the
+                forward jump (straight-through; see :func:`ssni.diffusion.forward_jump`).
+            start: levels the reverse grids start from, shaped like ``t`` (default ``t``;
+                SSNI-L's ``reference_compat`` starts ``b`` levels higher).
+            extra_steps: added to ``steps`` (SSNI-N's ``reference_compat`` uses ``steps + b``).
+        """
+        check_images(x)
+        t = self._levels(t, x.shape[0])
+        start = t if start is None else self._levels(start, x.shape[0])
+        t_relaxed = None if t_relaxed is None else t_relaxed.reshape(t.shape)
+        if len(noise) != x.shape[0]:
+            raise InputError(f"{len(noise)} noise streams for a batch of {x.shape[0]} images")
+        n = None if self.steps is None else self.steps + extra_steps
+        run = run_join_when_due if self.scheduler == "join" else run_common_length
+        grid_fn = unique_grid if self.scheduler == "join" else common_grid
+        x_model = to_model_scale(x)
+        for r in range(t.shape[0]):
+            eps = noise.randn(("forward", r), x_model)
+            x_t = forward_jump(self.schedule, x_model, t[r], eps, None if t_relaxed is None else t_relaxed[r])
+            grids = [grid_fn(int(s), n) for s in start[r].tolist()]
+            step = partial(self.reverse_step, noise=noise, round_=r, x_in=x_model)
+            x_model = run(x_t, grids, step, self.checkpoint)
+        untouched = broadcast_to((t == 0).all(0), x).bool()
+        return torch.where(untouched, x, to_image_scale(x_model))
+
+    def _levels(self, t: Tensor | None, batch: int) -> Tensor:
+        if t is None:
+            return self.default_levels(batch)
+        if not isinstance(t, Tensor) or t.dim() not in (1, 2):
+            raise InputError("levels must be a [B] or [R, B] integer tensor")
+        rows = t.reshape(-1, t.shape[-1])
+        checked = torch.stack([self.schedule.check_levels(row, batch) for row in rows])
+        if checked.shape[0] == 1:
+            return checked.repeat(len(self.t_stars), 1)
+        if checked.shape[0] != len(self.t_stars):
+            raise InputError(f"{type(self).__name__} has {len(self.t_stars)} rounds, found "
+                             f"levels for {checked.shape[0]}")
+        return checked
+
+    def denoise_step(self, x_a: Tensor, a: Tensor, c: Tensor, z: Tensor, eta: float) -> tuple[Tensor, Tensor]:
+        """Generalised DDPM/DDIM step from level ``a`` to ``c < a`` (METHOD §1).
+
+        ``x_c = sqrt(abar_c) x0_hat + c1 z + c2 eps_hat``, ``c1 = eta sqrt((1 - abar_a/abar_c)
+        (1 - abar_c) / (1 - abar_a))``, ``c2 = sqrt(1 - abar_c - c1^2)``. Returns ``(x_c, c1)``.
+        """
+        eps_hat = self.model(x_a, a)
+        x0_hat = eps_to_x0(self.schedule, x_a, a, eps_hat)
+        if self.clip_x0:
+            x0_hat = x0_hat.clamp(-1, 1)
+        abar_a = broadcast_to(self.schedule.abar(a, like=x_a), x_a)
+        abar_c = broadcast_to(self.schedule.abar(c, like=x_a), x_a)
+        c1 = eta * ((1 - abar_a / abar_c) * (1 - abar_c) / (1 - abar_a)).clamp_min(0).sqrt()
+        c2 = (1 - abar_c - c1**2).clamp_min(0).sqrt()
+        return abar_c.sqrt() * x0_hat + c1 * z + c2 * eps_hat, c1
+
+
+def check_positive_levels(name: str, levels: tuple[int, ...], schedule: VPSchedule) -> None:
+    if not levels or any(not 0 < t <= schedule.num_levels for t in levels):
+        raise ConfigError(f"{name} levels must lie in 1..{schedule.num_levels}, found {list(levels)}")
