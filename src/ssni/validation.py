@@ -21,8 +21,8 @@ def check_images(x: Tensor, channels: int | None = None, size: tuple[int, int] |
     if x.dim() != 4:
         raise InputError(f"images must have shape [B, C, H, W], found shape {tuple(x.shape)}; "
                          "add a batch dimension with x[None] for a single image")
-    if x.shape[0] == 0:
-        raise InputError("the image batch is empty")
+    if x.numel() == 0:
+        raise InputError(f"the image batch is empty (shape {tuple(x.shape)})")
     if not x.is_floating_point():
         raise InputError(f"images must be floats in [0, 1], found dtype {x.dtype}; divide uint8 by 255")
     if channels is not None and x.shape[1] != channels:

@@ -92,7 +92,9 @@ class Purifier:
         for r in range(t.shape[0]):
             eps = noise.randn(("forward", r), x_model)
             x_t = forward_jump(self.schedule, x_model, t[r], eps, None if t_relaxed is None else t_relaxed[r])
-            grids = [grid_fn(int(s), n) for s in start[r].tolist()]
+            # Unit steps on the common-length scheme: one grid of the longest chain's length.
+            n_r = int(start[r].max()) if n is None and self.scheduler == "common" else n
+            grids = [grid_fn(int(s), n_r) for s in start[r].tolist()]
             step = partial(self.reverse_step, noise=noise, round_=r, x_in=x_model)
             x_model = run(x_t, grids, step, self.checkpoint)
         untouched = broadcast_to((t == 0).all(0), x).bool()
