@@ -65,6 +65,33 @@ def train_classifier(
     typer.echo(f"{name}: {entry['metrics']} in {entry['train_seconds']} s -> {weights_dir / entry['file']}")
 
 
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("out/demo"), help="output folder (created; nothing is written elsewhere)"),
+    quick: bool = typer.Option(False, "--quick", help="64 test images, 10 PGD steps (a few minutes on 2 cores)"),
+    all_methods: bool = typer.Option(False, "--all", help="also GDMP and GNS, with and without SSNI-N"),
+    n_test: int = typer.Option(None, min=1, help="test images (default 200, quick 64)"),
+    eps: float = typer.Option(None, min=0.0, max=1.0, help="l_inf budget (default 0.3)"),
+    pgd_steps: int = typer.Option(None, min=0, help="PGD iterations (default 20, quick 10)"),
+    eot: int = typer.Option(None, min=1, help="EOT samples per PGD step (default 2)"),
+    t_star: int = typer.Option(None, min=1, max=1000, help="DiffPure's constant level (default 150)"),
+    weights_dir: Path = typer.Option(None, help="folder with manifest.json (default: the shipped weights/)"),
+) -> None:
+    """Run SSNI on real MNIST with the shipped models: clean and PGD+EOT accuracy, plots.
+
+    Example: ssni demo --quick --out out/demo
+    """
+    from .demo import demo_config, run_demo
+    from .report import format_table
+
+    cfg = demo_config(quick, all_methods=all_methods or None, n_test=n_test, eps=eps, pgd_steps=pgd_steps,
+                      eot=eot, t_star=t_star)
+    results = run_demo(cfg, out, weights_dir)
+    typer.echo(format_table(results["rows"]))
+    typer.echo(f"score-norm AUROC clean vs adversarial: {results['auroc_score_norm']:.3f}")
+    typer.echo(f"wrote {out / 'results.json'}, table.txt, score_norms.png, t_star.png, purification.png")
+
+
 def main() -> None:
     try:
         app()

@@ -53,7 +53,7 @@ class ImageSet:
 
 
 def _from_uint8(pixels: np.ndarray, labels: np.ndarray, name: str) -> ImageSet:
-    images = torch.from_numpy(np.ascontiguousarray(pixels)).float().div_(255.0)
+    images = torch.from_numpy(np.array(pixels, dtype=np.uint8)).float().div_(255.0)
     labels_t = torch.from_numpy(np.asarray(labels, dtype=np.int64))
     return ImageSet(images, labels_t, torch.arange(len(labels_t)), name)
 

@@ -1,0 +1,28 @@
+"""Accuracy with binomial confidence intervals, and the AUROC of a detection score."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a binomial proportion ``correct / n``."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def auroc(negatives: Tensor, positives: Tensor) -> float:
+    """P(score of a positive > score of a negative), ties counted half (Mann-Whitney U)."""
+    neg, pos = negatives.double().flatten(), positives.double().flatten()
+    if neg.numel() == 0 or pos.numel() == 0:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).double().sum()
+    ties = (pos[:, None] == neg[None, :]).double().sum()
+    return ((greater + 0.5 * ties) / (neg.numel() * pos.numel())).item()

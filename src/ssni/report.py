@@ -1,0 +1,62 @@
+"""Figures and tables rendered from results (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+
+def score_norm_histogram(clean: Tensor, adversarial: Tensor, auroc: float, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bins = torch.linspace(float(min(clean.min(), adversarial.min())),
+                          float(max(clean.max(), adversarial.max())), 40).tolist()
+    ax.hist(clean.tolist(), bins=bins, alpha=0.6, label="clean")
+    ax.hist(adversarial.tolist(), bins=bins, alpha=0.6, label="adversarial")
+    ax.set(xlabel="score norm e(x)", ylabel="images", title=f"Score norms (AUROC {auroc:.3f})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def level_histogram(levels: dict[str, Tensor], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, t in levels.items():
+        ax.hist(t.flatten().tolist(), bins=30, alpha=0.6, label=name)
+    ax.set(xlabel="noise level t*", ylabel="images", title="Chosen noise levels")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def image_grid(rows: dict[str, Tensor], path: Path) -> None:
+    """One row per named batch ``[N, C, H, W]`` in [0, 1] (shown in [0, 1] even if outside)."""
+    n = max(r.shape[0] for r in rows.values())
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n, 1.3 * len(rows)), squeeze=False)
+    for r, (name, batch) in enumerate(rows.items()):
+        for i in range(n):
+            ax = axes[r][i]
+            ax.axis("off")
+            if i < batch.shape[0]:
+                img = batch[i].detach().clamp(0, 1).permute(1, 2, 0).squeeze(-1)
+                ax.imshow(img.numpy(), cmap="gray" if img.dim() == 2 else None, vmin=0, vmax=1)
+        axes[r][0].set_title(name, fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def format_table(rows: list[dict]) -> str:
+    header = f"{'method':<22}{'clean':>8}{'robust':>8}{'t* mean':>9}{'t* std':>8}{'seconds':>9}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(f"{row['method']:<22}{100 * row['clean_acc']:>7.1f}%{100 * row['robust_acc']:>7.1f}%"
+                     f"{row['t_mean']:>9.1f}{row['t_std']:>8.1f}{row['seconds']:>9.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,92 @@
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ssni.data import load_cifar10_batch, load_idx_pair, load_image_folder, load_mnist5k, load_split, split_indices
+from ssni.errors import InputError
+
+
+def test_mnist5k_is_the_real_embedded_sample():
+    data = load_mnist5k()
+    assert data.images.shape == (5000, 1, 28, 28) and data.labels.shape == (5000,)
+    assert data.images.min() == 0 and data.images.max() == 1
+    assert torch.bincount(data.labels).min() > 400  # every digit present
+    assert 0.1 < data.images.mean() < 0.15  # MNIST's mean intensity is about 0.13
+
+
+def test_split_is_deterministic_stratified_and_disjoint():
+    labels = load_mnist5k().labels
+    a, b = split_indices(labels), split_indices(labels)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert {k: len(v) for k, v in a.items()} == {"train": 4000, "val": 500, "test": 500}
+    assert len(torch.unique(torch.cat(list(a.values())))) == 5000
+    for part in ("val", "test"):
+        counts = torch.bincount(labels[a[part]], minlength=10)
+        expected = torch.bincount(labels, minlength=10) * 0.1
+        assert torch.all((counts - expected).abs() <= 1)
+    assert not torch.equal(split_indices(labels, seed=1)["test"], a["test"])
+
+
+def test_load_split_rejects_unknown_names():
+    with pytest.raises(InputError):
+        load_split("mnist-5k", "holdout")
+    with pytest.raises(InputError):
+        load_split("svhn", "train")
+
+
+def write_idx(path, array, gz=True):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+
+
+def test_idx_files_round_trip(tmp_path):
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 28, 28))
+    write_idx(tmp_path / "img.gz", pixels)
+    write_idx(tmp_path / "lab", np.arange(6), gz=False)
+    data = load_idx_pair(tmp_path / "img.gz", tmp_path / "lab", "idx")
+    assert data.images.shape == (6, 1, 28, 28)
+    assert torch.allclose(data.images[:, 0] * 255, torch.from_numpy(pixels).float())
+    assert data.labels.tolist() == list(range(6))
+
+
+def test_truncated_idx_file_is_refused(tmp_path):
+    write_idx(tmp_path / "img", np.zeros((6, 28, 28)), gz=False)
+    (tmp_path / "img").write_bytes((tmp_path / "img").read_bytes()[:-5])
+    write_idx(tmp_path / "lab", np.arange(6), gz=False)
+    with pytest.raises(InputError, match="truncated"):
+        load_idx_pair(tmp_path / "img", tmp_path / "lab", "idx")
+
+
+def test_cifar10_batch_reads_arrays_and_refuses_code(tmp_path):
+    data = np.random.default_rng(1).integers(0, 256, (4, 3072)).astype(np.uint8)
+    with open(tmp_path / "data_batch_1", "wb") as f:
+        pickle.dump({b"data": data, b"labels": [1, 2, 3, 4]}, f)
+    batch = load_cifar10_batch(tmp_path / "data_batch_1")
+    assert batch.images.shape == (4, 3, 32, 32) and batch.labels.tolist() == [1, 2, 3, 4]
+    assert torch.allclose(batch.images[0, 0, 0] * 255, torch.from_numpy(data[0, :32]).float())
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    with open(tmp_path / "evil", "wb") as f:
+        pickle.dump({b"data": Evil(), b"labels": []}, f)
+    with pytest.raises(InputError, match="refusing to unpickle"):
+        load_cifar10_batch(tmp_path / "evil")
+
+
+def test_image_folder_resizes_crops_and_rejects_bad_files(tmp_path):
+    for cls, colour in (("cat", (255, 0, 0)), ("dog", (0, 0, 255))):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (40, 30), colour).save(tmp_path / cls / "a.png")
+    data = load_image_folder(tmp_path, size=16)
+    assert data.images.shape == (2, 3, 16, 16) and data.labels.tolist() == [0, 1]
+    assert data.images[0, 0].mean() == 1.0 and data.images[1, 2].mean() == 1.0
+    (tmp_path / "dog" / "broken.jpg").write_bytes(b"not an image")
+    with pytest.raises(InputError, match="not a readable image"):
+        load_image_folder(tmp_path, size=16)
