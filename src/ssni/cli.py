@@ -75,6 +75,8 @@ def demo(
     pgd_steps: int = typer.Option(None, min=0, help="PGD iterations (default 20, quick 10)"),
     eot: int = typer.Option(None, min=1, help="EOT samples per PGD step (default 2)"),
     t_star: int = typer.Option(None, min=1, max=1000, help="DiffPure's constant level (default 150)"),
+    dataset: str = typer.Option("mnist-5k", help="mnist-5k (embedded) or fashion-mnist (Debian package)"),
+    split: str = typer.Option("test", help="test, or val to choose settings without touching the test split"),
     weights_dir: Path = typer.Option(None, help="folder with manifest.json (default: the shipped weights/)"),
 ) -> None:
     """Run SSNI on real MNIST with the shipped models: clean and PGD+EOT accuracy, plots.
@@ -84,7 +86,7 @@ def demo(
     from .demo import demo_config, run_demo
     from .report import format_table
 
-    cfg = demo_config(quick, all_methods=all_methods or None, n_test=n_test, eps=eps, pgd_steps=pgd_steps,
+    cfg = demo_config(quick, dataset=dataset, split=split, all_methods=all_methods or None, n_test=n_test, eps=eps, pgd_steps=pgd_steps,
                       eot=eot, t_star=t_star)
     results = run_demo(cfg, out, weights_dir)
     typer.echo(format_table(results["rows"]))

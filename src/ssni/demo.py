@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .attacks import PGD, ThreatModel
 from .checkpoints.registry import default_weights_dir, load_manifest, load_named
 from .data import ImageSet, load_split
+from .errors import CheckpointError
 from .defense import SSNI, Defense
 from .diffusion import VPSchedule, forward_jump, to_image_scale, to_model_scale
 from .metrics import auroc, wilson_interval
@@ -32,7 +33,13 @@ from .reweight import Calibration, make_reweight
 from .rng import SampleNoise
 from .score_norm import score_norm_nograd
 
-CALIBRATION_FILE = "mnist-calibration.json"
+MODEL_PREFIX = {"mnist-5k": "mnist", "fashion-mnist": "fashion-mnist"}
+
+
+def model_names(dataset: str) -> tuple[str, str]:
+    """Manifest names of the dataset's ``(diffusion model, classifier)``."""
+    prefix = MODEL_PREFIX.get(dataset, dataset)
+    return f"{prefix}-unet", f"{prefix}-cnn"
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class DemoConfig:
     """Every setting of a demo run (written to results.json)."""
 
     dataset: str = "mnist-5k"
+    split: str = "test"
     n_test: int = 200
     t_star: int = 150
     steps: int = 10
@@ -62,10 +70,10 @@ QUICK = {"n_test": 64, "pgd_steps": 10}
 
 def calibration(unet: nn.Module, train: ImageSet, cfg: DemoConfig, weights_dir: Path) -> Calibration:
     """Load the shipped reference statistics if they match this setup, else compute them."""
-    sha = load_manifest(weights_dir).get("mnist-unet", {}).get("sha256")
+    sha = load_manifest(weights_dir).get(model_names(cfg.dataset)[0], {}).get("sha256")
     meta = {"score_model_sha256": sha, "n_levels": cfg.n_levels, "n_images": cfg.calibration_size,
             "split": f"{cfg.dataset}/train", "seed": cfg.seed}
-    path = weights_dir / CALIBRATION_FILE
+    path = weights_dir / f"{MODEL_PREFIX.get(cfg.dataset, cfg.dataset)}-calibration.json"
     if path.is_file():
         shipped = Calibration.load(path)
         if shipped.meta == meta:
@@ -133,9 +141,15 @@ def run_demo(cfg: DemoConfig, out: Path, weights_dir: Path | None = None, progre
     """Run the demo, write results.json and figures into ``out``, return the results."""
     weights_dir = Path(weights_dir or default_weights_dir())
     out.mkdir(parents=True, exist_ok=True)
-    unet, classifier = load_named("mnist-unet", weights_dir), load_named("mnist-cnn", weights_dir)
-    test = load_split(cfg.dataset, "test").head(cfg.n_test)
+    missing = [n for n in model_names(cfg.dataset) if n not in load_manifest(weights_dir)]
+    if missing:
+        raise CheckpointError(f"{weights_dir} has no {' or '.join(missing)} for {cfg.dataset}; train them with "
+                              f"`ssni train score --dataset {cfg.dataset} --name {model_names(cfg.dataset)[0]}` and "
+                              f"`ssni train classifier --dataset {cfg.dataset} --name {model_names(cfg.dataset)[1]}`")
+    unet, classifier = (load_named(name, weights_dir) for name in model_names(cfg.dataset))
+    test = load_split(cfg.dataset, cfg.split).head(cfg.n_test)
     cal = calibration(unet, load_split(cfg.dataset, "train"), cfg, weights_dir)
+    cal.save(out / "calibration.json")
     attack = PGD(ThreatModel("linf", cfg.eps), steps=cfg.pgd_steps, step_size=cfg.step_size, eot=cfg.eot)
     rows, adversarial = [], {}
     methods = build_methods(cfg, unet, classifier, cal)
@@ -145,7 +159,7 @@ def run_demo(cfg: DemoConfig, out: Path, weights_dir: Path | None = None, progre
         if progress:
             tqdm.write(f"{name}: clean {row['clean_acc']:.3f}, robust {row['robust_acc']:.3f} "
                        f"({row['seconds']:.0f} s)")
-    results = {"dataset": cfg.dataset, "n_test": len(test), "config": asdict(cfg),
+    results = {"dataset": cfg.dataset, "split": cfg.split, "n_test": len(test), "config": asdict(cfg),
                "attack": {"name": "PGD+EOT", "gradients": "exact (through the whole defense)",
                           "norm": "linf", "eps": cfg.eps, "steps": cfg.pgd_steps,
                           "step_size": cfg.step_size, "eot": cfg.eot, "random_start": False,

@@ -1,0 +1,45 @@
+"""A tiny end-to-end demo run: real MNIST images, tiny random-init models in a temp weights folder."""
+
+import json
+
+import pytest
+
+from ssni.checkpoints.io import save_weights
+from ssni.checkpoints.registry import register
+from ssni.demo import demo_config, run_demo
+from ssni.errors import CheckpointError
+
+
+@pytest.fixture
+def tiny_weights(tmp_path, tiny_unet, tiny_classifier):
+    folder = tmp_path / "weights"
+    for name, model, arch in (("mnist-unet", tiny_unet, "unet"), ("mnist-cnn", tiny_classifier, "small_cnn")):
+        digest = save_weights(folder / f"{name}.safetensors", model)
+        register(folder, name, {"arch": arch, "config": model.config.to_dict(),
+                                "file": f"{name}.safetensors", "sha256": digest})
+    return folder
+
+
+def test_tiny_demo_writes_results_and_figures(tmp_path, tiny_weights):
+    cfg = demo_config(True, n_test=4, pgd_steps=2, eot=1, steps=2, t_star=20, n_levels=2,
+                      calibration_size=16, batch_size=4, eps=0.3)
+    out = tmp_path / "out"
+    results = run_demo(cfg, out, tiny_weights, progress=False)
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["dataset"] == "mnist-5k" and saved["n_test"] == 4
+    assert [r["method"] for r in saved["rows"]] == ["undefended", "DiffPure", "DiffPure + SSNI-L",
+                                                     "DiffPure + SSNI-N"]
+    assert [r["ssni"] for r in saved["rows"]] == [None, None, "linear", "sigmoid"]
+    for row in saved["rows"]:
+        assert 0 <= row["clean_acc"] <= 1 and 0 <= row["robust_acc"] <= 1 and row["seconds"] > 0
+    assert saved["rows"][1]["t_mean"] == 20 and saved["rows"][1]["t_std"] == 0
+    assert 1 <= saved["rows"][3]["t_mean"] <= 20 - 1 + 5
+    assert 0 <= saved["auroc_score_norm"] <= 1 and results["attack"]["eps"] == 0.3
+    for name in ("score_norms.png", "t_star.png", "purification.png", "table.txt", "calibration.json"):
+        assert (out / name).stat().st_size > 0
+    assert {p.name for p in tmp_path.iterdir()} == {"weights", "out"}  # nothing written elsewhere
+
+
+def test_demo_without_models_for_the_dataset_says_how_to_train_them(tmp_path, tiny_weights):
+    with pytest.raises(CheckpointError, match="ssni train score --dataset fashion-mnist"):
+        run_demo(demo_config(True, dataset="fashion-mnist"), tmp_path / "out", tiny_weights, progress=False)
