@@ -5,15 +5,17 @@ import json
 import pytest
 
 from ssni.checkpoints.io import save_weights
-from ssni.checkpoints.registry import register
+from ssni.checkpoints.registry import default_weights_dir, load_named, register
 from ssni.demo import demo_config, run_demo
 from ssni.errors import CheckpointError
 
 
 @pytest.fixture
-def tiny_weights(tmp_path, tiny_unet, tiny_classifier):
+def tiny_weights(tmp_path, tiny_unet):
+    """A tiny random UNet beside the shipped (real, trained) MNIST classifier."""
     folder = tmp_path / "weights"
-    for name, model, arch in (("mnist-unet", tiny_unet, "unet"), ("mnist-cnn", tiny_classifier, "small_cnn")):
+    classifier = load_named("mnist-cnn", default_weights_dir())
+    for name, model, arch in (("mnist-unet", tiny_unet, "unet"), ("mnist-cnn", classifier, "small_cnn")):
         digest = save_weights(folder / f"{name}.safetensors", model)
         register(folder, name, {"arch": arch, "config": model.config.to_dict(),
                                 "file": f"{name}.safetensors", "sha256": digest})
@@ -34,8 +36,11 @@ def test_tiny_demo_writes_results_and_figures(tmp_path, tiny_weights):
         assert 0 <= row["clean_acc"] <= 1 and 0 <= row["robust_acc"] <= 1 and row["seconds"] > 0
     assert saved["rows"][1]["t_mean"] == 20 and saved["rows"][1]["t_std"] == 0
     assert 1 <= saved["rows"][3]["t_mean"] <= 20 - 1 + 5
+    assert saved["rows"][0]["clean_acc"] == 1.0  # the real classifier on 4 real digits
+    assert saved["rows"][0]["robust_acc"] < 1.0  # and PGD breaks it
     assert 0 <= saved["auroc_score_norm"] <= 1 and results["attack"]["eps"] == 0.3
-    for name in ("score_norms.png", "t_star.png", "purification.png", "table.txt", "calibration.json"):
+    for name in ("score_norms.png", "t_star.png", "purification.png", "table.txt",
+                 "runs/diffpure-ssni-n/calibration.json", "runs/diffpure/results.sqlite"):
         assert (out / name).stat().st_size > 0
     assert {p.name for p in tmp_path.iterdir()} == {"weights", "out"}  # nothing written elsewhere
 

@@ -81,6 +81,8 @@ class Defense(nn.Module):
     repeated calls (EOT) see fresh randomness and a fixed ``draw`` reproduces one.
     """
 
+    takes_sample_ids = True
+
     def __init__(self, classifier: nn.Module, purifier: Purifier, ssni: SSNI | None = None,
                  seed: int = 0, votes: int = 1):
         super().__init__()

@@ -54,3 +54,13 @@ def score_norm_nograd(model: EpsModel, schedule: VPSchedule, x: Tensor, noise: S
                       n_levels: int = 20, max_rows: int | None = None) -> Tensor:
     """The same value as :func:`score_norm`, under ``inference_mode`` (no graph, less memory)."""
     return score_norm(model, schedule, x, noise, n_levels, max_rows)
+
+
+def dataset_score_norms(model: EpsModel, schedule: VPSchedule, images: Tensor, ids: Tensor, seed: int,
+                        n_levels: int = 20, batch_size: int = 250) -> Tensor:
+    """Score norms ``[N]`` of a whole image set, sample ``i`` seeded by ``(seed, ids[i])``."""
+    if len(images) == 0:
+        return torch.zeros(0)
+    return torch.cat([score_norm_nograd(model, schedule, images[i:i + batch_size],
+                                        SampleNoise.from_ids(seed, ids[i:i + batch_size]), n_levels)
+                      for i in range(0, len(images), batch_size)])

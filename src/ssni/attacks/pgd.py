@@ -22,10 +22,8 @@ from .base import ThreatModel
 
 
 def call_model(model: nn.Module, x: Tensor, sample_ids: Tensor | None) -> Tensor:
-    """Logits of ``model``; sample ids reach models that take them (a :class:`Defense`)."""
-    from ..defense import Defense
-
-    return model(x, sample_ids=sample_ids) if isinstance(model, Defense) else model(x)
+    """Logits of ``model``; sample ids reach models that take them (``takes_sample_ids``)."""
+    return model(x, sample_ids=sample_ids) if getattr(model, "takes_sample_ids", False) else model(x)
 
 
 @dataclass
@@ -54,12 +52,16 @@ class PGD:
         if self.steps < 0 or self.eot < 1 or self.step_size <= 0:
             raise ConfigError("PGD needs steps >= 0, eot >= 1 and step_size > 0")
 
+    def objective(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None) -> Tensor:
+        """The loss PGD ascends, summed over the batch (cross-entropy on the logits)."""
+        return F.cross_entropy(call_model(model, x, sample_ids), y, reduction="sum")
+
     def gradient(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None) -> tuple[Tensor, float]:
-        """EOT estimate of the input gradient of the summed cross-entropy, and the mean loss."""
+        """EOT estimate of the input gradient of the objective, and the mean loss."""
         total, loss_sum = torch.zeros_like(x), 0.0
         for _ in range(self.eot):
             x_var = x.detach().requires_grad_(True)
-            loss = F.cross_entropy(call_model(model, x_var, sample_ids), y, reduction="sum")
+            loss = self.objective(model, x_var, y, sample_ids)
             total += torch.autograd.grad(loss, x_var)[0]
             loss_sum += loss.item()
         return total / self.eot, loss_sum / (self.eot * x.shape[0])

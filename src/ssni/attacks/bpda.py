@@ -1,0 +1,32 @@
+"""BPDA (Athalye et al., 2018): the purifier is run forward, its backward pass is the identity.
+
+``BPDA(defense)`` is a module with the defense's forward value whose input
+gradient skips the purifier (and SSNI): ``classifier(x + (purify(x) - x).detach())``.
+Wrap it in PGD with ``eot > 1`` for BPDA+EOT. It is a gradient estimator, not an
+attack of its own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..defense import Defense
+
+
+class BPDA(nn.Module):
+    takes_sample_ids = True
+
+    def __init__(self, defense: Defense):
+        super().__init__()
+        self.defense = defense
+
+    def forward(self, x: Tensor, sample_ids: Tensor | None = None) -> Tensor:
+        d = self.defense
+        draw, d.draw = d.draw, d.draw + 1
+        logits = []
+        for vote in range(d.votes):
+            with torch.no_grad():
+                purified, _ = d.purify(x, sample_ids, draw, vote)
+            logits.append(d.classifier(x + (purified - x).detach()))
+        return torch.stack(logits).mean(0)

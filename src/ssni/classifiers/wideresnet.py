@@ -1,0 +1,266 @@
+"""Wide ResNets in the state-dict layouts of RobustBench's CIFAR checkpoints.
+
+Written here from the published parameter names and shapes (no robustbench import), so the
+public checkpoints load strictly and give the published logits:
+
+* :class:`WideResNet`: the TRADES-style pre-activation WRN that RobustBench's ``Standard``
+  CIFAR-10 model (WRN-28-10, 36,479,194 parameters) and many Linf entries use. Keys:
+  ``conv1``, ``block{1,2,3}.layer.i.{bn1,conv1,bn2,conv2}``, ``block{2,3}.layer.0.convShortcut``
+  (and ``block1.layer.0.convShortcut`` when the width changes), ``bn1``, ``fc``. Optional
+  ``sub_block1`` (an unused copy of ``block1`` that some checkpoints carry). It has no input
+  normalisation: ``Standard`` is trained on raw [0, 1] images.
+* :class:`DMWideResNet`: DeepMind's WRN (Gowal et al. 2020, Rebuffi et al. 2021, ...), e.g.
+  ``Gowal2020Uncovering_70_16_extra`` (WRN-70-16, Swish). Keys: ``mean``/``std`` buffers of
+  shape ``[3, 1, 1]`` (the CIFAR-10 statistics, part of the state dict),
+  ``init_conv``, ``layer.g.block.i.{batchnorm_0,conv_0,batchnorm_1,conv_1,shortcut}``,
+  ``batchnorm``, ``logits``. Its first conv of a block has no built-in padding: input is padded
+  by 1 on every side for stride 1 and by (0, 1, 0, 1) (right/bottom only, TensorFlow ``SAME``)
+  for stride 2. Normalisation happens inside, so it also takes [0, 1] images.
+
+Both end in an 8x8 average pool, as published, and so take 32x32 images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError, InputError
+from .resnet import load_into
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2471, 0.2435, 0.2616)
+_ACTIVATIONS = {"relu": nn.ReLU, "swish": nn.SiLU}  # Swish x * sigmoid(x) is SiLU
+
+
+def _check_depth(depth: int, width: int) -> None:
+    if depth < 10 or (depth - 4) % 6 != 0:
+        raise ConfigError(f"WRN depth must be 6n + 4 with n >= 1 (10, 16, 28, 34, 70, ...), got {depth}")
+    if width < 1:
+        raise ConfigError(f"WRN width must be >= 1, got {width}")
+
+
+def _pool_8x8(out: Tensor) -> Tensor:
+    """The published head's ``avg_pool2d(out, 8)``; refuses maps that do not pool to 1x1."""
+    if out.shape[-2:] != (8, 8):
+        raise InputError(f"this WRN expects 32x32 images (8x8 final map), got a {tuple(out.shape[-2:])} map")
+    return F.avg_pool2d(out, 8).flatten(1)
+
+
+@dataclass(frozen=True)
+class WideResNetConfig:
+    """Shape of a :class:`WideResNet` (defaults: RobustBench ``Standard``, WRN-28-10).
+
+    Attributes:
+        depth: ``6 n + 4``; each of the three groups has ``n`` blocks.
+        widen_factor: Group widths are ``16, 32, 64`` times this.
+        num_classes: Size of the logits.
+        sub_block1: Add the unused ``sub_block1`` group some checkpoints (e.g. Carmon2019) hold.
+        bias_last: Whether ``fc`` has a bias.
+    """
+
+    depth: int = 28
+    widen_factor: int = 10
+    num_classes: int = 10
+    sub_block1: bool = False
+    bias_last: bool = True
+
+    def __post_init__(self):
+        _check_depth(self.depth, self.widen_factor)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> WideResNetConfig:
+        return cls(**data)
+
+
+class _WRNBlock(nn.Module):
+    """Pre-activation block; when the width changes the 1x1 shortcut sees the activated input."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.convShortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False) if c_in != c_out else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = F.relu(self.bn1(x))
+        skip = x if self.convShortcut is None else self.convShortcut(a)
+        return skip + self.conv2(F.relu(self.bn2(self.conv1(a))))
+
+
+class _WRNGroup(nn.Module):
+    """``count`` blocks under the key ``layer``; the first one strides and changes width."""
+
+    def __init__(self, count: int, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.layer = nn.Sequential(*(_WRNBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1)
+                                     for i in range(count)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    """RobustBench's CIFAR WideResNet layout; ``forward(x: [B, 3, 32, 32] in [0, 1]) -> [B, num_classes]``.
+
+    No normalisation: the ``Standard`` checkpoint was trained on raw [0, 1] images.
+    """
+
+    def __init__(self, config: WideResNetConfig = WideResNetConfig()):
+        super().__init__()
+        self.config = config
+        n, k = (config.depth - 4) // 6, config.widen_factor
+        widths = (16, 16 * k, 32 * k, 64 * k)
+        self.conv1 = nn.Conv2d(3, widths[0], 3, padding=1, bias=False)
+        self.block1 = _WRNGroup(n, widths[0], widths[1], 1)
+        if config.sub_block1:
+            self.sub_block1 = _WRNGroup(n, widths[0], widths[1], 1)
+        self.block2 = _WRNGroup(n, widths[1], widths[2], 2)
+        self.block3 = _WRNGroup(n, widths[2], widths[3], 2)
+        self.bn1 = nn.BatchNorm2d(widths[3])
+        self.fc = nn.Linear(widths[3], config.num_classes, bias=config.bias_last)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.block3(self.block2(self.block1(self.conv1(x))))
+        return self.fc(_pool_8x8(F.relu(self.bn1(out))))
+
+
+@dataclass(frozen=True)
+class DMWideResNetConfig:
+    """Shape of a :class:`DMWideResNet` (defaults: ``Gowal2020Uncovering_70_16_extra``).
+
+    Attributes:
+        depth: ``6 n + 4``; each of the three groups has ``n`` blocks.
+        width: Group widths are ``16, 32, 64`` times this.
+        num_classes: Size of the logits.
+        activation: ``"swish"`` (Gowal/Rebuffi; same as SiLU) or ``"relu"``.
+        mean: Per-channel mean subtracted inside (initial value of the ``mean`` buffer).
+        std: Per-channel std divided inside (initial value of the ``std`` buffer).
+        padding: Zero padding added to the [0, 1] image before normalising (0 as published).
+    """
+
+    depth: int = 70
+    width: int = 16
+    num_classes: int = 10
+    activation: str = "swish"
+    mean: tuple[float, ...] = CIFAR10_MEAN
+    std: tuple[float, ...] = CIFAR10_STD
+    padding: int = 0
+
+    def __post_init__(self):
+        _check_depth(self.depth, self.width)
+        if self.activation not in _ACTIVATIONS:
+            raise ConfigError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {self.activation!r}")
+        if len(self.mean) != len(self.std):
+            raise ConfigError(f"mean and std need one value per channel, got {self.mean} and {self.std}")
+        object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
+        object.__setattr__(self, "std", tuple(float(s) for s in self.std))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DMWideResNetConfig:
+        return cls(**data)
+
+
+class _DMBlock(nn.Module):
+    """DeepMind's pre-activation block, with TensorFlow ``SAME`` padding done by hand."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, activation: str):
+        super().__init__()
+        self.batchnorm_0 = nn.BatchNorm2d(c_in)
+        self.conv_0 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=0, bias=False)
+        self.batchnorm_1 = nn.BatchNorm2d(c_out)
+        self.conv_1 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False) if c_in != c_out else None
+        self.act = _ACTIVATIONS[activation]()
+        self._pad = (1, 1, 1, 1) if stride == 1 else (0, 1, 0, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = self.act(self.batchnorm_0(x))
+        skip = x if self.shortcut is None else self.shortcut(a)
+        out = self.act(self.batchnorm_1(self.conv_0(F.pad(a, self._pad))))
+        return skip + self.conv_1(out)
+
+
+class _DMGroup(nn.Module):
+    """``count`` DeepMind blocks under the key ``block``."""
+
+    def __init__(self, count: int, c_in: int, c_out: int, stride: int, activation: str):
+        super().__init__()
+        self.block = nn.Sequential(*(_DMBlock(c_in if i == 0 else c_out, c_out, stride if i == 0 else 1,
+                                              activation) for i in range(count)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(x)
+
+
+class DMWideResNet(nn.Module):
+    """DeepMind-style WRN as RobustBench ships it; ``forward(x: [B, 3, 32, 32] in [0, 1]) -> [B, num_classes]``.
+
+    Normalises with its ``mean``/``std`` buffers (persistent: the checkpoints hold them).
+    """
+
+    def __init__(self, config: DMWideResNetConfig = DMWideResNetConfig()):
+        super().__init__()
+        self.config = config
+        channels = len(config.mean)
+        self.register_buffer("mean", torch.tensor(config.mean).view(channels, 1, 1))
+        self.register_buffer("std", torch.tensor(config.std).view(channels, 1, 1))
+        n, k, act = (config.depth - 4) // 6, config.width, config.activation
+        widths = (16, 16 * k, 32 * k, 64 * k)
+        self.init_conv = nn.Conv2d(channels, widths[0], 3, padding=1, bias=False)
+        self.layer = nn.Sequential(_DMGroup(n, widths[0], widths[1], 1, act),
+                                   _DMGroup(n, widths[1], widths[2], 2, act),
+                                   _DMGroup(n, widths[2], widths[3], 2, act))
+        self.batchnorm = nn.BatchNorm2d(widths[3])
+        self.act = _ACTIVATIONS[act]()
+        self.logits = nn.Linear(widths[3], config.num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.config.padding > 0:
+            x = F.pad(x, (self.config.padding,) * 4)
+        out = self.layer(self.init_conv((x - self.mean) / self.std))
+        return self.logits(_pool_8x8(self.act(self.batchnorm(out))))
+
+
+def load_wideresnet(path: str | Path, config: WideResNetConfig = WideResNetConfig(),
+                    allow_pickle: bool = False) -> WideResNet:
+    """Load a RobustBench WRN checkpoint (e.g. ``Standard.pt``) safely and strictly.
+
+    Returns:
+        The model in eval mode: ``[B, 3, 32, 32] in [0, 1] -> [B, num_classes]``.
+
+    Raises:
+        CheckpointError: missing/truncated file, or keys/shapes that do not fit ``config``.
+    """
+    return load_into(WideResNet(config), path, allow_pickle)
+
+
+def load_dm_wideresnet(path: str | Path, config: DMWideResNetConfig = DMWideResNetConfig(),
+                       allow_pickle: bool = False) -> DMWideResNet:
+    """Load a DeepMind-style checkpoint (e.g. ``Gowal2020Uncovering_70_16_extra.pt``) strictly.
+
+    Returns:
+        The model in eval mode: ``[B, 3, 32, 32] in [0, 1] -> [B, num_classes]``.
+
+    Raises:
+        CheckpointError: missing/truncated file, or keys/shapes that do not fit ``config``.
+    """
+    return load_into(DMWideResNet(config), path, allow_pickle)
+
+
+__all__ = [
+    "CIFAR10_MEAN", "CIFAR10_STD", "DMWideResNet", "DMWideResNetConfig", "WideResNet", "WideResNetConfig",
+    "load_dm_wideresnet", "load_wideresnet",
+]

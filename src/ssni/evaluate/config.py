@@ -1,0 +1,142 @@
+"""Experiment configuration: frozen dataclasses, TOML presets, overrides and a stable hash.
+
+A config file has the tables ``[data]``, ``[models]``, ``[purifier]``, ``[ssni]``,
+``[evaluate]`` and an array ``[[attacks]]``. Unknown keys are errors that list
+the valid ones. The hash of the resolved config is stored with every result, and
+a run only resumes from a store with the same hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mnist-5k"
+    split: str = "test"
+    n: int = 200
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    diffusion: str = "mnist-unet"
+    classifier: str = "mnist-cnn"
+
+
+@dataclass(frozen=True)
+class PurifierConfig:
+    method: str = "diffpure"  # none | diffpure | gdmp | gns
+    t_star: int = 150
+    steps: int | None = 10
+    eta: float = 1.0
+    rounds: int = 4
+    levels: tuple[int, ...] = (30, 30, 30, 30, 50, 50, 125, 125)
+    guide_scale: float = 60000.0
+    votes: int = 1
+    checkpoint: bool = True
+
+
+@dataclass(frozen=True)
+class SSNIConfig:
+    reweight: str = "none"  # none | sigmoid | linear
+    n_levels: int = 10
+    bias: int = 5
+    tau: float | None = None
+    reference_compat: bool = False
+    calibration_size: int = 1000
+    differentiable: bool = True
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    name: str = "pgd"  # pgd | bpda | adaptive | autoattack
+    norm: str = "linf"
+    eps: float = 0.3
+    steps: int = 20
+    step_size: float = 0.05
+    eot: int = 2
+    random_start: bool = False
+    score_weight: float = 1.0  # adaptive: weight of the score-norm term
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    seed: int = 0
+    batch_size: int = 50
+    rescore: str = "single"  # single | worst | majority
+    rescore_draws: int = 1
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    purifier: PurifierConfig = field(default_factory=PurifierConfig)
+    ssni: SSNIConfig = field(default_factory=SSNIConfig)
+    attacks: tuple[AttackConfig, ...] = (AttackConfig(),)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def hash(self) -> str:
+        """sha256 of the canonical JSON of the resolved config (first 16 hex digits)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+CHOICES = {("purifier", "method"): ("none", "diffpure", "gdmp", "gns"),
+           ("ssni", "reweight"): ("none", "sigmoid", "linear"),
+           ("attacks", "name"): ("pgd", "bpda", "adaptive", "autoattack"),
+           ("attacks", "norm"): ("linf", "l2"),
+           ("evaluate", "rescore"): ("single", "worst", "majority")}
+SECTIONS = {"data": DataConfig, "models": ModelsConfig, "purifier": PurifierConfig, "ssni": SSNIConfig,
+            "evaluate": EvaluateConfig}
+
+
+def _build(cls, section: str, values: dict[str, Any]):
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - valid)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in [{section}]; valid keys: {sorted(valid)}")
+    for (sec, key), options in CHOICES.items():
+        if sec == section and key in values and values[key] not in options:
+            raise ConfigError(f"[{section}] {key} = {values[key]!r}; choose one of {list(options)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    return cls(**values)
+
+
+def from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    unknown = sorted(set(data) - set(SECTIONS) - {"attacks"})
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; valid: {sorted([*SECTIONS, 'attacks'])}")
+    parts = {name: _build(cls, name, data.get(name, {})) for name, cls in SECTIONS.items()}
+    attacks = tuple(_build(AttackConfig, "attacks", a) for a in data.get("attacks", [{}]))
+    if not attacks:
+        raise ConfigError("[[attacks]] is empty; give at least one attack")
+    return ExperimentConfig(attacks=attacks, **parts)
+
+
+def load_config(path: Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read a TOML preset and apply ``{"section.key": value}`` overrides."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as err:
+        raise ConfigError(f"cannot read config {path}: {err.strerror}") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path} is not valid TOML: {err}") from err
+    for dotted, value in (overrides or {}).items():
+        section, key = dotted.split(".", 1)
+        data.setdefault(section, {})[key] = value
+    return from_dict(data)
+
+
+def with_data(cfg: ExperimentConfig, **changes) -> ExperimentConfig:
+    return replace(cfg, data=replace(cfg.data, **changes))
