@@ -52,3 +52,18 @@ def images():
 
 def noise_for(ids, run_seed: int = 0, draw: int = 0) -> SampleNoise:
     return SampleNoise.from_ids(run_seed, ids, draw)
+
+
+@pytest.fixture
+def tiny_weights(tmp_path, tiny_unet):
+    """A weights folder: a tiny random UNet beside the shipped (real, trained) MNIST classifier."""
+    from ssni.checkpoints.io import save_weights
+    from ssni.checkpoints.registry import default_weights_dir, load_named, register
+
+    folder = tmp_path / "weights"
+    classifier = load_named("mnist-cnn", default_weights_dir())
+    for name, model, arch in (("mnist-unet", tiny_unet, "unet"), ("mnist-cnn", classifier, "small_cnn")):
+        digest = save_weights(folder / f"{name}.safetensors", model)
+        register(folder, name, {"arch": arch, "config": model.config.to_dict(),
+                                "file": f"{name}.safetensors", "sha256": digest})
+    return folder

@@ -4,22 +4,8 @@ import json
 
 import pytest
 
-from ssni.checkpoints.io import save_weights
-from ssni.checkpoints.registry import default_weights_dir, load_named, register
 from ssni.demo import demo_config, run_demo
 from ssni.errors import CheckpointError
-
-
-@pytest.fixture
-def tiny_weights(tmp_path, tiny_unet):
-    """A tiny random UNet beside the shipped (real, trained) MNIST classifier."""
-    folder = tmp_path / "weights"
-    classifier = load_named("mnist-cnn", default_weights_dir())
-    for name, model, arch in (("mnist-unet", tiny_unet, "unet"), ("mnist-cnn", classifier, "small_cnn")):
-        digest = save_weights(folder / f"{name}.safetensors", model)
-        register(folder, name, {"arch": arch, "config": model.config.to_dict(),
-                                "file": f"{name}.safetensors", "sha256": digest})
-    return folder
 
 
 def test_tiny_demo_writes_results_and_figures(tmp_path, tiny_weights):

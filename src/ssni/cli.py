@@ -94,6 +94,76 @@ def demo(
     typer.echo(f"wrote {out / 'results.json'}, table.txt, score_norms.png, t_star.png, purification.png")
 
 
+def _parse_overrides(items: list[str]) -> dict:
+    """``section.key=value`` pairs; values parse as TOML scalars (strings may be bare)."""
+    import tomllib
+
+    from .errors import ConfigError
+
+    parsed = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. data.n=20")
+        try:
+            parsed[key] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed[key] = raw
+    return parsed
+
+
+def _init_distributed() -> None:
+    """Join the torchrun process group (gloo on CPU, nccl on GPU) when WORLD_SIZE > 1."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+@app.command()
+def evaluate(
+    config: Path = typer.Option(..., "--config", help="experiment TOML (see configs/)"),
+    out: Path = typer.Option(..., "--out", help="output folder; rerun the same command to resume"),
+    weights_dir: Path = typer.Option(None, help="folder with manifest.json (default: the shipped weights/)"),
+    limit: int = typer.Option(None, min=1, help="evaluate only the first N samples (overrides data.n)"),
+    set_: list[str] = typer.Option([], "--set", help="override a config value: --set data.n=20"),
+    progress: bool = typer.Option(True, help="progress bar with ETA"),
+) -> None:
+    """Run an experiment sample by sample into OUT/results.sqlite (resumable, shardable).
+
+    Examples: ssni evaluate --config configs/mnist-diffpure-ssni-n.toml --out runs/n;
+    torchrun --nproc_per_node=4 -m ssni.cli evaluate --config ... --out ...
+    """
+    from .evaluate import evaluate as run, load_config
+    from .evaluate.summary import format_summary, summarize, write_summary
+    from .evaluate.store import Store
+    import json
+
+    overrides = _parse_overrides(set_)
+    if limit is not None:
+        overrides["data.n"] = limit
+    cfg = load_config(config, overrides)
+    _init_distributed()
+    path = run(cfg, out, weights_dir, progress=progress)
+    if path.exists():
+        store = Store(path, cfg.hash(), json.dumps(cfg.to_dict(), sort_keys=True))
+        summary = summarize(store.rows(), cfg)
+        store.close()
+        write_summary(summary, out)
+        typer.echo(format_summary(summary))
+
+
+@app.command()
+def report(out: Path = typer.Argument(..., help="a folder written by ssni evaluate")) -> None:
+    """Print the table of an evaluation and write OUT/summary.json. Example: ssni report runs/n"""
+    from .evaluate.report import report as make_report
+
+    typer.echo(make_report(out))
+
+
 def main() -> None:
     try:
         app()

@@ -228,8 +228,8 @@ def prepare_state_dict(state: dict, module: nn.Module, source: str) -> dict[str,
             state = {k[len(prefix):]: v for k, v in state.items()}
     odd = sorted(str(k) for k, v in state.items() if not isinstance(v, Tensor))
     if odd:
-        raise CheckpointError(f"{source} is not a state dict of tensors: entries {', '.join(odd[:5])} are not "
-                              "tensors; pass the file that holds the model weights")
+        raise CheckpointError(f"{source} is not a state dict of tensors: entries {', '.join(odd[:5])} "
+                              "are not tensors; pass the file that holds the model weights")
     state = dict(state)
     for key in module.state_dict():
         stem = key.removesuffix("num_batches_tracked")

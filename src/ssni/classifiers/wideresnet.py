@@ -206,9 +206,10 @@ class _DMGroup(nn.Module):
 
 
 class DMWideResNet(nn.Module):
-    """DeepMind-style WRN as RobustBench ships it; ``forward(x: [B, 3, 32, 32] in [0, 1]) -> [B, num_classes]``.
+    """DeepMind-style WRN as RobustBench ships it.
 
-    Normalises with its ``mean``/``std`` buffers (persistent: the checkpoints hold them).
+    ``forward(x: [B, 3, 32, 32] in [0, 1]) -> logits [B, num_classes]``; normalises with its
+    ``mean``/``std`` buffers (persistent: the checkpoints hold them).
     """
 
     def __init__(self, config: DMWideResNetConfig = DMWideResNetConfig()):

@@ -27,12 +27,12 @@ from ..data import load_split
 from ..defense import Defense
 from .build import build_attack, build_model, calibrate, load_models
 from .config import ExperimentConfig
+from .store import RESULTS_FILE as RESULTS
 from .store import Store
 
 CLEAN_DRAW = 0
 ATTACK_DRAW = 1_000_000  # attack k uses draws from (k + 1) * ATTACK_DRAW on
 RESCORE_DRAW = 1_000_000_000
-RESULTS = "results.sqlite"
 
 
 def predict(model: nn.Module, x: Tensor, ids: Tensor, draw: int) -> Tensor:

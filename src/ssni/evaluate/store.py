@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS adversarial (
     PRIMARY KEY (sample_id, attack)
 );
 """
+RESULTS_FILE = "results.sqlite"
 COLUMNS = ("sample_id", "label", "clean_pred", "clean_correct", "score_norm", "t_star", "attacks", "robust",
            "seconds")
 
