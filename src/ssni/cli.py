@@ -131,6 +131,8 @@ def evaluate(
     limit: int = typer.Option(None, min=1, help="evaluate only the first N samples (overrides data.n)"),
     set_: list[str] = typer.Option([], "--set", help="override a config value: --set data.n=20"),
     progress: bool = typer.Option(True, help="progress bar with ETA"),
+    sanity: bool = typer.Option(False, "--sanity", help="also run gradient-masking checks on a few samples"),
+    sanity_n: int = typer.Option(16, min=2, help="samples used by --sanity"),
 ) -> None:
     """Run an experiment sample by sample into OUT/results.sqlite (resumable, shardable).
 
@@ -152,6 +154,10 @@ def evaluate(
         store = Store(path, cfg.hash(), json.dumps(cfg.to_dict(), sort_keys=True))
         summary = summarize(store.rows(), cfg)
         store.close()
+        if sanity:
+            from .evaluate.runner import run_sanity
+
+            summary["sanity"] = run_sanity(cfg, weights_dir, sanity_n)
         write_summary(summary, out)
         typer.echo(format_summary(summary))
 

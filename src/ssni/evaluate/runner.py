@@ -139,3 +139,21 @@ def merge_shards(cfg: ExperimentConfig, out: Path, rank: int, world: int) -> Pat
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
     return out / RESULTS
+
+
+def run_sanity(cfg: ExperimentConfig, weights_dir: Path | None = None, n: int = 16) -> dict:
+    """Defense checks and gradient-masking checks on the first ``n`` samples, with the first PGD-type attack."""
+    from ..attacks.checks import defense_checks, sanity_checks
+    from ..attacks.pgd import PGD
+
+    weights_dir = Path(weights_dir or default_weights_dir())
+    unet, classifier = load_models(cfg, weights_dir)
+    calibration = calibrate(cfg, unet, weights_dir) if cfg.ssni.reweight != "none" else None
+    model = build_model(cfg, unet, classifier, calibration)
+    data = load_split(cfg.data.dataset, cfg.data.split).head(min(n, cfg.data.n))
+    attack = next((build_attack(a, model, cfg.evaluate.seed)[0] for a in cfg.attacks if a.name in ("pgd", "adaptive")),
+                  None)
+    checks = defense_checks(model, data.images, data.labels)
+    if isinstance(attack, PGD):
+        checks += sanity_checks(model, attack, data.images, data.labels, data.ids)
+    return {"n": len(data), "checks": checks, "all_passed": all(c["passed"] for c in checks)}

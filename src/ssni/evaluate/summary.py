@@ -54,4 +54,9 @@ def format_summary(summary: dict) -> str:
     lines.append(f"robust (worst case) {pct(summary['robust'])}")
     lines.append(f"t* mean {summary['t_mean']:.1f} (std {summary['t_std']:.1f}), "
                  f"{summary['seconds_per_sample']:.2f} s per sample")
+    for check in summary.get("sanity", {}).get("checks", []):
+        flag = "ok    " if check["passed"] else "FAILED"
+        lines.append(f"[{flag}] {check['check']}: {check['detail']}")
+    if summary.get("sanity") and not summary["sanity"]["all_passed"]:
+        lines.append("!!! SANITY CHECKS FAILED: these robust accuracies may be inflated by gradient masking !!!")
     return "\n".join(lines)

@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from ssni import SSNI, Calibration, Defense, DiffPure, SampleNoise, VPSchedule, make_reweight, score_norm
+from ssni.attacks import PGD, ThreatModel
+from ssni.attacks.adaptive import AdaptivePGD
+from ssni.attacks.bpda import BPDA
+from ssni.attacks.checks import defense_checks
+from ssni.checkpoints.registry import default_weights_dir, load_named
+from ssni.data import load_split
+from ssni.denoisers import UNet, UNetConfig
+from ssni.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def digits():
+    test = load_split("mnist-5k", "test").head(32)
+    return test.images, test.labels
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return load_named("mnist-cnn", default_weights_dir())
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.3), ("l2", 4.0)])
+def test_pgd_breaks_an_undefended_classifier_inside_the_ball(norm, eps, classifier, digits):
+    x, y = digits
+    threat = ThreatModel(norm, eps)
+    x_adv = PGD(threat, steps=20, step_size=0.05 if norm == "linf" else 0.5, random_start=True)(classifier, x, y)
+    with torch.no_grad():
+        assert (classifier(x).argmax(1) == y).float().mean() > 0.9
+        assert (classifier(x_adv).argmax(1) == y).float().mean() <= 0.05
+    delta = (x_adv - x).flatten(1)
+    size = delta.abs().max(1).values if norm == "linf" else delta.norm(dim=1)
+    assert size.max() <= eps + 1e-5
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_projection_onto_l2_ball_and_box():
+    x = torch.full((2, 1, 4, 4), 0.5)
+    far = x + torch.tensor([1.0, 0.01]).reshape(2, 1, 1, 1)
+    projected = ThreatModel("l2", 1.0).project(far, x)
+    norms = (projected - x).flatten(1).norm(dim=1)
+    assert norms[0] <= 1.0 + 1e-6 and torch.allclose(projected[1], far[1])
+    assert projected.max() <= 1
+
+
+def tiny_defense(classifier, seed=0):
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(base_channels=8, channel_mults=(1, 2))).eval()
+    return Defense(classifier, DiffPure(unet, t_star=30, steps=3), seed=seed)
+
+
+def test_eot_gradient_variance_shrinks_with_more_samples(classifier, digits):
+    x, y = digits[0][:4], digits[1][:4]
+    defense = tiny_defense(classifier)
+
+    def spread(eot: int) -> float:
+        grads = torch.stack([PGD(eot=eot).gradient(defense, x, y, None)[0] for _ in range(6)])
+        return grads.var(0).sum().item()
+
+    assert spread(8) < 0.5 * spread(1)
+
+
+def test_bpda_gradient_is_the_classifier_gradient_at_the_purified_image(classifier, digits):
+    x, y = digits[0][:4], digits[1][:4]
+    defense = tiny_defense(classifier)
+    x_var = x.clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(BPDA(defense)(x_var), y).backward()  # uses draw 0
+    purified, _ = defense.purify(x, None, draw=0)
+    p_var = purified.detach().requires_grad_(True)
+    torch.nn.functional.cross_entropy(classifier(p_var), y).backward()
+    assert torch.allclose(x_var.grad, p_var.grad, atol=1e-6)
+
+
+def test_adaptive_attack_gradient_reaches_the_score_network(classifier, digits):
+    x, y = digits[0][:4], digits[1][:4]
+    torch.manual_seed(0)
+    score_unet = UNet(UNetConfig(base_channels=8, channel_mults=(1, 2))).eval()
+    purify_unet = UNet(UNetConfig(base_channels=8, channel_mults=(1, 2))).eval()
+    with torch.no_grad():
+        cal = Calibration.fit(score_norm(score_unet, VPSchedule(), x, SampleNoise.from_ids(5, range(4)), 2))
+    defense = Defense(classifier, DiffPure(purify_unet, t_star=30, steps=3),
+                      SSNI(score_unet, make_reweight("sigmoid", cal), n_levels=2))
+    loss = AdaptivePGD(score_weight=1.0).objective(defense, x.clone().requires_grad_(True), y, None)
+    loss.backward()
+    grads = [p.grad for p in score_unet.parameters() if p.grad is not None]
+    assert grads and sum(g.abs().sum() for g in grads) > 0
+    with pytest.raises(ConfigError):
+        AdaptivePGD().objective(tiny_defense(classifier), x, y, None)
+
+
+def test_attack_loss_rises_and_defense_checks_pass(classifier, digits):
+    x, y = digits[0][:8], digits[1][:8]
+    defense = tiny_defense(classifier).eval()
+    attack = PGD(ThreatModel("linf", 0.3), steps=3, step_size=0.1)
+    attack(defense, x, y)
+    assert attack.loss_trace[-1] > attack.loss_trace[0]
+    checks = {c["check"]: c["passed"] for c in defense_checks(defense, x, y)}
+    assert all(checks.values())
