@@ -170,6 +170,18 @@ def report(out: Path = typer.Argument(..., help="a folder written by ssni evalua
     typer.echo(make_report(out))
 
 
+@app.command()
+def bench(
+    out: Path = typer.Option(Path("benchmarks/results/cpu-latest.json"), help="where the JSON results go"),
+    full: bool = typer.Option(False, "--full", help="more repeats and attack samples"),
+) -> None:
+    """Measure purification and attack costs on this machine and print the table. Example: ssni bench"""
+    from .bench import format_bench, run_bench
+
+    typer.echo(format_bench(run_bench(out, quick=not full)))
+    typer.echo(f"wrote {out}")
+
+
 def main() -> None:
     try:
         app()

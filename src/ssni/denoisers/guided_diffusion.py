@@ -96,10 +96,12 @@ class GuidedDiffusionConfig:
         return [int(m * self.model_channels) for m in self.channel_mult]
 
     def to_dict(self) -> dict:
+        """The fields as a JSON-friendly dict (tuples become lists when serialised)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> GuidedDiffusionConfig:
+        """Inverse of :meth:`to_dict` (lists are turned back into tuples)."""
         data = dict(data)
         for key in ("attention_resolutions", "channel_mult"):
             data[key] = tuple(data[key])
