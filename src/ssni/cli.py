@@ -133,6 +133,8 @@ def evaluate(
     progress: bool = typer.Option(True, help="progress bar with ETA"),
     sanity: bool = typer.Option(False, "--sanity", help="also run gradient-masking checks on a few samples"),
     sanity_n: int = typer.Option(16, min=2, help="samples used by --sanity"),
+    device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (overrides evaluate.device)"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="random-init weights, 1 attack step: plumbing check"),
 ) -> None:
     """Run an experiment sample by sample into OUT/results.sqlite (resumable, shardable).
 
@@ -144,10 +146,16 @@ def evaluate(
     from .evaluate.store import Store
     import json
 
+    from .evaluate.config import dry_run as shrink
+
     overrides = _parse_overrides(set_)
     if limit is not None:
         overrides["data.n"] = limit
+    if device is not None:
+        overrides["evaluate.device"] = device
     cfg = load_config(config, overrides)
+    if dry_run:
+        cfg = shrink(cfg, n=limit or 2)
     _init_distributed()
     path = run(cfg, out, weights_dir, progress=progress)
     if path.exists():
@@ -168,6 +176,23 @@ def report(out: Path = typer.Argument(..., help="a folder written by ssni evalua
     from .evaluate.report import report as make_report
 
     typer.echo(make_report(out))
+
+
+@app.command()
+def models(weights_dir: Path = typer.Option(None, help="also list the models trained into this folder")) -> None:
+    """List the shipped models and the public checkpoints (file, size, source, license). Example: ssni models"""
+    from .checkpoints.public import PUBLIC
+    from .checkpoints.registry import default_weights_dir, load_manifest
+
+    folder = weights_dir or default_weights_dir()
+    typer.echo(f"trained by ssni (in {folder}):")
+    for name, entry in sorted(load_manifest(folder).items()):
+        typer.echo(f"  {name:<28} {entry['arch']:<10} {entry['size_bytes'] / 1e6:6.2f} MB  {entry['metrics']}")
+        typer.echo(f"  {'':<28} reproduce: {entry['command']}")
+    typer.echo("public checkpoints (download into --weights-dir):")
+    for name, entry in PUBLIC.items():
+        typer.echo(f"  {name:<28} {entry.kind:<10} {entry.file}  {entry.size}")
+        typer.echo(f"  {'':<28} {entry.url}  [{entry.license}]")
 
 
 @app.command()

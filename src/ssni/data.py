@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.resources
+import importlib.util
 import io
 import pickle
 from dataclasses import dataclass
@@ -176,10 +177,58 @@ def _resize_crop(img, size: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
-def load_split(dataset: str, part: str) -> ImageSet:
-    """A named dataset's ``train`` / ``val`` / ``test`` part."""
+def load_foolbox_samples(dataset: str = "cifar10") -> ImageSet:
+    """The real labelled test images that the PyPI package ``foolbox`` 3.3.4 ships (20 per dataset).
+
+    Files are ``foolbox/data/<dataset>_<index>_<label>.png``; they are read from the
+    installed package without importing it.
+    """
+    from PIL import Image
+
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None or spec.origin is None:
+        raise InputError("these sample images come with the package foolbox: pip install 'ssni[real]'")
+    files = sorted((Path(spec.origin).parent / "data").glob(f"{dataset}_*.png"))
+    if not files:
+        raise InputError(f"foolbox ships no {dataset!r} samples; try cifar10, cifar100, fashionMNIST, mnist")
+    pixels = []
+    for file in files:
+        with Image.open(file) as img:
+            pixels.append(np.asarray(img.convert("RGB" if img.mode != "L" else "L"), dtype=np.uint8))
+    array = np.stack(pixels)
+    array = array[:, None] if array.ndim == 3 else array.transpose(0, 3, 1, 2)
+    labels = [int(f.stem.rsplit("_", 1)[1]) for f in files]
+    return _from_uint8(array, np.array(labels), f"foolbox-{dataset}")
+
+
+def load_cifar10(root: Path, part: str) -> ImageSet:
+    """CIFAR-10 from its python batches in ``root`` (``cifar-10-batches-py``).
+
+    ``test`` is ``test_batch`` in file order (the paper's fixed subsets are its first
+    ``n`` images); ``train`` is ``data_batch_1..4`` and ``val`` is ``data_batch_5``.
+    """
+    root = Path(root)
+    names = {"test": ["test_batch"], "val": ["data_batch_5"],
+             "train": [f"data_batch_{i}" for i in range(1, 5)]}[part]
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise InputError(f"CIFAR-10 batch(es) {missing} not found in {root}; pass the cifar-10-batches-py "
+                         "folder as [data] root")
+    batches = [load_cifar10_batch(root / n) for n in names]
+    images, labels = torch.cat([b.images for b in batches]), torch.cat([b.labels for b in batches])
+    return ImageSet(images, labels, torch.arange(len(labels)), f"cifar10/{part}")
+
+
+def load_split(dataset: str, part: str, root: Path | None = None) -> ImageSet:
+    """A named dataset's ``train`` / ``val`` / ``test`` part (``root`` for cifar10 and imagenet)."""
     if part not in SPLIT_FRACTIONS:
         raise InputError(f"unknown split {part!r}; choose one of {sorted(SPLIT_FRACTIONS)}")
+    if dataset in ("cifar10", "imagenet") and root is None:
+        raise InputError(f"{dataset} needs its folder: set [data] root in the config")
+    if dataset == "cifar10":
+        return load_cifar10(root, part)
+    if dataset == "imagenet":  # root/<part>/<class>/<image>, centre-cropped to 224
+        return load_image_folder(Path(root) / part, size=224)
     if dataset == "mnist-5k":
         full = load_mnist5k()
         return full.subset(split_indices(full.labels)[part], f"mnist-5k/{part}")
@@ -189,4 +238,5 @@ def load_split(dataset: str, part: str) -> ImageSet:
         train = load_fashion_mnist(part="train")
         held = torch.arange(len(train)) % 12 == 0  # every 12th image: a 5,000-image validation set
         return train.subset(held if part == "val" else ~held, f"fashion-mnist/{part}")
-    raise InputError(f"unknown dataset {dataset!r}; choose one of ['fashion-mnist', 'mnist-5k']")
+    raise InputError(f"unknown dataset {dataset!r}; choose one of ['cifar10', 'fashion-mnist', 'imagenet', "
+                     "'mnist-5k']")

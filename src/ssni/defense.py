@@ -27,6 +27,13 @@ from .score_norm import score_norm
 from .validation import check_images
 
 
+def resize(x: Tensor, size: int | None) -> Tensor:
+    """Bilinear resize of square images to ``size`` (differentiable; a no-op when already that size)."""
+    if size is None or x.shape[-1] == size:
+        return x
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
 @dataclass
 class Levels:
     """What SSNI decided for a batch: ``t: [R, B]`` integer levels, ``t_relaxed`` (or ``None``),
@@ -84,11 +91,12 @@ class Defense(nn.Module):
     takes_sample_ids = True
 
     def __init__(self, classifier: nn.Module, purifier: Purifier, ssni: SSNI | None = None,
-                 seed: int = 0, votes: int = 1):
+                 seed: int = 0, votes: int = 1, resolution: int | None = None):
         super().__init__()
         if votes < 1:
             raise ConfigError(f"votes must be >= 1, found {votes}")
         self.classifier, self.purifier, self.ssni = classifier, purifier, ssni
+        self.resolution = resolution
         self.seed, self.votes, self.draw = seed, votes, 0
         if isinstance(purifier.model, nn.Module):
             self.denoiser = purifier.model  # registered so .eval()/.to() reach it
@@ -113,10 +121,11 @@ class Defense(nn.Module):
         """Purified images and the levels used, for one draw of the randomness."""
         check_images(x)
         noise = self._noise(x, sample_ids, draw, vote)
-        lv = self.levels(x, noise)
-        out = self.purifier.purify(x, lv.t, noise, t_relaxed=lv.t_relaxed, start=lv.start,
+        x_diffusion = resize(x, self.resolution)
+        lv = self.levels(x_diffusion, noise)
+        out = self.purifier.purify(x_diffusion, lv.t, noise, t_relaxed=lv.t_relaxed, start=lv.start,
                                    extra_steps=lv.extra_steps)
-        return out, lv
+        return resize(out, x.shape[-1]), lv
 
     def _all_votes(self, x: Tensor, sample_ids: Tensor | None, draw: int | None) -> list[Tensor]:
         if draw is None:
@@ -135,5 +144,5 @@ class Defense(nn.Module):
     @torch.no_grad()
     def explain(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | None = None) -> dict[str, Tensor]:
         """Score norms ``[B]`` (SSNI only) and levels ``[R, B]`` this defense would use."""
-        lv = self.levels(check_images(x), self._noise(x, sample_ids, draw, 0))
+        lv = self.levels(resize(check_images(x), self.resolution), self._noise(x, sample_ids, draw, 0))
         return {"score_norm": lv.score_norm, "t_star": lv.t}

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from .checkpoints.registry import default_weights_dir, load_named
 from .data import load_split
 from .diffusion import VPSchedule, forward_jump, to_image_scale, to_model_scale
-from .evaluate.build import build_model, calibrate
+from .evaluate.build import build_model, calibrate, check_models
 from .evaluate.config import (AttackConfig, DataConfig, EvaluateConfig, ExperimentConfig, ModelsConfig,
                               PurifierConfig, SSNIConfig)
 from .evaluate.runner import evaluate
@@ -99,6 +99,7 @@ def run_demo(cfg: DemoConfig, out: Path, weights_dir: Path | None = None, progre
     weights_dir = Path(weights_dir or default_weights_dir())
     out.mkdir(parents=True, exist_ok=True)
     configs, rows = method_configs(cfg), []
+    check_models(configs["DiffPure"], weights_dir)
     for name, exp in tqdm(configs.items(), desc="methods", disable=not progress):
         store_path = evaluate(exp, out / "runs" / slug(name), weights_dir, progress=progress)
         store = Store(store_path, exp.hash(), json.dumps(exp.to_dict(), sort_keys=True))

@@ -36,6 +36,8 @@ class PGD:
         step_size: per-step move, in the norm of the ball (paper: 0.007 on CIFAR-10).
         eot: gradient samples averaged per step (paper: 20).
         random_start: start at a random point of the ball (paper: no).
+        sign_step: move along the gradient's sign for l_2 too (the paper's code does; off by
+            default, where l_2 steps follow the normalised gradient).
         seed: seed of the random start.
     """
 
@@ -44,6 +46,7 @@ class PGD:
     step_size: float = 0.05
     eot: int = 1
     random_start: bool = False
+    sign_step: bool = False
     seed: int = 0
     progress: bool = False
     loss_trace: list[float] = field(default_factory=list, repr=False)
@@ -74,5 +77,6 @@ class PGD:
         for _ in tqdm(range(self.steps), desc="PGD", leave=False, disable=not self.progress):
             grad, loss = self.gradient(model, x_adv, y, sample_ids)
             self.loss_trace.append(loss)
-            x_adv = self.threat.project(x_adv + self.step_size * self.threat.ascent_direction(grad), x)
+            direction = grad.sign() if self.sign_step else self.threat.ascent_direction(grad)
+            x_adv = self.threat.project(x_adv + self.step_size * direction, x)
         return x_adv.detach()

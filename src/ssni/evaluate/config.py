@@ -23,25 +23,29 @@ class DataConfig:
     dataset: str = "mnist-5k"
     split: str = "test"
     n: int = 200
+    root: str | None = None  # cifar10: the cifar-10-batches-py folder; imagenet: folder with val/<class>/
 
 
 @dataclass(frozen=True)
 class ModelsConfig:
     diffusion: str = "mnist-unet"
     classifier: str = "mnist-cnn"
+    random_init: bool = False  # public architectures with random weights (dry runs only)
+    allow_pickle: bool = False  # explicit opt-in to unpickle code in checkpoint files
 
 
 @dataclass(frozen=True)
 class PurifierConfig:
     method: str = "diffpure"  # none | diffpure | gdmp | gns
     t_star: int = 150
-    steps: int | None = 10
+    steps: int = 10  # reverse grid length n per round; 0 = unit steps (full DDPM)
     eta: float = 1.0
     rounds: int = 4
     levels: tuple[int, ...] = (30, 30, 30, 30, 50, 50, 125, 125)
     guide_scale: float = 60000.0
     votes: int = 1
     checkpoint: bool = True
+    resolution: int | None = None  # the diffusion model's size (ImageNet: 224 -> 256 -> 224)
 
 
 @dataclass(frozen=True)
@@ -64,11 +68,14 @@ class AttackConfig:
     step_size: float = 0.05
     eot: int = 2
     random_start: bool = False
+    sign_step: bool = False  # l_2 with sign steps, as the paper's code does
     score_weight: float = 1.0  # adaptive: weight of the score-norm term
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16 (autocast of the networks; measure its error first)
     seed: int = 0
     batch_size: int = 50
     rescore: str = "single"  # single | worst | majority
@@ -96,7 +103,8 @@ CHOICES = {("purifier", "method"): ("none", "diffpure", "gdmp", "gns"),
            ("ssni", "reweight"): ("none", "sigmoid", "linear"),
            ("attacks", "name"): ("pgd", "bpda", "adaptive", "autoattack"),
            ("attacks", "norm"): ("linf", "l2"),
-           ("evaluate", "rescore"): ("single", "worst", "majority")}
+           ("evaluate", "rescore"): ("single", "worst", "majority"),
+           ("evaluate", "precision"): ("fp32", "bf16")}
 SECTIONS = {"data": DataConfig, "models": ModelsConfig, "purifier": PurifierConfig, "ssni": SSNIConfig,
             "evaluate": EvaluateConfig}
 
@@ -140,3 +148,15 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Experime
 
 def with_data(cfg: ExperimentConfig, **changes) -> ExperimentConfig:
     return replace(cfg, data=replace(cfg.data, **changes))
+
+
+def dry_run(cfg: ExperimentConfig, n: int = 2) -> ExperimentConfig:
+    """The same pipeline at plumbing size: random-init public architectures, ``n`` samples,
+    one attack step without EOT, at most 2 reverse steps and 2 score-norm levels. Not a measurement."""
+    p, s = cfg.purifier, cfg.ssni
+    return replace(
+        cfg, data=replace(cfg.data, n=n), models=replace(cfg.models, random_init=True),
+        purifier=replace(p, steps=2, votes=1),
+        ssni=replace(s, n_levels=min(s.n_levels, 2), calibration_size=2),
+        attacks=tuple(replace(a, steps=1, eot=1) for a in cfg.attacks),
+        evaluate=replace(cfg.evaluate, batch_size=n, rescore_draws=1))

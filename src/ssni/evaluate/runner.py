@@ -51,6 +51,15 @@ def rescore(model: nn.Module, x_adv: Tensor, y: Tensor, ids: Tensor, protocol: s
     return first_wrong, ~wrong.any(0) if protocol == "worst" else preds[0] == y
 
 
+def to_device(cfg: ExperimentConfig, *models: nn.Module) -> tuple[nn.Module, ...]:
+    """Move the networks to ``evaluate.device`` (``cuda:N`` by ``LOCAL_RANK`` under torchrun)."""
+    device = torch.device(cfg.evaluate.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    fmt = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    return tuple(m.to(device=device, memory_format=fmt) for m in models)
+
+
 def shard_positions(n: int, rank: int, world: int) -> Tensor:
     return torch.arange(rank, n, world)
 
@@ -97,13 +106,13 @@ def evaluate(cfg: ExperimentConfig, out: Path, weights_dir: Path | None = None, 
     config_json = json.dumps(cfg.to_dict(), sort_keys=True)
     name = RESULTS if world == 1 else f"shard-{rank}-of-{world}.sqlite"
     store = Store(out / name, cfg.hash(), config_json)
-    unet, classifier = load_models(cfg, weights_dir)
+    unet, classifier = to_device(cfg, *load_models(cfg, weights_dir))
     calibration = calibrate(cfg, unet, weights_dir) if cfg.ssni.reweight != "none" else None
     if calibration is not None and rank == 0:
         calibration.save(out / "calibration.json")
     model = build_model(cfg, unet, classifier, calibration)
     attacks = [build_attack(a, model, cfg.evaluate.seed) for a in cfg.attacks]
-    data = load_split(cfg.data.dataset, cfg.data.split).head(cfg.data.n)
+    data = load_split(cfg.data.dataset, cfg.data.split, cfg.data.root).head(cfg.data.n)
     data = data.subset(shard_positions(len(data), rank, world))
     todo = torch.tensor([i for i, sid in enumerate(data.ids.tolist()) if sid not in store.done_ids()],
                         dtype=torch.long)
@@ -112,7 +121,10 @@ def evaluate(cfg: ExperimentConfig, out: Path, weights_dir: Path | None = None, 
                disable=not progress)
     for b in range(0, len(todo), bs):
         idx = todo[b:b + bs]
-        store.add(*run_batch(cfg, model, attacks, data.images[idx], data.labels[idx], data.ids[idx]))
+        x, y = data.images[idx].to(cfg.evaluate.device), data.labels[idx].to(cfg.evaluate.device)
+        with torch.autocast(torch.device(cfg.evaluate.device).type, torch.bfloat16,
+                            enabled=cfg.evaluate.precision == "bf16"):
+            store.add(*run_batch(cfg, model, attacks, x, y, data.ids[idx]))
         bar.update(len(idx))
     bar.close()
     store.close()
@@ -147,13 +159,14 @@ def run_sanity(cfg: ExperimentConfig, weights_dir: Path | None = None, n: int = 
     from ..attacks.pgd import PGD
 
     weights_dir = Path(weights_dir or default_weights_dir())
-    unet, classifier = load_models(cfg, weights_dir)
+    unet, classifier = to_device(cfg, *load_models(cfg, weights_dir))
     calibration = calibrate(cfg, unet, weights_dir) if cfg.ssni.reweight != "none" else None
     model = build_model(cfg, unet, classifier, calibration)
-    data = load_split(cfg.data.dataset, cfg.data.split).head(min(n, cfg.data.n))
+    data = load_split(cfg.data.dataset, cfg.data.split, cfg.data.root).head(min(n, cfg.data.n))
     attack = next((build_attack(a, model, cfg.evaluate.seed)[0] for a in cfg.attacks if a.name in ("pgd", "adaptive")),
                   None)
-    checks = defense_checks(model, data.images, data.labels)
+    x, y = data.images.to(cfg.evaluate.device), data.labels.to(cfg.evaluate.device)
+    checks = defense_checks(model, x, y)
     if isinstance(attack, PGD):
-        checks += sanity_checks(model, attack, data.images, data.labels, data.ids)
+        checks += sanity_checks(model, attack, x, y, data.ids)
     return {"n": len(data), "checks": checks, "all_passed": all(c["passed"] for c in checks)}

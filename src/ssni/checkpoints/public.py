@@ -1,0 +1,101 @@
+"""Public checkpoints of the field, as data: file, source, license, architecture and loader.
+
+The files are not shipped (and cannot be fetched from here): download them from
+``url`` into a folder and pass it as ``--weights-dir``. Each loader builds our own
+re-implementation of the published architecture and loads the file strictly,
+without unpickling code (``allow_pickle`` is an explicit opt-in). ``build``
+gives the same architecture with random weights, for dry runs.
+``sha256`` is ``None`` where we could not download the file to pin it; the
+strict key/shape check still refuses any file of another layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from ..classifiers.resnet import (autoattack_resnet18, find_autoattack_checkpoint, load_autoattack_resnet18,
+                                  load_torchvision_resnet, torchvision_resnet)
+from ..classifiers.wideresnet import (DMWideResNet, DMWideResNetConfig, WideResNet, WideResNetConfig,
+                                      load_dm_wideresnet, load_wideresnet)
+from ..denoisers.guided_diffusion import (GuidedDiffusionConfig, GuidedDiffusionEps, GuidedDiffusionUNet,
+                                          load_guided_diffusion)
+from ..denoisers.score_sde import ScoreSDEEps, ScoreSDENet, load_score_sde
+from ..errors import CheckpointError
+from .io import file_sha256
+
+
+@dataclass(frozen=True)
+class PublicModel:
+    kind: str  # "diffusion" (speaks the eps protocol) or "classifier" ([0, 1] in, logits out)
+    file: str
+    size: str
+    url: str
+    license: str
+    format: str
+    resolution: int
+    load: Callable[[Path, bool], nn.Module]
+    build: Callable[[], nn.Module]
+    sha256: str | None = None
+
+
+PUBLIC: dict[str, PublicModel] = {
+    "cifar10-ddpmpp-deep-vp": PublicModel(
+        "diffusion", "checkpoint_8.pth", "~1.3 GB (106.6M parameters, EMA + model + optimizer)",
+        "score_sde_pytorch release, folder vp/cifar10_ddpmpp_deep_continuous (as used by DiffPure)",
+        "Apache-2.0", "score-SDE checkpoint dict {'model','ema':{'shadow_params'},'optimizer','step'}", 32,
+        lambda path, pickle: ScoreSDEEps(load_score_sde(path, allow_pickle=pickle)),
+        lambda: ScoreSDEEps(ScoreSDENet())),
+    "imagenet-256-uncond": PublicModel(
+        "diffusion", "256x256_diffusion_uncond.pt", "~2.2 GB (552.8M parameters)",
+        "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt",
+        "MIT", "guided-diffusion UNetModel state dict (learned sigma, 6 output channels)", 256,
+        lambda path, pickle: GuidedDiffusionEps(load_guided_diffusion(path, allow_pickle=pickle)),
+        lambda: GuidedDiffusionEps(GuidedDiffusionUNet(GuidedDiffusionConfig()))),
+    "cifar10-wrn-28-10": PublicModel(
+        "classifier", "Standard.pt", "~146 MB (36.5M parameters)",
+        "RobustBench model zoo: cifar10 / Linf / Standard", "MIT (RobustBench)",
+        "RobustBench state dict (optionally under 'state_dict', 'module.' prefix)", 32,
+        lambda path, pickle: load_wideresnet(path, allow_pickle=pickle), lambda: WideResNet(WideResNetConfig())),
+    "cifar10-wrn-70-16": PublicModel(
+        "classifier", "Gowal2020Uncovering_70_16_extra.pt", "~1.07 GB (266.8M parameters)",
+        "RobustBench model zoo: cifar10 / Linf / Gowal2020Uncovering_70_16_extra", "see RobustBench entry",
+        "RobustBench DMWideResNet state dict (mean/std buffers inside)", 32,
+        lambda path, pickle: load_dm_wideresnet(path, allow_pickle=pickle),
+        lambda: DMWideResNet(DMWideResNetConfig())),
+    "imagenet-resnet50": PublicModel(
+        "classifier", "resnet50-0676ba61.pth", "~98 MB (25.6M parameters)",
+        "https://download.pytorch.org/models/resnet50-0676ba61.pth (torchvision IMAGENET1K_V1)", "BSD-3-Clause",
+        "torchvision ResNet state dict (ImageNet normalisation applied inside ours)", 224,
+        lambda path, pickle: load_torchvision_resnet(path, allow_pickle=pickle), lambda: torchvision_resnet()),
+    "cifar10-resnet18-autoattack": PublicModel(
+        "classifier", "model_test.pt", "44,754,497 bytes (11.2M parameters)",
+        "shipped inside the PyPI package pyautoattack 0.2.0 (pyautoattack/examples/model_test.pt)", "MIT",
+        "plain state dict, legacy torch serialisation, [0, 1] inputs", 32,
+        lambda path, pickle: load_autoattack_resnet18(path), autoattack_resnet18,
+        sha256="399f52da9f914c323fa5a6096d60f460a3449a59b64a6405200c1e629f8425a7"),
+}
+
+
+def public_path(name: str, weights_dir: Path | None) -> Path:
+    """Where the file of ``name`` is expected (the AutoAttack model is found in its package)."""
+    entry = PUBLIC[name]
+    if weights_dir is not None and (Path(weights_dir) / entry.file).is_file():
+        return Path(weights_dir) / entry.file
+    if name == "cifar10-resnet18-autoattack" and find_autoattack_checkpoint() is not None:
+        return find_autoattack_checkpoint()
+    raise CheckpointError(f"{entry.file} for {name!r} not found in {weights_dir}; download it from {entry.url} "
+                          "into that folder (see `ssni models`)")
+
+
+def load_public(name: str, weights_dir: Path | None, allow_pickle: bool = False) -> nn.Module:
+    """Load a public checkpoint by registry name, in eval mode."""
+    if name not in PUBLIC:
+        raise CheckpointError(f"unknown public model {name!r}; known: {sorted(PUBLIC)}")
+    entry, path = PUBLIC[name], public_path(name, weights_dir)
+    if entry.sha256 is not None and file_sha256(path) != entry.sha256:
+        raise CheckpointError(f"{path} does not match the published {entry.file} (sha256 differs); download it again")
+    return entry.load(path, allow_pickle).eval()

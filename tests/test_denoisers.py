@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from ssni.denoisers import EDMAdapter, UNet, UNetConfig, eps_to_score, eps_to_x0
+from ssni.diffusion import VPSchedule, broadcast_to, forward_jump
+
+from conftest import OracleGaussian
+
+
+@pytest.mark.parametrize("channels,size,attention", [(1, 28, False), (3, 32, True), (1, 32, False)])
+def test_unet_shapes_for_mnist_and_cifar_sizes(channels, size, attention):
+    net = UNet(UNetConfig(in_channels=channels, base_channels=8, channel_mults=(1, 2, 2), attention=attention))
+    x = torch.randn(2, channels, size, size)
+    assert net(x, torch.tensor([1, 1000])).shape == x.shape
+
+
+def test_unet_depends_on_the_level():
+    net = UNet(UNetConfig(base_channels=8, channel_mults=(1, 2))).eval()
+    x = torch.randn(1, 1, 28, 28)
+    assert not torch.allclose(net(x, torch.tensor([5])), net(x, torch.tensor([500])))
+
+
+def test_eps_x0_score_conversions_invert_the_forward_jump():
+    s, x0, eps = VPSchedule(), torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4)
+    t = torch.tensor([1, 300, 999])
+    x_t = forward_jump(s, x0, t, eps)
+    assert torch.allclose(eps_to_x0(s, x_t, t, eps), x0, atol=1e-4)
+    abar = broadcast_to(s.abar(t), x_t)
+    assert torch.allclose(eps_to_score(s, t, eps), -eps / (1 - abar).sqrt())
+
+
+class OracleEDM(torch.nn.Module):
+    """EDM-convention denoiser for x0 ~ N(0, s^2): D(x, sigma) = s^2 x / (s^2 + sigma^2)."""
+
+    def forward(self, x, sigma):
+        return 0.25 * x / (0.25 + broadcast_to(sigma, x) ** 2)
+
+
+def test_edm_adapter_matches_the_vp_oracle():
+    adapter, vp = EDMAdapter(OracleEDM()), OracleGaussian(s=0.5)
+    x_t, t = torch.randn(4, 1, 6, 6), torch.tensor([1, 50, 400, 900])
+    assert torch.allclose(adapter(x_t, t), vp(x_t, t), atol=1e-4)
