@@ -73,7 +73,10 @@ def load_mnist5k() -> ImageSet:
 
 
 def split_indices(labels: Tensor, seed: int = SPLIT_SEED) -> dict[str, Tensor]:
-    """Stratified, seeded train / val / test split (80 / 10 / 10 % of every class)."""
+    """Stratified, seeded train / val / test split (80 / 10 / 10 % of every class).
+
+    Returns indices into the full set: train in file order, val and test shuffled (seeded).
+    """
     gen = torch.Generator().manual_seed(seed)
     parts: dict[str, list[Tensor]] = {name: [] for name in SPLIT_FRACTIONS}
     for cls in torch.unique(labels).tolist():
@@ -84,7 +87,12 @@ def split_indices(labels: Tensor, seed: int = SPLIT_SEED) -> dict[str, Tensor]:
         parts["val"].append(members[:n_val])
         parts["test"].append(members[n_val:n_val + n_test])
         parts["train"].append(members[n_val + n_test:])
-    return {name: torch.cat(chunks).sort().values for name, chunks in parts.items()}
+    # train keeps file order (the shipped weights were trained on it); val and test come in a
+    # fixed shuffled order so that their first n images mix all classes.
+    split = {name: torch.cat(chunks).sort().values for name, chunks in parts.items()}
+    for name in ("val", "test"):
+        split[name] = split[name][torch.randperm(len(split[name]), generator=gen)]
+    return split
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -66,7 +66,9 @@ def calibrate(cfg: ExperimentConfig, unet: nn.Module, weights_dir: Path) -> Cali
     shipped = Path(weights_dir) / f"{cfg.models.diffusion}.calibration.json"
     if shipped.is_file() and Calibration.load(shipped).meta == meta:
         return Calibration.load(shipped)
-    train = load_split(cfg.data.dataset, "train", cfg.data.root).head(cfg.ssni.calibration_size)
+    train = load_split(cfg.data.dataset, "train", cfg.data.root)
+    gen = torch.Generator().manual_seed(cfg.evaluate.seed)
+    train = train.subset(torch.randperm(len(train), generator=gen)[:cfg.ssni.calibration_size])  # all classes
     images = resize(train.images.to(device_of(unet)), cfg.purifier.resolution)
     norms = dataset_score_norms(unet, VPSchedule(), images, train.ids, cfg.evaluate.seed, cfg.ssni.n_levels)
     return Calibration.fit(norms, **meta)
