@@ -29,6 +29,8 @@ def test_split_is_deterministic_stratified_and_disjoint():
         expected = torch.bincount(labels, minlength=10) * 0.1
         assert torch.all((counts - expected).abs() <= 1)
     assert not torch.equal(split_indices(labels, seed=1)["test"], a["test"])
+    first = labels[a["test"][:50]]
+    assert len(torch.unique(first)) == 10  # the first images of val/test mix all classes
 
 
 def test_load_split_rejects_unknown_names():

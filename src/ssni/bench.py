@@ -71,6 +71,9 @@ def purification(batch: int = 64, t_star: int = 150, steps: int = 10, repeats: i
         single = DiffPure(unet, t_star=t_star, steps=steps)
         results["one_at_a_time_seconds"] = _timed(lambda: [single.purify(
             data.images[i:i + 1], t[i:i + 1], noise.subset(torch.tensor([i]))) for i in range(batch)], 1)
+        diffusers_seconds = diffusers_loop_seconds(unet.model, data.images, t, steps)
+        if diffusers_seconds is not None:
+            results["diffusers_loop_seconds"] = diffusers_seconds
         x_t, levels = 2 * data.images - 1, t.clamp(1, 1000)
         results["seconds_per_evaluation"] = _timed(lambda: unet(x_t, levels), repeats) / batch
         results["ssni_seconds"] = _timed(lambda: ssni(data.images, (t_star,), noise), repeats)
@@ -80,8 +83,37 @@ def purification(batch: int = 64, t_star: int = 150, steps: int = 10, repeats: i
         "common_over_join": results["common_seconds"] / join,
         "one_at_a_time_over_join": results["one_at_a_time_seconds"] / join,
         "join_over_floor": join / (floor * results["seconds_per_evaluation"]),
+        **({"diffusers_over_join": results["diffusers_loop_seconds"] / join} if diffusers_seconds else {}),
         "ssni_overhead_fraction": results["ssni_seconds"] / join})
     return results
+
+
+def diffusers_loop_seconds(unet, images, t, steps: int) -> float | None:
+    """The loop a user writes with diffusers' ``DDPMScheduler`` (same network, same grids).
+
+    ``step`` takes one timestep for the whole batch, so samples are purified in groups of
+    equal ``t*``; ``None`` when diffusers is not installed (``pip install diffusers``).
+    """
+    try:
+        from diffusers import DDPMScheduler
+    except ImportError:
+        return None
+    from .purifiers.schedule import unique_grid
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02)
+    gen = torch.Generator().manual_seed(0)
+
+    def run() -> None:
+        for level in torch.unique(t).tolist():
+            x0 = 2 * images[t == level] - 1
+            grid = [g - 1 for g in unique_grid(level, steps)[:-1]]  # diffusers counts from 0
+            scheduler.set_timesteps(timesteps=grid)
+            x = scheduler.add_noise(x0, torch.randn(x0.shape, generator=gen), torch.tensor([level - 1]))
+            for step in scheduler.timesteps:
+                eps = unet(x, torch.full((x.shape[0],), int(step) + 1))
+                x = scheduler.step(eps, step, x, generator=gen).prev_sample
+
+    return _timed(run, 1)
 
 
 ATTACK_SCRIPT = """
@@ -149,6 +181,8 @@ def format_bench(results: dict) -> str:
              f"  common-length scheme   {p['common_seconds']:.3f} s  x{p['common_over_join']:.2f}  "
              f"{p['common_evaluations']} evaluations",
              f"  one sample at a time   {p['one_at_a_time_seconds']:.3f} s  x{p['one_at_a_time_over_join']:.2f}",
+             (f"  diffusers loop         {p['diffusers_loop_seconds']:.3f} s  x{p['diffusers_over_join']:.2f}"
+              if "diffusers_loop_seconds" in p else "  diffusers loop         not installed"),
              f"  time / floor           x{p['join_over_floor']:.2f}  ({1e3 * p['seconds_per_evaluation']:.2f} ms "
              "per evaluation at this batch)",
              f"  SSNI overhead          {100 * p['ssni_overhead_fraction']:.1f}% of purification time",
