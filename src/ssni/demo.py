@@ -44,14 +44,14 @@ class DemoConfig:
     dataset: str = "mnist-5k"
     split: str = "test"
     n_test: int = 200
-    t_star: int = 150
+    t_star: int = 300
     steps: int = 10
     n_levels: int = 10
     bias: int = 5
     tau: float | None = None
     calibration_size: int = 1000
     eps: float = 0.3
-    pgd_steps: int = 20
+    pgd_steps: int = 10
     step_size: float = 0.05
     eot: int = 2
     batch_size: int = 100
@@ -60,7 +60,7 @@ class DemoConfig:
     gns_votes: int = 3
 
 
-QUICK = {"n_test": 64, "pgd_steps": 10}
+QUICK = {"n_test": 40}
 
 
 def method_configs(cfg: DemoConfig) -> dict[str, ExperimentConfig]:
