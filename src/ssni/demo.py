@@ -113,8 +113,8 @@ def run_demo(cfg: DemoConfig, out: Path, weights_dir: Path | None = None, progre
             tqdm.write(f"{name}: clean {rows[-1]['clean_acc']:.3f}, robust {rows[-1]['robust_acc']:.3f}")
     base = configs["DiffPure"]
     results = {"dataset": cfg.dataset, "split": cfg.split, "n_test": cfg.n_test, "config": asdict(cfg),
-               "attack": {"name": "PGD+EOT", "gradients": "exact, through the whole defense (SSNI included)",
-                          **asdict(base.attacks[0]),
+               "attack": {**asdict(base.attacks[0]), "name": "PGD+EOT",
+                          "gradients": "exact, through the whole defense (SSNI included)",
                           "scoring": "clean pass, attack on still-correct samples, one fresh-randomness re-score"},
                "rows": rows}
     results.update(figures(configs, out, weights_dir))

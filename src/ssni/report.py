@@ -29,7 +29,7 @@ def level_histogram(levels: dict[str, Tensor], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, t in levels.items():
         ax.hist(t.flatten().tolist(), bins=30, alpha=0.6, label=name)
-    ax.set(xlabel="noise level t*", ylabel="images", title="Chosen noise levels")
+    ax.set(xlabel="noise level t*", ylabel="images", title="Noise levels chosen for clean test inputs")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
