@@ -1,9 +1,12 @@
+import importlib.util
+
 import pytest
 import torch
 
 from ssni import SSNI, Calibration, Defense, DiffPure, SampleNoise, VPSchedule, make_reweight, score_norm
 from ssni.attacks import PGD, ThreatModel
 from ssni.attacks.adaptive import AdaptivePGD
+from ssni.attacks.autoattack import AutoAttackRand
 from ssni.attacks.bpda import BPDA
 from ssni.attacks.checks import defense_checks
 from ssni.checkpoints.registry import default_weights_dir, load_named
@@ -27,7 +30,7 @@ def classifier():
 def test_pgd_breaks_an_undefended_classifier_inside_the_ball(norm, eps, classifier, digits):
     x, y = digits
     threat = ThreatModel(norm, eps)
-    x_adv = PGD(threat, steps=20, step_size=0.05 if norm == "linf" else 0.5, random_start=True)(classifier, x, y)
+    x_adv = PGD(threat, steps=40, step_size=0.01 if norm == "linf" else 0.25, random_start=norm == "l2")(classifier, x, y)
     with torch.no_grad():
         assert (classifier(x).argmax(1) == y).float().mean() > 0.9
         assert (classifier(x_adv).argmax(1) == y).float().mean() <= 0.05
@@ -99,3 +102,13 @@ def test_attack_loss_rises_and_defense_checks_pass(classifier, digits):
     assert attack.loss_trace[-1] > attack.loss_trace[0]
     checks = {c["check"]: c["passed"] for c in defense_checks(defense, x, y)}
     assert all(checks.values())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyautoattack") is None, reason="pyautoattack not installed")
+def test_autoattack_rand_adapter_breaks_the_undefended_classifier(classifier, digits):
+    x, y = digits[0][:16], digits[1][:16]
+    attack = AutoAttackRand(ThreatModel("linf", 0.3), n_iter=10, eot=1)
+    x_adv = attack(classifier, x, y)
+    with torch.no_grad():
+        assert (classifier(x_adv).argmax(1) == y).float().mean() <= 0.1
+    assert (x_adv - x).abs().max() <= 0.3 + 1e-5

@@ -11,14 +11,14 @@ from .defense import SSNI, Defense
 from .diffusion import VPSchedule
 from .errors import CheckpointError, ConfigError, InputError, ResumeError, SSNIError
 from .purifiers import GDMP, GNS, DiffPure
-from .reweight import Calibration, LinearReweight, SigmoidReweight, make_reweight
+from .reweight import Calibration, CallableReweight, LinearReweight, SigmoidReweight, make_reweight
 from .rng import SampleNoise
 from .score_norm import score_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Calibration", "CheckpointError", "ConfigError", "Defense", "DiffPure", "GDMP", "GNS", "InputError",
+    "Calibration", "CallableReweight", "CheckpointError", "ConfigError", "Defense", "DiffPure", "GDMP", "GNS", "InputError",
     "LinearReweight", "ResumeError", "SSNI", "SSNIError", "SampleNoise", "SigmoidReweight", "VPSchedule",
     "load_named", "make_reweight", "score_norm",
 ]

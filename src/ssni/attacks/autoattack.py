@@ -37,6 +37,8 @@ class AutoAttackRand:
     threat: ThreatModel = field(default_factory=ThreatModel)
     version: str = "rand"
     seed: int = 0
+    n_iter: int | None = None  # APGD iterations (AutoAttack's default: 100)
+    eot: int | None = None  # EOT draws per APGD step (the rand version's default: 20)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None = None) -> Tensor:
         try:
@@ -46,5 +48,8 @@ class AutoAttackRand:
         logging.getLogger("auto-attack").setLevel(logging.WARNING)
         attack = AutoAttack(_PositionalIds(model), norm=NORMS[self.threat.norm], eps=self.threat.eps,
                             version=self.version, seed=self.seed, device=x.device)
+        for apgd in (attack.apgd, attack.apgd_targeted):
+            apgd.n_iter = self.n_iter or apgd.n_iter
+            apgd.eot_iter = self.eot or apgd.eot_iter
         x_adv, _ = attack.run_standard_evaluation(x.detach(), y, batch_size=x.shape[0])
         return x_adv.detach()
