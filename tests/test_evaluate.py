@@ -168,3 +168,19 @@ def test_config_errors_name_the_valid_choices():
 def test_shipped_presets_parse():
     for path in sorted(Path(__file__).parents[1].glob("configs/*.toml")):
         load_config(path)
+
+
+def test_overrides_reach_sections_and_attack_entries(config_file):
+    cfg = load_config(config_file, {"data.n": 3, "attacks.1.name": "adaptive", "attacks.0.eot": 4})
+    assert cfg.data.n == 3 and cfg.attacks[1].name == "adaptive" and cfg.attacks[0].eot == 4
+    with pytest.raises(ConfigError, match="attacks.K.key"):
+        load_config(config_file, {"attacks.5.name": "pgd"})
+
+
+def test_built_defense_is_in_eval_mode(config_file, tiny_weights):
+    from ssni.evaluate.build import build_model, calibrate, load_models
+
+    cfg = load_config(config_file)
+    unet, classifier = load_models(cfg, tiny_weights)
+    model = build_model(cfg, unet, classifier, calibrate(cfg, unet, tiny_weights))
+    assert not any(m.training for m in model.modules())

@@ -79,7 +79,7 @@ def build_model(cfg: ExperimentConfig, unet: nn.Module, classifier: nn.Module,
     """The classifier alone (``method = "none"``) or a :class:`Defense`."""
     p = cfg.purifier
     if p.method == "none":
-        return classifier
+        return classifier.eval()
     common = {"steps": p.steps or None, "eta": p.eta, "checkpoint": p.checkpoint}
     purifier = {"diffpure": lambda: DiffPure(unet, t_star=p.t_star, **common),
                 "gdmp": lambda: GDMP(unet, t_star=p.t_star, rounds=p.rounds, guide_scale=p.guide_scale, **common),
@@ -91,7 +91,8 @@ def build_model(cfg: ExperimentConfig, unet: nn.Module, classifier: nn.Module,
         s = cfg.ssni
         reweight = make_reweight(s.reweight, calibration, s.tau, s.bias, s.reference_compat)
         ssni = SSNI(unet, reweight, n_levels=s.n_levels, differentiable=s.differentiable)
-    return Defense(classifier, purifier, ssni, seed=cfg.evaluate.seed, votes=p.votes, resolution=p.resolution)
+    defense = Defense(classifier, purifier, ssni, seed=cfg.evaluate.seed, votes=p.votes, resolution=p.resolution)
+    return defense.eval()
 
 
 def device_of(module: nn.Module) -> torch.device:

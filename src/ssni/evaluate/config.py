@@ -142,7 +142,14 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Experime
         raise ConfigError(f"{path} is not valid TOML: {err}") from err
     for dotted, value in (overrides or {}).items():
         section, key = dotted.split(".", 1)
-        data.setdefault(section, {})[key] = value
+        if section == "attacks":  # attacks.K.key addresses the K-th [[attacks]] entry
+            index, _, key = key.partition(".")
+            attacks = data.setdefault("attacks", [{}])
+            if not index.isdigit() or int(index) >= len(attacks) or not key:
+                raise ConfigError(f"override {dotted!r}: use attacks.K.key with K < {len(attacks)}")
+            attacks[int(index)][key] = value
+        else:
+            data.setdefault(section, {})[key] = value
     return from_dict(data)
 
 
