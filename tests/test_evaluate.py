@@ -184,3 +184,16 @@ def test_built_defense_is_in_eval_mode(config_file, tiny_weights):
     unet, classifier = load_models(cfg, tiny_weights)
     model = build_model(cfg, unet, classifier, calibrate(cfg, unet, tiny_weights))
     assert not any(m.training for m in model.modules())
+
+
+def test_report_rebuilds_the_summary_from_the_folder(tmp_path, config_file, tiny_weights):
+    from ssni.evaluate.report import report
+
+    cfg = load_config(config_file)
+    evaluate(cfg, tmp_path / "run", tiny_weights, progress=False)
+    text = report(tmp_path / "run")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["config_hash"] == cfg.hash() and summary["n"] == 6
+    assert "robust (worst case)" in text and (tmp_path / "run" / "t_star.png").exists()
+    with pytest.raises(ResumeError):
+        report(tmp_path / "missing")

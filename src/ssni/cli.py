@@ -141,12 +141,11 @@ def evaluate(
     Examples: ssni evaluate --config configs/mnist-diffpure-ssni-n.toml --out runs/n;
     torchrun --nproc_per_node=4 -m ssni.cli evaluate --config ... --out ...
     """
-    from .evaluate import evaluate as run, load_config
-    from .evaluate.summary import format_summary, summarize, write_summary
-    from .evaluate.store import Store
-    import json
+    import os
 
+    from .evaluate import evaluate as run, load_config
     from .evaluate.config import dry_run as shrink
+    from .evaluate.report import summarize_run
 
     overrides = _parse_overrides(set_)
     if limit is not None:
@@ -157,17 +156,9 @@ def evaluate(
     if dry_run:
         cfg = shrink(cfg, n=limit or 2)
     _init_distributed()
-    path = run(cfg, out, weights_dir, progress=progress)
-    if path.exists():
-        store = Store(path, cfg.hash(), json.dumps(cfg.to_dict(), sort_keys=True))
-        summary = summarize(store.rows(), cfg)
-        store.close()
-        if sanity:
-            from .evaluate.runner import run_sanity
-
-            summary["sanity"] = run_sanity(cfg, weights_dir, sanity_n)
-        write_summary(summary, out)
-        typer.echo(format_summary(summary))
+    run(cfg, out, weights_dir, progress=progress)
+    if int(os.environ.get("RANK", 0)) == 0:
+        typer.echo(summarize_run(out, cfg, weights_dir, sanity_n if sanity else 0))
 
 
 @app.command()

@@ -6,10 +6,17 @@ less of the perturbation. The objective maximised by PGD is
 
     CE(defense(x), y) - w * (e(x) - mu) / tau
 
-per sample, where ``mu`` and ``tau`` are the calibration's mean and the
-reweighting's temperature (its standard deviation for SSNI-L), so ``w = 1``
-weighs one standard deviation of clean score norms like one nat of
-cross-entropy. The gradient flows exactly through the score network, the
+per sample, hinged: only the part of ``e(x)`` above the clean reference's 99%
+quantile ``q99`` counts, ``CE - w * relu(e(x) - q99) / tau``, where ``tau`` is the
+reweighting's temperature (the clean standard deviation for SSNI-L). Once an
+input's score norm looks clean the attack spends its steps on the
+cross-entropy alone. ``w = 1`` weighs one clean standard deviation like one nat.
+Measured on the MNIST demo (first 40 test images, DiffPure + SSNI-N, 10 steps,
+EOT 2): PGD leaves 35% robust; this attack with ``w = 1`` leaves 87.5% (a plain
+``- w (e - mu) / tau`` term: 85%). On MNIST, lowering the score norm and fooling
+the classifier pull against each other, and with sign steps the score-norm
+gradient wins. Run it *with* PGD in one cascade (the runner keeps the worst case
+per sample) and tune ``w``; see the issue notes. The gradient flows exactly through the score network, the
 reweighting (straight-through relaxation of the rounding) and the purifier.
 """
 
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -39,4 +47,5 @@ class AdaptivePGD(PGD):
         e = score_norm(ssni.score_model, ssni.schedule, x, noise, ssni.n_levels)
         cal = ssni.reweight.calibration
         scale = getattr(ssni.reweight, "tau", cal.std)
-        return loss - self.score_weight * ((e - cal.mean) / scale).sum()
+        q99 = cal.quantiles.get("0.99", cal.max)
+        return loss - self.score_weight * (torch.relu(e - q99) / scale).sum()

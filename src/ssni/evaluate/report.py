@@ -9,24 +9,36 @@ import torch
 
 from ..errors import ResumeError
 from ..report import level_histogram
-from .config import from_dict
+from .config import ExperimentConfig, from_dict
 from .store import RESULTS_FILE, Store
 from .summary import format_summary, summarize, write_summary
 
 
-def report(out: Path) -> str:
+def summarize_run(out: Path, cfg: ExperimentConfig, weights_dir: Path | None = None, sanity_n: int = 0) -> str:
+    """Write ``out/summary.json`` (with sanity checks on ``sanity_n`` samples if > 0) and a ``t*`` plot."""
     path = Path(out) / RESULTS_FILE
     if not path.is_file():
         raise ResumeError(f"{path} not found; run `ssni evaluate --out {out}` first")
-    saved = json.loads((Path(out) / "config.json").read_text())
-    saved.pop("hash", None)
-    cfg = from_dict(saved)
     store = Store(path, cfg.hash(), json.dumps(cfg.to_dict(), sort_keys=True))
     rows = store.rows()
     store.close()
     summary = summarize(rows, cfg)
+    if sanity_n:
+        from .runner import run_sanity
+
+        summary["sanity"] = run_sanity(cfg, weights_dir, sanity_n)
     write_summary(summary, Path(out))
     levels = [r["t_star"][-1] for r in rows if r["t_star"]]
     if levels:
         level_histogram({"t*": torch.tensor(levels)}, Path(out) / "t_star.png")
     return format_summary(summary)
+
+
+def report(out: Path) -> str:
+    """Summarise the run in ``out`` with the config it was made with (``out/config.json``)."""
+    config_path = Path(out) / "config.json"
+    if not config_path.is_file():
+        raise ResumeError(f"{config_path} not found; run `ssni evaluate --out {out}` first")
+    saved = json.loads(config_path.read_text())
+    saved.pop("hash", None)
+    return summarize_run(out, from_dict(saved))

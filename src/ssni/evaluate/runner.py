@@ -106,6 +106,7 @@ def evaluate(cfg: ExperimentConfig, out: Path, weights_dir: Path | None = None, 
     config_json = json.dumps(cfg.to_dict(), sort_keys=True)
     name = RESULTS if world == 1 else f"shard-{rank}-of-{world}.sqlite"
     store = Store(out / name, cfg.hash(), config_json)
+    (out / "config.json").write_text(json.dumps({"hash": cfg.hash(), **cfg.to_dict()}, indent=2) + "\n")
     unet, classifier = to_device(cfg, *load_models(cfg, weights_dir))
     calibration = calibrate(cfg, unet, weights_dir) if cfg.ssni.reweight != "none" else None
     if calibration is not None and rank == 0:
@@ -128,7 +129,6 @@ def evaluate(cfg: ExperimentConfig, out: Path, weights_dir: Path | None = None, 
         bar.update(len(idx))
     bar.close()
     store.close()
-    (out / "config.json").write_text(json.dumps({"hash": cfg.hash(), **cfg.to_dict()}, indent=2) + "\n")
     return merge_shards(cfg, out, rank, world)
 
 
