@@ -28,13 +28,11 @@ from .checkpoints.registry import default_weights_dir, load_named
 from .data import load_split
 from .defense import SSNI
 from .denoisers.protocol import CountingModel
-from .diffusion import VPSchedule
 from .evaluate.build import calibrate
 from .evaluate.config import ExperimentConfig, SSNIConfig
 from .purifiers import DiffPure
 from .reweight import make_reweight
 from .rng import SampleNoise
-from .score_norm import score_norm_nograd
 
 
 def _timed(fn, repeats: int = 3, warmup: bool = True) -> float:

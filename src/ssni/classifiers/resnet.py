@@ -28,7 +28,7 @@ package's ``eval.py`` uses only ``ToTensor``), so ``torch.load(weights_only=True
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..checkpoints.io import load_state_dict, match_state_dict
 from ..errors import CheckpointError, ConfigError
+from ..dictconfig import DictConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -50,7 +51,7 @@ TORCHVISION_ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
 
 
 @dataclass(frozen=True)
-class ResNetConfig:
+class ResNetConfig(DictConfig):
     """Shape of a :class:`ResNet`.
 
     Attributes:
@@ -73,13 +74,6 @@ class ResNetConfig:
         if self.stem not in ("imagenet", "cifar"):
             raise ConfigError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
         object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ResNetConfig:
-        return cls(**data)
 
 
 def _projection(c_in: int, c_out: int, stride: int) -> nn.Sequential | None:

@@ -2,25 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from torch import Tensor, nn
+from ..dictconfig import DictConfig
 
 
 @dataclass(frozen=True)
-class SmallCNNConfig:
+class SmallCNNConfig(DictConfig):
     in_channels: int = 1
     num_classes: int = 10
     width: int = 32
     mean: float = 0.1307
     std: float = 0.3081
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SmallCNNConfig:
-        return cls(**data)
 
 
 class SmallCNN(nn.Module):

@@ -22,7 +22,7 @@ Both end in an 8x8 average pool, as published, and so take 32x32 images.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError, InputError
 from .resnet import load_into
+from ..dictconfig import DictConfig
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
@@ -52,7 +53,7 @@ def _pool_8x8(out: Tensor) -> Tensor:
 
 
 @dataclass(frozen=True)
-class WideResNetConfig:
+class WideResNetConfig(DictConfig):
     """Shape of a :class:`WideResNet` (defaults: RobustBench ``Standard``, WRN-28-10).
 
     Attributes:
@@ -71,13 +72,6 @@ class WideResNetConfig:
 
     def __post_init__(self):
         _check_depth(self.depth, self.widen_factor)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> WideResNetConfig:
-        return cls(**data)
 
 
 class _WRNBlock(nn.Module):
@@ -135,7 +129,7 @@ class WideResNet(nn.Module):
 
 
 @dataclass(frozen=True)
-class DMWideResNetConfig:
+class DMWideResNetConfig(DictConfig):
     """Shape of a :class:`DMWideResNet` (defaults: ``Gowal2020Uncovering_70_16_extra``).
 
     Attributes:
@@ -164,13 +158,6 @@ class DMWideResNetConfig:
             raise ConfigError(f"mean and std need one value per channel, got {self.mean} and {self.std}")
         object.__setattr__(self, "mean", tuple(float(m) for m in self.mean))
         object.__setattr__(self, "std", tuple(float(s) for s in self.std))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> DMWideResNetConfig:
-        return cls(**data)
 
 
 class _DMBlock(nn.Module):

@@ -19,7 +19,7 @@ level ``t`` is fed as ``t - 1`` and the first ``C`` output channels are returned
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,12 +30,13 @@ from torch.utils.checkpoint import checkpoint
 from ..checkpoints.io import load_state_dict, match_state_dict
 from ..diffusion import VPSchedule
 from ..errors import ConfigError, InputError
+from ..dictconfig import DictConfig
 
 GROUPS = 32  # guided-diffusion normalises with 32 groups everywhere
 
 
 @dataclass(frozen=True)
-class GuidedDiffusionConfig:
+class GuidedDiffusionConfig(DictConfig):
     """Shape of a :class:`GuidedDiffusionUNet`; defaults are ``256x256_diffusion_uncond.pt``.
 
     Attributes:
@@ -94,18 +95,6 @@ class GuidedDiffusionConfig:
     def widths(self) -> list[int]:
         """Channel width of each level."""
         return [int(m * self.model_channels) for m in self.channel_mult]
-
-    def to_dict(self) -> dict:
-        """The fields as a JSON-friendly dict (tuples become lists when serialised)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> GuidedDiffusionConfig:
-        """Inverse of :meth:`to_dict` (lists are turned back into tuples)."""
-        data = dict(data)
-        for key in ("attention_resolutions", "channel_mult"):
-            data[key] = tuple(data[key])
-        return cls(**data)
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

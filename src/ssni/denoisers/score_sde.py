@@ -22,7 +22,7 @@ output; the score is ``-output / std(s)``, ``std(s) = sqrt(1 - abar_c(s))``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,13 +32,14 @@ from torch import Tensor, nn
 from ..checkpoints.io import load_state_dict, match_state_dict
 from ..diffusion import VPSchedule
 from ..errors import CheckpointError, ConfigError, InputError
+from ..dictconfig import DictConfig
 
 _SUPPORTED = {"resblock_type": "biggan", "progressive": "none", "progressive_input": "none",
               "embedding_type": "positional", "fir": False, "scale_by_sigma": False}
 
 
 @dataclass(frozen=True)
-class ScoreSDEConfig:
+class ScoreSDEConfig(DictConfig):
     """Shape of a :class:`ScoreSDENet`; defaults are DiffPure's CIFAR-10 ``checkpoint_8.pth``.
 
     Field names follow score_sde's ``config.data``/``config.model``. The fields in
@@ -77,18 +78,6 @@ class ScoreSDEConfig:
     def resolution(self, level: int) -> int:
         """Feature-map side at ``level`` (0 = full resolution)."""
         return self.image_size >> level
-
-    def to_dict(self) -> dict:
-        """The fields as a JSON-friendly dict (tuples become lists when serialised)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> ScoreSDEConfig:
-        """Inverse of :meth:`to_dict` (lists are turned back into tuples)."""
-        data = dict(data)
-        for key in ("ch_mult", "attn_resolutions"):
-            data[key] = tuple(data[key])
-        return cls(**data)
 
 
 def timestep_embedding(labels: Tensor, dim: int, max_positions: float = 10000.0) -> Tensor:

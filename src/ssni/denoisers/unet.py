@@ -11,15 +11,16 @@ levels in 1..T) -> eps_hat``.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from ..dictconfig import DictConfig
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(DictConfig):
     """Shape of a :class:`UNet` (saved next to its weights)."""
 
     in_channels: int = 1
@@ -28,15 +29,6 @@ class UNetConfig:
     blocks_per_level: int = 1
     attention: bool = False
     dropout: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> UNetConfig:
-        data = dict(data)
-        data["channel_mults"] = tuple(data["channel_mults"])
-        return cls(**data)
 
 
 def level_embedding(t: Tensor, dim: int) -> Tensor:

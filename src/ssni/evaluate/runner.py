@@ -115,7 +115,8 @@ def evaluate(cfg: ExperimentConfig, out: Path, weights_dir: Path | None = None, 
     attacks = [build_attack(a, model, cfg.evaluate.seed) for a in cfg.attacks]
     data = load_split(cfg.data.dataset, cfg.data.split, cfg.data.root).head(cfg.data.n)
     data = data.subset(shard_positions(len(data), rank, world))
-    todo = torch.tensor([i for i, sid in enumerate(data.ids.tolist()) if sid not in store.done_ids()],
+    done = store.done_ids()
+    todo = torch.tensor([i for i, sid in enumerate(data.ids.tolist()) if sid not in done],
                         dtype=torch.long)
     bs = cfg.evaluate.batch_size
     bar = tqdm(total=len(data), initial=len(data) - len(todo), desc=f"evaluate[{rank}]", unit="img",
