@@ -187,6 +187,30 @@ def models(weights_dir: Path = typer.Option(None, help="also list the models tra
 
 
 @app.command()
+def convert(
+    source: Path = typer.Argument(..., help="an EDM network pickle, e.g. edm-cifar10-32x32-uncond-vp.pkl"),
+    target: Path = typer.Argument(None, help="output .safetensors (default: SOURCE with that suffix)"),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle",
+                                      help="confirm you trust SOURCE: it is a pickle (no code in it is run)"),
+) -> None:
+    """Turn an EDM .pkl into a safe .safetensors file (EMA weights + architecture in its metadata).
+
+    Example: ssni convert edm-cifar10-32x32-uncond-vp.pkl --allow-pickle
+    """
+    from .checkpoints.edm_pickle import convert_edm_pickle
+    from .errors import CheckpointError
+
+    if not allow_pickle:
+        raise CheckpointError(f"{source} is a pickle; pass --allow-pickle to confirm you trust it (the reader runs "
+                              "none of the code inside, but a pickle is a program)")
+    target = target or source.with_suffix(".safetensors")
+    if target.suffix != ".safetensors":
+        raise CheckpointError(f"{target}: the converted file must end in .safetensors")
+    digest = convert_edm_pickle(source, target)
+    typer.echo(f"wrote {target} (sha256 {digest})")
+
+
+@app.command()
 def bench(
     out: Path = typer.Option(Path("benchmarks/results/cpu-latest.json"), help="where the JSON results go"),
     full: bool = typer.Option(False, "--full", help="more repeats and attack samples"),

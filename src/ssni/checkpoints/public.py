@@ -21,8 +21,11 @@ from ..classifiers.resnet import (autoattack_resnet18, find_autoattack_checkpoin
                                   load_torchvision_resnet, torchvision_resnet)
 from ..classifiers.wideresnet import (DMWideResNet, DMWideResNetConfig, WideResNet, WideResNetConfig,
                                       load_dm_wideresnet, load_wideresnet)
+from ..denoisers.diffusers_unet import DiffusersEps, build_diffusers_unet, load_diffusers_unet
+from ..denoisers.edm import EDMDenoiser, load_edm
 from ..denoisers.guided_diffusion import (GuidedDiffusionConfig, GuidedDiffusionEps, GuidedDiffusionUNet,
                                           load_guided_diffusion)
+from ..denoisers.protocol import EDMAdapter
 from ..denoisers.score_sde import ScoreSDEEps, ScoreSDENet, load_score_sde
 from ..errors import CheckpointError
 from .io import file_sha256
@@ -40,6 +43,7 @@ class PublicModel:
     load: Callable[[Path, bool], nn.Module]
     build: Callable[[], nn.Module]
     sha256: str | None = None
+    alternatives: tuple[str, ...] = ()  # other accepted file names (e.g. the unconverted original)
 
 
 PUBLIC: dict[str, PublicModel] = {
@@ -49,6 +53,21 @@ PUBLIC: dict[str, PublicModel] = {
         "Apache-2.0", "score-SDE checkpoint dict {'model','ema':{'shadow_params'},'optimizer','step'}", 32,
         lambda path, pickle: ScoreSDEEps(load_score_sde(path, allow_pickle=pickle)),
         lambda: ScoreSDEEps(ScoreSDENet())),
+    "cifar10-edm-uncond-vp": PublicModel(
+        "diffusion", "edm-cifar10-32x32-uncond-vp.safetensors",
+        "~224 MB converted (55.7M parameters); the .pkl also holds the training state",
+        "https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl, then "
+        "`ssni convert edm-cifar10-32x32-uncond-vp.pkl --allow-pickle`", "CC BY-NC-SA 4.0",
+        "EDM VPPrecond(SongUNet DDPM++) converted by `ssni convert` (the .pkl loads with --allow-pickle)", 32,
+        lambda path, pickle: EDMAdapter(load_edm(path, allow_pickle=pickle)), lambda: EDMAdapter(EDMDenoiser()),
+        alternatives=("edm-cifar10-32x32-uncond-vp.pkl",)),
+    "cifar10-ddpm-diffusers": PublicModel(
+        "diffusion", "ddpm-cifar10-32", "~143 MB folder (35.7M parameters)",
+        "https://huggingface.co/google/ddpm-cifar10-32 (the whole repository as a folder; needs "
+        '`pip install "ssni[diffusers]"`)', "Apache-2.0",
+        "diffusers UNet2DModel folder: config.json + diffusion_pytorch_model.safetensors or .bin", 32,
+        lambda path, pickle: DiffusersEps(load_diffusers_unet(path)),
+        lambda: DiffusersEps(build_diffusers_unet())),
     "imagenet-256-uncond": PublicModel(
         "diffusion", "256x256_diffusion_uncond.pt", "~2.2 GB (552.8M parameters)",
         "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt",
@@ -83,8 +102,9 @@ PUBLIC: dict[str, PublicModel] = {
 def public_path(name: str, weights_dir: Path | None) -> Path:
     """Where the file of ``name`` is expected (the AutoAttack model is found in its package)."""
     entry = PUBLIC[name]
-    if weights_dir is not None and (Path(weights_dir) / entry.file).is_file():
-        return Path(weights_dir) / entry.file
+    for file in (entry.file, *entry.alternatives):
+        if weights_dir is not None and (Path(weights_dir) / file).exists():
+            return Path(weights_dir) / file
     if name == "cifar10-resnet18-autoattack" and find_autoattack_checkpoint() is not None:
         return find_autoattack_checkpoint()
     raise CheckpointError(f"{entry.file} for {name!r} not found in {weights_dir}; download it from {entry.url} "

@@ -1,0 +1,181 @@
+"""Read the tensors of an EDM network pickle without running the code it carries.
+
+EDM (NVlabs/edm) saves networks with ``pickle.dump`` of live objects whose classes use
+``torch_utils.persistence``: each object is stored as a call
+``_reconstruct_persistent_obj(meta)`` where ``meta`` holds the *source code* of the module
+that defined the class, the class name and the object's ``__dict__``. The original loader
+``exec``s that source. We never do: a restricted unpickler maps that call to an inert
+record (class name + state), rebuilds tensors with torch's own safe rebuild functions,
+and refuses every other global. From the records we take the state dict (parameters
+and persistent buffers, walked like ``nn.Module.state_dict``) and the constructor
+arguments that persistence recorded (``_init_kwargs``), which give the architecture.
+
+The user still opts in (``--allow-pickle``), because a pickle is a program: this reader
+bounds what it may call to a short list, but it was written for EDM's files, not audited
+against every crafted stream.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import CheckpointError
+
+
+@dataclass
+class PersistentRecord:
+    """What ``_reconstruct_persistent_obj(meta)`` would have built, without building it."""
+
+    class_name: str
+    state: dict = field(default_factory=dict)
+
+
+class _PlainModule:
+    """Inert stand-in for a ``torch.nn`` container (``ModuleDict``, ...): keeps its ``__dict__``."""
+
+    def __setstate__(self, state: dict) -> None:
+        self.state = state
+
+
+def _persistent_record(meta: dict) -> PersistentRecord:
+    if not isinstance(meta, dict) or meta.get("type") != "class" or "class_name" not in meta:
+        raise CheckpointError("unexpected persistent-object record in the EDM pickle")
+    return PersistentRecord(str(meta["class_name"]), dict(meta.get("state") or {}))
+
+
+def _storage_from_bytes(data: bytes):
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _parameter(data: Tensor, *_args) -> Tensor:
+    return data
+
+
+def _numpy_scalar(dtype, data=None):
+    return np.frombuffer(data, dtype=dtype)[0].item() if data is not None else dtype.type()
+
+
+_ALLOWED = {
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _persistent_record,
+    ("torch.storage", "_load_from_bytes"): _storage_from_bytes,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _parameter,
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy", "dtype"): np.dtype,
+    ("dnnlib.util", "EasyDict"): dict,
+}
+
+
+class _EDMUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        if module.startswith("torch.nn.modules."):
+            return _PlainModule
+        raise CheckpointError(f"the pickle calls {module}.{name}, which the EDM reader does not allow; "
+                              "it is not an EDM network pickle, or one of an unknown version")
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise CheckpointError("the pickle uses persistent ids (torch.save format?); load it as a torch file")
+
+
+def _module_state(node: Any) -> dict:
+    if isinstance(node, PersistentRecord):
+        return node.state
+    if isinstance(node, _PlainModule):
+        return node.state
+    raise CheckpointError(f"expected a network module in the EDM pickle, found {type(node).__name__}")
+
+
+def state_dict_of(node: Any, prefix: str = "") -> dict[str, Tensor]:
+    """``nn.Module.state_dict()`` of an unpickled record tree: parameters, persistent buffers."""
+    state = _module_state(node)
+    skipped = set(state.get("_non_persistent_buffers_set") or ())
+    tensors: dict[str, Tensor] = {}
+    for name, value in (state.get("_parameters") or {}).items():
+        if value is not None:
+            tensors[prefix + name] = value.detach().clone()
+    for name, value in (state.get("_buffers") or {}).items():
+        if value is not None and name not in skipped:
+            tensors[prefix + name] = value.detach().clone()
+    for name, child in (state.get("_modules") or {}).items():
+        if child is not None:
+            tensors.update(state_dict_of(child, f"{prefix}{name}."))
+    return tensors
+
+
+_PRECONDS = {"VPPrecond": "vp", "VEPrecond": "ve", "EDMPrecond": "edm"}
+
+
+def edm_config_of(record: PersistentRecord):
+    """The :class:`~ssni.denoisers.edm.EDMConfig` a persistent ``*Precond`` record was built with."""
+    from ..denoisers.edm import EDMConfig, SongUNetConfig
+
+    if record.class_name not in _PRECONDS:
+        raise CheckpointError(f"the network is a {record.class_name}; only {sorted(_PRECONDS)} are supported")
+    kwargs = dict(record.state.get("_init_kwargs") or {})
+    args = tuple(record.state.get("_init_args") or ())
+    for key, value in zip(("img_resolution", "img_channels"), args):
+        kwargs.setdefault(key, value)
+    model_type = kwargs.pop("model_type", "SongUNet" if record.class_name != "EDMPrecond" else "DhariwalUNet")
+    if model_type != "SongUNet":
+        raise CheckpointError(f"the network's model_type is {model_type}; only SongUNet (DDPM++/NCSN++) "
+                              "is implemented")
+    channels = kwargs.pop("img_channels", 3)
+    recorded = {key: kwargs.pop(key) for key in list(kwargs) if key in SongUNetConfig.__dataclass_fields__}
+    unet = {**_SONGUNET_CLASS_DEFAULTS, **{k: tuple(v) if isinstance(v, list) else v for k, v in recorded.items()},
+            "in_channels": channels, "out_channels": channels}
+    for name in ("use_fp16", "label_dropout", "sigma_min", "sigma_max", "epsilon_t"):
+        kwargs.pop(name, None)  # no effect on float32 inference
+    precond = {k: kwargs.pop(k) for k in ("beta_d", "beta_min", "M", "sigma_data") if k in kwargs}
+    if kwargs:
+        raise CheckpointError(f"the network was built with arguments the reader does not know: {sorted(kwargs)}")
+    return EDMConfig(unet=SongUNetConfig(**unet), precond=_PRECONDS[record.class_name], **precond)
+
+
+# SongUNet's constructor defaults where they differ from SongUNetConfig's CIFAR-10 ones: a pickle
+# records only the arguments EDM's training script passed.
+_SONGUNET_CLASS_DEFAULTS = {"augment_dim": 0, "channel_mult": (1, 2, 2, 2), "dropout": 0.10}
+
+
+def read_edm_pickle(path: Path, key: str = "ema"):
+    """Return ``(state_dict, EDMConfig)`` of the network stored under ``key`` in an EDM pickle."""
+    try:
+        with open(path, "rb") as handle:
+            data = _EDMUnpickler(handle).load()
+    except CheckpointError as err:
+        raise CheckpointError(f"{path}: {err}") from err
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path} is not a readable EDM pickle ({type(err).__name__}: {err}); "
+                              "it may be truncated: download it again") from err
+    record = data.get(key) if isinstance(data, dict) else data
+    if not isinstance(record, PersistentRecord):
+        found = sorted(data) if isinstance(data, dict) else type(data).__name__
+        raise CheckpointError(f"{path} holds no EDM network under {key!r} (found {found})")
+    return state_dict_of(record, ""), edm_config_of(record)
+
+
+def convert_edm_pickle(source: Path, target: Path) -> str:
+    """Write the EMA network of an EDM pickle as safetensors (config in its metadata); return its sha256."""
+    from ..denoisers.edm import EDMDenoiser
+    from .io import match_state_dict, save_weights
+
+    state, cfg = read_edm_pickle(source)
+    denoiser = EDMDenoiser(cfg)
+    match_state_dict(denoiser, state, str(source))
+    return save_weights(target, denoiser, {"edm_config": cfg.to_dict(), "converted_from": source.name})
+
+
+__all__ = ["PersistentRecord", "convert_edm_pickle", "edm_config_of", "read_edm_pickle", "state_dict_of"]
