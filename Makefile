@@ -10,7 +10,7 @@ $(BIN)/ssni: pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch is pinned to the CPU wheel; installing it first keeps pip from pulling a CUDA build
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[test,real]"
+	$(BIN)/pip install --quiet -e ".[test,real,diffusers]"
 	touch $(BIN)/ssni
 
 setup: $(BIN)/ssni

@@ -1,5 +1,7 @@
 """Paper presets: every file parses; dry runs go end to end on random-init published architectures."""
 
+import json
+import os
 import pickle
 from pathlib import Path
 
@@ -41,14 +43,34 @@ def cifar_root(tmp_path):
     return tmp_path
 
 
-@pytest.mark.parametrize("name", ["cifar10-wrn28-diffpure-ssni-n-linf", "cifar10-wrn28-gdmp-ssni-l-l2"])
-def test_dry_run_on_random_init_published_architectures(name, cifar_root, tmp_path):
-    cfg = load_config(Path(__file__).parents[1] / "configs" / f"{name}.toml",
-                      {"data.root": str(cifar_root), "evaluate.device": "cpu"})
+@pytest.mark.parametrize("name,diffusion", [("cifar10-wrn28-diffpure-ssni-n-linf", None),
+                                            ("cifar10-wrn28-gdmp-ssni-l-l2", None),
+                                            ("cifar10-wrn28-diffpure-ssni-n-linf", "cifar10-edm-uncond-vp")])
+def test_dry_run_on_random_init_published_architectures(name, diffusion, cifar_root, tmp_path):
+    overrides = {"data.root": str(cifar_root), "evaluate.device": "cpu"}
+    if diffusion:  # any public diffusion model can purify
+        overrides["models.diffusion"] = diffusion
+    _dry_run(name, overrides, tmp_path)
+
+
+@pytest.mark.skipif(not os.environ.get("SSNI_SLOW_TESTS"), reason="5 min on 2 CPU cores; set SSNI_SLOW_TESTS=1")
+@pytest.mark.parametrize("name", [f"imagenet-resnet50-diffpure-{t}-linf" for t in ("base", "ssni-l", "ssni-n")])
+def test_imagenet_dry_run_on_the_552m_parameter_guided_diffusion(name, tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for part in ("train", "test"):
+        for label in ("n01440764", "n01443537"):
+            (tmp_path / "imagenet" / part / label).mkdir(parents=True)
+            Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)).save(
+                tmp_path / "imagenet" / part / label / "a.png")
+    _dry_run(name, {"data.root": str(tmp_path / "imagenet"), "evaluate.device": "cpu"}, tmp_path)
+
+
+def _dry_run(name: str, overrides: dict, tmp_path: Path) -> None:
+    cfg = load_config(Path(__file__).parents[1] / "configs" / f"{name}.toml", overrides)
     cfg = dry_run(cfg, n=2)
     path = evaluate(cfg, tmp_path / "run", tmp_path / "no-weights", progress=False)
-    import json
-
     store = Store(path, cfg.hash(), json.dumps(cfg.to_dict(), sort_keys=True))
     rows = store.rows()
     store.close()

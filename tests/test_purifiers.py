@@ -67,6 +67,31 @@ def test_diffpure_counts_sum_of_min_n_t(tiny_unet, images):
     assert counter.calls == 20
 
 
+@pytest.mark.parametrize("kind", ["diffpure", "gdmp", "gns"])
+def test_continuous_batching_keeps_calls_within_width_and_changes_no_result(kind, tiny_unet, images):
+    counter = CountingModel(tiny_unet)
+    purifier = make(kind, counter)
+    levels = torch.tensor([0, 2, 5, 9, 12])
+    whole = purifier.purify(images, levels, noise_for(range(5)))
+    evaluations, calls = counter.evaluations, counter.calls
+    counter.reset()
+    sizes = []
+    counter.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    narrow = purifier.purify(images, levels, noise_for(range(5)), width=2)
+    assert torch.allclose(narrow, whole, atol=1e-5)
+    assert counter.evaluations == evaluations and max(sizes) == 2 and counter.calls > calls
+
+
+def test_continuous_batching_fills_freed_rows_longest_chain_first(tiny_unet, images):
+    counter = CountingModel(tiny_unet)
+    DiffPure(counter, t_star=100, steps=20).purify(images, torch.tensor([3, 40, 100, 7, 0]),
+                                                   noise_for(range(5)), width=2)
+    # chains 20, 20 run side by side (20 calls), then 7 and 3 (7 calls): 50 evaluations in 27 calls
+    assert (counter.evaluations, counter.calls) == (50, 27)
+    with pytest.raises(InputError, match="join"):
+        DiffPure(counter, scheduler="common").purify(images, None, noise_for(range(5)), width=2)
+
+
 def test_same_seed_same_output_new_draw_new_output(tiny_unet, images):
     p = DiffPure(tiny_unet, t_star=30, steps=5)
     a = p.purify(images, None, noise_for(range(5), draw=0))

@@ -76,6 +76,7 @@ class AttackConfig:
 class EvaluateConfig:
     device: str = "cpu"
     precision: str = "fp32"  # fp32 | bf16 (autocast of the networks; measure its error first)
+    compile: bool = False  # torch.compile the diffusion network (dynamic shapes); pays off on long GPU runs
     seed: int = 0
     batch_size: int = 50
     rescore: str = "single"  # single | worst | majority

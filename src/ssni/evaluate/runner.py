@@ -111,6 +111,8 @@ def evaluate(cfg: ExperimentConfig, out: Path, weights_dir: Path | None = None, 
     calibration = calibrate(cfg, unet, weights_dir) if cfg.ssni.reweight != "none" else None
     if calibration is not None and rank == 0:
         calibration.save(out / "calibration.json")
+    if cfg.evaluate.compile:
+        unet = torch.compile(unet, dynamic=True)
     model = build_model(cfg, unet, classifier, calibration)
     attacks = [build_attack(a, model, cfg.evaluate.seed) for a in cfg.attacks]
     data = load_split(cfg.data.dataset, cfg.data.split, cfg.data.root).head(cfg.data.n)

@@ -66,7 +66,7 @@ class Purifier:
         return torch.tensor(self.t_stars).unsqueeze(1).repeat(1, batch)
 
     def purify(self, x: Tensor, t: Tensor | None, noise: SampleNoise, *, t_relaxed: Tensor | None = None,
-               start: Tensor | None = None, extra_steps: int = 0) -> Tensor:
+               start: Tensor | None = None, extra_steps: int = 0, width: int | None = None) -> Tensor:
         """Purify ``x: [B, C, H, W]`` in ``[0, 1]`` at levels ``t`` -> ``[B, C, H, W]`` in ``[0, 1]``.
 
         Args:
@@ -78,6 +78,9 @@ class Purifier:
             start: levels the reverse grids start from, shaped like ``t`` (default ``t``;
                 SSNI-L's ``reference_compat`` starts ``b`` levels higher).
             extra_steps: added to ``steps`` (SSNI-N's ``reference_compat`` uses ``steps + b``).
+            width: most rows per network call; a larger batch is purified by continuous
+                batching (a finished sample's row goes to the next one), which keeps calls full.
+                ``None``: the whole batch. Results do not depend on it.
         """
         check_images(x)
         t = self._levels(t, x.shape[0])
@@ -86,7 +89,9 @@ class Purifier:
         if len(noise) != x.shape[0]:
             raise InputError(f"{len(noise)} noise streams for a batch of {x.shape[0]} images")
         n = None if self.steps is None else self.steps + extra_steps
-        run = run_join_when_due if self.scheduler == "join" else run_common_length
+        if width is not None and self.scheduler != "join":
+            raise InputError("width applies to the join scheduler only")
+        run = partial(run_join_when_due, width=width) if self.scheduler == "join" else run_common_length
         grid_fn = unique_grid if self.scheduler == "join" else common_grid
         x_model = to_model_scale(x)
         for r in range(t.shape[0]):

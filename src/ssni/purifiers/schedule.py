@@ -7,9 +7,11 @@ exact integer arithmetic), plus level 0. When ``t_i < n`` the grid repeats
 levels, and a step between equal levels is an exact no-op.
 
 :func:`run_join_when_due` drops the repeats, so sample ``i`` takes
-``m_i = min(n, t_i)`` real steps; samples join the batch when their remaining
-steps equal the ticks left (all finish together), so a batch costs
-``sum_i m_i`` network evaluations in ``max_i m_i`` calls.
+``m_i = min(n, t_i)`` real steps and a batch costs ``sum_i m_i`` network
+evaluations in ``max_i m_i`` calls. Given a ``width`` below the batch size it
+keeps calls full by continuous batching: a finished sample's row goes to the
+next one waiting, which brings a large set of images to the cost floor
+(``sum_i m_i`` evaluations at full width).
 :func:`run_common_length` is the authors' scheme (``B * n`` evaluations), kept as
 the reference path for tests and benchmarks; both give the same output.
 """
@@ -47,8 +49,14 @@ def _apply(step: StepFn, x: Tensor, a: Tensor, c: Tensor, idx: Tensor, use_check
     return step(x, a, c, idx)
 
 
-def run_join_when_due(x: Tensor, grids: list[list[int]], step: StepFn, use_checkpoint: bool = False) -> Tensor:
-    """Run every sample's grid (no repeats) in ``max_i m_i`` batched calls.
+def run_join_when_due(x: Tensor, grids: list[list[int]], step: StepFn, use_checkpoint: bool = False,
+                      width: int | None = None) -> Tensor:
+    """Run every sample's grid (no repeats), at most ``width`` rows per network call.
+
+    Sample ``i`` takes ``m_i = len(grids[i]) - 1`` steps. Samples enter longest chain first;
+    whenever one finishes, the next waiting sample takes its row (continuous batching), so
+    calls stay full until the queue drains. With ``width >= B`` (the default) every sample
+    starts at once: ``max_i m_i`` calls, ``sum_i m_i`` evaluations.
 
     Args:
         x: ``[B, ...]`` states at each sample's first grid level.
@@ -56,16 +64,25 @@ def run_join_when_due(x: Tensor, grids: list[list[int]], step: StepFn, use_check
         step: the reverse step rule (see :data:`StepFn`); it must not use ``no_grad``.
         use_checkpoint: recompute each step in the backward pass (activation
             checkpointing) so memory does not grow with the number of steps.
+        width: most rows per network call (``None``: all of them).
     """
-    n_steps = [len(g) - 1 for g in grids]
-    ticks = max(n_steps, default=0)
-    for tick in range(ticks):
-        rows = [i for i, m in enumerate(n_steps) if tick >= ticks - m]
-        pos = [tick - (ticks - n_steps[i]) for i in rows]
-        idx = torch.tensor(rows, device=x.device)
-        a = torch.tensor([grids[i][p] for i, p in zip(rows, pos)], device=x.device)
-        c = torch.tensor([grids[i][p + 1] for i, p in zip(rows, pos)], device=x.device)
+    waiting = sorted((i for i, g in enumerate(grids) if len(g) > 1), key=lambda i: len(grids[i]), reverse=True)
+    if width is not None and width < 1:
+        raise ValueError(f"width must be at least 1, found {width}")
+    width = len(waiting) if width is None else width
+    active, position = waiting[:width], {i: 0 for i in waiting[:width]}
+    waiting = waiting[width:]
+    while active:
+        idx = torch.tensor(active, device=x.device)
+        a = torch.tensor([grids[i][position[i]] for i in active], device=x.device)
+        c = torch.tensor([grids[i][position[i] + 1] for i in active], device=x.device)
         x = x.index_copy(0, idx, _apply(step, x[idx], a, c, idx, use_checkpoint))
+        for i in active:
+            position[i] += 1
+        active = [i for i in active if position[i] < len(grids[i]) - 1]
+        while waiting and len(active) < width:
+            active.append(waiting.pop(0))
+            position[active[-1]] = 0
     return x
 
 
