@@ -28,6 +28,7 @@ from .checkpoints.registry import default_weights_dir, load_named
 from .data import load_split
 from .defense import SSNI
 from .denoisers.protocol import CountingModel
+from .denoisers.unet import UNet, UNetConfig
 from .evaluate.build import calibrate
 from .evaluate.config import ExperimentConfig, SSNIConfig
 from .purifiers import DiffPure
@@ -47,22 +48,27 @@ def _timed(fn, repeats: int = 3, warmup: bool = True) -> float:
     return best
 
 
-def purification(batch: int = 32, t_star: int = 300, steps: int = 300, repeats: int = 3) -> dict:
+def purification(batch: int = 32, t_star: int = 300, steps: int = 300, repeats: int = 3,
+                 stream_batches: int = 4) -> dict:
     """Throughput of mixed-level purification under the three schedules, the floor and SSNI's overhead.
 
     Defaults follow the paper's construction at the demo's level: a grid of ``n = t*``
     reverse steps (DiffPure's 100 steps at t* = 100, here 300 at t* = 300), so a sample that
     SSNI sends to ``t_i < n`` has repeated grid levels that the common-length scheme still pays for.
+    ``stream_batches * batch`` images are also purified at width ``batch`` by continuous batching.
     """
     weights = default_weights_dir()
     unet = CountingModel(load_named("mnist-unet", weights))
-    data = load_split("mnist-5k", "test").head(batch)
+    stream = load_split("mnist-5k", "test").head(stream_batches * batch)
+    data = stream.head(batch)
     cfg = ExperimentConfig(ssni=SSNIConfig(reweight="sigmoid"))
     reweight = make_reweight("sigmoid", calibrate(cfg, unet.model, weights), bias=cfg.ssni.bias)
     ssni = SSNI(unet, reweight, n_levels=cfg.ssni.n_levels)
-    noise = SampleNoise.from_ids(0, data.ids)
+    stream_noise = SampleNoise.from_ids(0, stream.ids)
+    noise = stream_noise.subset(torch.arange(batch))
     with torch.inference_mode():
-        t = ssni(data.images, (t_star,), noise).t[0]
+        stream_t = ssni(stream.images, (t_star,), stream_noise).t[0]
+        t = stream_t[:batch]
         floor = sum(min(steps, int(ti)) for ti in t)
         results = {"batch": batch, "t_star": t_star, "steps": steps, "t_mean": t.float().mean().item(),
                    "t_min": int(t.min()), "t_max": int(t.max()), "floor_evaluations": floor}
@@ -81,15 +87,90 @@ def purification(batch: int = 32, t_star: int = 300, steps: int = 300, repeats: 
         x_t, levels = 2 * data.images - 1, t.clamp(1, 1000)
         results["seconds_per_evaluation"] = _timed(lambda: unet(x_t, levels), repeats) / batch
         results["ssni_seconds"] = _timed(lambda: ssni(data.images, (t_star,), noise), repeats)
+        results.update(stream_images=len(stream), stream_floor_evaluations=sum(min(steps, int(ti)) for ti in stream_t),
+                       stream_seconds=_timed(lambda: single.purify(stream.images, stream_t, stream_noise, width=batch),
+                                             1, False))
     join = results["join_seconds"]
+    per_eval = results["seconds_per_evaluation"]
     results.update({
         "images_per_second": batch / join,
         "common_over_join": results["common_seconds"] / join,
         "one_at_a_time_over_join": results["one_at_a_time_seconds"] / join,
-        "join_over_floor": join / (floor * results["seconds_per_evaluation"]),
+        "join_over_floor": join / (floor * per_eval),
+        "stream_images_per_second": len(stream) / results["stream_seconds"],
+        "stream_over_floor": results["stream_seconds"] / (results["stream_floor_evaluations"] * per_eval),
         **({"diffusers_over_join": results["diffusers_loop_seconds"] / join} if diffusers_seconds else {}),
         "ssni_overhead_fraction": results["ssni_seconds"] / join})
     return results
+
+
+def precision(batch: int = 16, t_star: int = 300, steps: int = 30, repeats: int = 3) -> dict:
+    """bf16 autocast against fp32: speed and error of the networks, and what it changes end to end.
+
+    On the trained MNIST UNet and classifier: output error of one network call, and the
+    purified images and DiffPure's predictions on ``batch`` test images. On a CIFAR-sized
+    UNet (about 33M parameters, random weights, batch 8): time per call.
+    """
+    weights = default_weights_dir()
+    unet, classifier = load_named("mnist-unet", weights), load_named("mnist-cnn", weights)
+    data = load_split("mnist-5k", "test").head(batch)
+    noise = SampleNoise.from_ids(0, data.ids)
+    purifier = DiffPure(unet, t_star=t_star, steps=steps)
+    results: dict = {"device": "cpu", "cpu_has_native_bf16": _cpu_has_native_bf16()}
+
+    def bf16():
+        return torch.autocast("cpu", torch.bfloat16)
+
+    with torch.inference_mode():
+        x_t, levels = 2 * data.images - 1, torch.full((batch,), t_star)
+        exact = unet(x_t, levels)
+        with bf16():
+            approx = unet(x_t, levels).float()
+        results["mnist_unet_relative_error"] = ((approx - exact).norm() / exact.norm()).item()
+        purified = purifier.purify(data.images, None, noise)
+        with bf16():
+            purified_bf16 = purifier.purify(data.images, None, noise).float()
+        results["purified_mean_abs_diff"] = (purified_bf16 - purified).abs().mean().item()
+        results["prediction_agreement"] = (classifier(purified_bf16).argmax(1) ==
+                                           classifier(purified).argmax(1)).float().mean().item()
+        big = UNet(UNetConfig(in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), blocks_per_level=2,
+                              attention=True)).eval()
+        x, t = torch.randn(8, 3, 32, 32), torch.randint(1, 1000, (8,))
+        results["cifar_unet_params"] = sum(p.numel() for p in big.parameters())
+        results["cifar_unet_fp32_seconds"] = _timed(lambda: big(x, t), repeats)
+        with bf16():
+            results["cifar_unet_bf16_seconds"] = _timed(lambda: big(x, t), repeats)
+            approx_big = big(x, t).float()
+        exact_big = big(x, t)
+        results["cifar_unet_relative_error"] = ((approx_big - exact_big).norm() / exact_big.norm()).item()
+    results["cifar_unet_bf16_speedup"] = results["cifar_unet_fp32_seconds"] / results["cifar_unet_bf16_seconds"]
+    return results
+
+
+def compiled(batch: int = 16, t_star: int = 300, steps: int = 300) -> dict:
+    """torch.compile (inductor, dynamic shapes) of the MNIST UNet: compile time and purification speed."""
+    weights = default_weights_dir()
+    unet = load_named("mnist-unet", weights)
+    data = load_split("mnist-5k", "test").head(batch)
+    noise = SampleNoise.from_ids(0, data.ids)
+    t = torch.randint(1, t_star + 1, (batch,), generator=torch.Generator().manual_seed(0))
+    fast = torch.compile(unet, dynamic=True)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        DiffPure(fast, t_star=t_star, steps=steps).purify(data.images, t, noise)
+        first = time.perf_counter() - start
+        eager = _timed(lambda: DiffPure(unet, t_star=t_star, steps=steps).purify(data.images, t, noise), 1)
+        warm = _timed(lambda: DiffPure(fast, t_star=t_star, steps=steps).purify(data.images, t, noise), 1, False)
+    return {"batch": batch, "eager_seconds": eager, "compiled_seconds": warm,
+            "first_compiled_run_seconds": first, "eager_over_compiled": eager / warm}
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def diffusers_loop_seconds(unet, images, t, steps: int) -> float | None:
@@ -167,10 +248,13 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def run_bench(out: Path | None = None, quick: bool = True) -> dict:
+def run_bench(out: Path | None = None, quick: bool = True, compile_: bool = False) -> dict:
     results = {"machine": machine(), "purification": purification(batch=16 if quick else 32,
                                                                   repeats=1 if quick else 3),
+               "precision": precision(repeats=1 if quick else 3),
                "attack": attack_cost(8 if quick else 32)}
+    if compile_:
+        results["compile"] = compiled(batch=16 if quick else 32)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
@@ -190,10 +274,27 @@ def format_bench(results: dict) -> str:
               if "diffusers_loop_seconds" in p else "  diffusers loop         not installed"),
              f"  time / floor           x{p['join_over_floor']:.2f}  ({1e3 * p['seconds_per_evaluation']:.2f} ms "
              "per evaluation at this batch)",
+             f"  {p['stream_images']} images at width {p['batch']}  {p['stream_seconds']:.3f} s  "
+             f"{p['stream_images_per_second']:.1f} img/s  time / floor x{p['stream_over_floor']:.2f} "
+             "(continuous batching)",
              f"  SSNI overhead          {100 * p['ssni_overhead_fraction']:.1f}% of purification time",
+             *format_precision(results["precision"]),
+             *([f"torch.compile: purification x{results['compile']['eager_over_compiled']:.2f} faster than eager "
+                f"(first run {results['compile']['first_compiled_run_seconds']:.0f} s with compiling)"]
+               if "compile" in results else []),
              "attack: PGD (2 steps) + EOT 2 through DiffPure",
              f"  {'reverse steps':>13} {'checkpoint':>10} {'s/sample':>9} {'peak RSS MB':>12}"]
     for row in results["attack"]:
         lines.append(f"  {row['reverse_steps']:>13} {str(row['checkpoint']):>10} {row['seconds_per_sample']:>9.3f} "
                      f"{row['peak_rss_mb']:>12.0f}")
     return "\n".join(lines)
+
+
+def format_precision(q: dict) -> list[str]:
+    native = "native bf16" if q["cpu_has_native_bf16"] else "no native bf16 on this CPU"
+    return [f"bf16 autocast ({native}): MNIST UNet relative error {100 * q['mnist_unet_relative_error']:.2f}%, "
+            f"purified images mean |diff| {q['purified_mean_abs_diff']:.4f}, "
+            f"predictions agree {100 * q['prediction_agreement']:.1f}%",
+            f"  {q['cifar_unet_params'] / 1e6:.1f}M-parameter UNet, batch 8: fp32 {q['cifar_unet_fp32_seconds']:.3f} s, "
+            f"bf16 {q['cifar_unet_bf16_seconds']:.3f} s (x{q['cifar_unet_bf16_speedup']:.2f}), "
+            f"relative error {100 * q['cifar_unet_relative_error']:.2f}%"]

@@ -162,6 +162,37 @@ def evaluate(
 
 
 @app.command()
+def purify(
+    source: Path = typer.Argument(..., help="folder of images (PNG/JPEG/BMP/WebP, any depth)"),
+    out: Path = typer.Option(..., "--out", help="output folder: purified PNGs + purify.csv; rerun to resume"),
+    config: Path = typer.Option(None, "--config", help="experiment TOML naming the models, purifier and SSNI "
+                                "(default: configs/mnist-diffpure-ssni-n.toml, the demo's defense)"),
+    weights_dir: Path = typer.Option(None, help="folder with manifest.json or public checkpoints"),
+    set_: list[str] = typer.Option([], "--set", help="override a config value: --set purifier.t_star=200"),
+    width: int = typer.Option(32, min=1, help="rows per network call (continuous batching)"),
+    chunk: int = typer.Option(256, min=1, help="images read and score-normed at once"),
+    device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (overrides evaluate.device)"),
+    progress: bool = typer.Option(True, help="progress bar with ETA"),
+) -> None:
+    """Purify a folder of images with a defense (score norm, t*, prediction per file in purify.csv).
+
+    Example: ssni purify my_digits/ --out purified/ (MNIST demo defense);
+    ssni purify imgs/ --config configs/cifar10-wrn28-diffpure-ssni-n-linf.toml --weights-dir DIR --out p/
+    """
+    from .checkpoints.registry import default_weights_dir
+    from .evaluate import load_config
+    from .purify_folder import purify_folder
+
+    overrides = _parse_overrides(set_)
+    if device is not None:
+        overrides["evaluate.device"] = device
+    default = Path(__file__).resolve().parents[2] / "configs" / "mnist-diffpure-ssni-n.toml"
+    cfg = load_config(config or default, overrides)
+    table = purify_folder(cfg, source, out, Path(weights_dir or default_weights_dir()), width, chunk, progress)
+    typer.echo(f"wrote purified images and {table}")
+
+
+@app.command()
 def report(out: Path = typer.Argument(..., help="a folder written by ssni evaluate")) -> None:
     """Print the table of an evaluation and write OUT/summary.json. Example: ssni report runs/n"""
     from .evaluate.report import report as make_report
@@ -214,11 +245,12 @@ def convert(
 def bench(
     out: Path = typer.Option(Path("benchmarks/results/cpu-latest.json"), help="where the JSON results go"),
     full: bool = typer.Option(False, "--full", help="more repeats and attack samples"),
+    compile_: bool = typer.Option(False, "--compile", help="also time torch.compile (needs a C++ compiler)"),
 ) -> None:
     """Measure purification and attack costs on this machine and print the table. Example: ssni bench"""
     from .bench import format_bench, run_bench
 
-    typer.echo(format_bench(run_bench(out, quick=not full)))
+    typer.echo(format_bench(run_bench(out, quick=not full, compile_=compile_)))
     typer.echo(f"wrote {out}")
 
 

@@ -117,14 +117,18 @@ class Defense(nn.Module):
         return self.ssni(x, self.purifier.t_stars, noise)
 
     def purify(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | None = None,
-               vote: int = 0) -> tuple[Tensor, Levels]:
-        """Purified images and the levels used, for one draw of the randomness."""
+               vote: int = 0, width: int | None = None) -> tuple[Tensor, Levels]:
+        """Purified images and the levels used, for one draw of the randomness.
+
+        ``width`` caps the rows per network call (continuous batching; see
+        :meth:`ssni.purifiers.base.Purifier.purify`); results do not depend on it.
+        """
         check_images(x)
         noise = self._noise(x, sample_ids, draw, vote)
         x_diffusion = resize(x, self.resolution)
         lv = self.levels(x_diffusion, noise)
         out = self.purifier.purify(x_diffusion, lv.t, noise, t_relaxed=lv.t_relaxed, start=lv.start,
-                                   extra_steps=lv.extra_steps)
+                                   extra_steps=lv.extra_steps, width=width)
         return resize(out, x.shape[-1]), lv
 
     def _all_votes(self, x: Tensor, sample_ids: Tensor | None, draw: int | None) -> list[Tensor]:

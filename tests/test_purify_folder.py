@@ -1,0 +1,86 @@
+"""`ssni purify`: a folder of real MNIST digits through the shipped demo defense, resumably."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from ssni.cli import app
+from ssni.data import load_split
+from ssni.errors import InputError
+
+QUICK = ["--set", "purifier.steps=3", "--set", "purifier.t_star=60", "--no-progress"]
+
+
+@pytest.fixture
+def digits(tmp_path) -> Path:
+    data = load_split("mnist-5k", "test").head(7)
+    for i, (x, y) in enumerate(zip(data.images, data.labels)):
+        (tmp_path / "in" / str(int(y))).mkdir(parents=True, exist_ok=True)
+        Image.fromarray((x[0].numpy() * 255).round().astype(np.uint8)).save(tmp_path / "in" / str(int(y)) / f"{i}.png")
+    return tmp_path / "in"
+
+
+def _run(source: Path, out: Path, *extra: str):
+    return CliRunner().invoke(app, ["purify", str(source), "--out", str(out), *QUICK, *extra])
+
+
+def _table(out: Path) -> dict[str, dict]:
+    with open(out / "purify.csv", newline="") as handle:
+        return {row["file"]: row for row in csv.DictReader(handle)}
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img)
+
+
+def test_purify_writes_every_image_with_its_level_and_prediction(digits, tmp_path):
+    result = _run(digits, tmp_path / "out", "--width", "3", "--chunk", "4")
+    assert result.exit_code == 0, result.output
+    table = _table(tmp_path / "out")
+    assert len(table) == 7
+    for file, row in table.items():
+        assert _pixels(tmp_path / "out" / file).shape == (28, 28)
+        assert 1 <= int(row["t_star"]) <= 60 and float(row["score_norm"]) > 0
+    correct = sum(int(r["prediction"]) == int(f.split("/")[0]) for f, r in table.items())
+    assert correct >= 6  # the demo defense keeps clean digits
+
+
+def test_results_do_not_depend_on_width_interruption_or_other_files(digits, tmp_path):
+    assert _run(digits, tmp_path / "a", "--width", "7", "--chunk", "7").exit_code == 0
+    # Interrupted: a first run over part of the folder, then more files appear and the run resumes.
+    moved = sorted(digits.rglob("*.png"))[:3]
+    hidden = tmp_path / "hidden"
+    for file in moved:
+        (hidden / file.parent.name).mkdir(parents=True, exist_ok=True)
+        file.rename(hidden / file.parent.name / file.name)
+    assert _run(digits, tmp_path / "b", "--width", "2", "--chunk", "2").exit_code == 0
+    first = _table(tmp_path / "b")
+    for file in moved:
+        (hidden / file.parent.name / file.name).rename(file)
+    assert _run(digits, tmp_path / "b", "--width", "2", "--chunk", "2").exit_code == 0
+    a, b = _table(tmp_path / "a"), _table(tmp_path / "b")
+    assert len(b) == 7 and all(b[f] == first[f] for f in first)  # nothing redone
+    for file in a:
+        assert a[file]["t_star"] == b[file]["t_star"] and a[file]["prediction"] == b[file]["prediction"]
+        diff = np.abs(_pixels(tmp_path / "a" / file).astype(int) - _pixels(tmp_path / "b" / file).astype(int))
+        assert diff.max() <= 1  # same randomness per file; at most a rounding step apart
+
+
+def test_a_bad_image_is_named_and_earlier_work_is_kept(digits, tmp_path):
+    (digits / "9").mkdir(exist_ok=True)
+    (digits / "9" / "zz-broken.png").write_bytes(b"not a png")
+    result = _run(digits, tmp_path / "out", "--chunk", "4")
+    assert isinstance(result.exception, InputError) and "zz-broken.png" in str(result.exception)
+    assert len(_table(tmp_path / "out")) == 4  # the first chunk was written before the bad file's chunk
+
+
+def test_the_output_folder_may_not_lie_inside_the_input(digits):
+    result = _run(digits, digits / "out")
+    assert isinstance(result.exception, InputError) and "must not lie inside" in str(result.exception)
