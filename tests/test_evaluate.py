@@ -92,6 +92,26 @@ def test_batch_size_does_not_change_per_sample_results(tmp_path, config_file, ti
         assert {k: v for k, v in ra.items() if k != "score_norm"} == {k: v for k, v in rb.items() if k != "score_norm"}
 
 
+def test_compile_option_wraps_the_diffusion_network_and_changes_no_result(tmp_path, config_file, tiny_weights,
+                                                                         monkeypatch):
+    compiled = []
+
+    def fake_compile(module, **kwargs):  # inductor takes minutes on 2 cores; the wiring is what is tested here
+        compiled.append((module, kwargs))
+        return module
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    cfg = load_config(config_file)
+    evaluate(cfg, tmp_path / "a", tiny_weights, progress=False)
+    assert not compiled
+    other = replace(cfg, evaluate=replace(cfg.evaluate, compile=True))
+    evaluate(other, tmp_path / "b", tiny_weights, progress=False)
+    assert len(compiled) == 1 and compiled[0][1] == {"dynamic": True}
+    assert type(compiled[0][0]).__name__ == "UNet"
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "score_norm"} for r in rows]  # noqa: E731
+    assert strip(rows_of(tmp_path / "a", cfg)) == strip(rows_of(tmp_path / "b", other))
+
+
 def test_two_shards_merge_to_the_single_process_result(tmp_path, config_file, tiny_weights):
     cfg = load_config(config_file)
     evaluate(cfg, tmp_path / "one", tiny_weights, progress=False)

@@ -53,7 +53,7 @@ def test_dry_run_on_random_init_published_architectures(name, diffusion, cifar_r
     _dry_run(name, overrides, tmp_path)
 
 
-@pytest.mark.skipif(not os.environ.get("SSNI_SLOW_TESTS"), reason="5 min on 2 CPU cores; set SSNI_SLOW_TESTS=1")
+@pytest.mark.skipif(not os.environ.get("SSNI_SLOW_TESTS"), reason="5-8 min and 5.7 GB on 2 CPU cores; set SSNI_SLOW_TESTS=1")
 @pytest.mark.parametrize("name", [f"imagenet-resnet50-diffpure-{t}-linf" for t in ("base", "ssni-l", "ssni-n")])
 def test_imagenet_dry_run_on_the_552m_parameter_guided_diffusion(name, tmp_path):
     from PIL import Image
