@@ -66,6 +66,24 @@ def test_eot_gradient_variance_shrinks_with_more_samples(classifier, digits):
     assert spread(8) < 0.5 * spread(1)
 
 
+@pytest.mark.parametrize("attack", ["pgd", "adaptive"])
+def test_stacked_eot_draws_give_the_same_attack_as_one_draw_per_pass(attack, classifier, digits):
+    x, y, ids = digits[0][:3], digits[1][:3], torch.tensor([7, 3, 11])
+    with torch.no_grad():
+        unet = tiny_defense(classifier).purifier.model
+        cal = Calibration.fit(score_norm(unet, VPSchedule(), x, SampleNoise.from_ids(5, range(3)), 2))
+    results = []
+    for eot_batch in (1, 4, 3):  # one draw per pass, all four stacked, 3 + 1
+        defense = tiny_defense(classifier)
+        if attack == "adaptive":
+            defense.ssni = SSNI(defense.purifier.model, make_reweight("sigmoid", cal), n_levels=2)
+        kind = AdaptivePGD if attack == "adaptive" else PGD
+        x_adv = kind(ThreatModel("linf", 0.3), steps=2, step_size=0.1, eot=4, eot_batch=eot_batch)(defense, x, y, ids)
+        results.append((x_adv, defense.draw))
+    for x_adv, draws in results[1:]:
+        assert torch.allclose(x_adv, results[0][0], atol=1e-6) and draws == results[0][1] == 8
+
+
 def test_bpda_gradient_is_the_classifier_gradient_at_the_purified_image(classifier, digits):
     x, y = digits[0][:4], digits[1][:4]
     defense = tiny_defense(classifier)

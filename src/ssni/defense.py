@@ -101,13 +101,20 @@ class Defense(nn.Module):
         if isinstance(purifier.model, nn.Module):
             self.denoiser = purifier.model  # registered so .eval()/.to() reach it
 
-    def _noise(self, x: Tensor, sample_ids: Tensor | None, draw: int | None, vote: int) -> SampleNoise:
+    def _noise(self, x: Tensor, sample_ids: Tensor | None, draw: int | Tensor | None, vote: int) -> SampleNoise:
         ids = torch.arange(x.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids).cpu()
         if ids.shape != (x.shape[0],):
             raise ConfigError(f"sample_ids must be [B] = [{x.shape[0]}], found {tuple(ids.shape)}")
         if draw is None:
-            draw, self.draw = self.draw, self.draw + 1
+            draw = self.reserve_draws(1)
+        if isinstance(draw, Tensor):  # one draw per row: several draws of a sample in one batch (EOT)
+            return SampleNoise.from_ids(self.seed, ids, (draw.cpu().long() * self.votes + vote).tolist())
         return SampleNoise.from_ids(self.seed, ids, draw * self.votes + vote)
+
+    def reserve_draws(self, count: int) -> int:
+        """Take ``count`` fresh draws from the counter; return the first (``draw=None`` takes one)."""
+        first, self.draw = self.draw, self.draw + count
+        return first
 
     def levels(self, x: Tensor, noise: SampleNoise) -> Levels:
         """The levels each sample gets: SSNI's, or the base method's constant ``t*``."""
@@ -116,7 +123,7 @@ class Defense(nn.Module):
             return Levels(t, None, None, t, 0)
         return self.ssni(x, self.purifier.t_stars, noise)
 
-    def purify(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | None = None,
+    def purify(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | Tensor | None = None,
                vote: int = 0, width: int | None = None) -> tuple[Tensor, Levels]:
         """Purified images and the levels used, for one draw of the randomness.
 
@@ -131,12 +138,13 @@ class Defense(nn.Module):
                                    extra_steps=lv.extra_steps, width=width)
         return resize(out, x.shape[-1]), lv
 
-    def _all_votes(self, x: Tensor, sample_ids: Tensor | None, draw: int | None) -> list[Tensor]:
+    def _all_votes(self, x: Tensor, sample_ids: Tensor | None, draw: int | Tensor | None) -> list[Tensor]:
         if draw is None:
-            draw, self.draw = self.draw, self.draw + 1
+            draw = self.reserve_draws(1)
         return [self.classifier(self.purify(x, sample_ids, draw, v)[0]) for v in range(self.votes)]
 
-    def forward(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | None = None) -> Tensor:
+    def forward(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | Tensor | None = None) -> Tensor:
+        """Logits averaged over votes; ``draw`` may be ``[B]`` (one draw per row, e.g. batched EOT)."""
         return torch.stack(self._all_votes(x, sample_ids, draw)).mean(0)
 
     def predict(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | None = None) -> Tensor:

@@ -35,10 +35,13 @@ def derive_seed(*parts: int | str) -> int:
     return state >> 1
 
 
-def sample_seeds(run_seed: int, sample_ids: Tensor | Sequence[int], draw: int = 0) -> Tensor:
-    """One seed per sample, ``[B]`` int64, from ``(run seed, sample id, draw)``."""
+def sample_seeds(run_seed: int, sample_ids: Tensor | Sequence[int], draw: int | Sequence[int] = 0) -> Tensor:
+    """One seed per sample, ``[B]`` int64, from ``(run seed, sample id, draw)``; ``draw`` may be per sample."""
     ids = sample_ids.tolist() if isinstance(sample_ids, Tensor) else list(sample_ids)
-    return torch.tensor([derive_seed(run_seed, i, draw) for i in ids], dtype=torch.int64)
+    draws = [draw] * len(ids) if isinstance(draw, int) else list(draw)
+    if len(draws) != len(ids):
+        raise ValueError(f"{len(draws)} draws for {len(ids)} samples")
+    return torch.tensor([derive_seed(run_seed, i, d) for i, d in zip(ids, draws)], dtype=torch.int64)
 
 
 class SampleNoise:
@@ -52,7 +55,8 @@ class SampleNoise:
         self.seeds = seeds.long().cpu()
 
     @classmethod
-    def from_ids(cls, run_seed: int, sample_ids: Tensor | Sequence[int], draw: int = 0) -> SampleNoise:
+    def from_ids(cls, run_seed: int, sample_ids: Tensor | Sequence[int],
+                 draw: int | Sequence[int] = 0) -> SampleNoise:
         return cls(sample_seeds(run_seed, sample_ids, draw))
 
     def __len__(self) -> int:

@@ -38,12 +38,13 @@ from .pgd import PGD, call_model
 class AdaptivePGD(PGD):
     score_weight: float = 1.0
 
-    def objective(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None) -> Tensor:
+    def objective(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None,
+                  draw: Tensor | None = None) -> Tensor:
         if not isinstance(model, Defense) or model.ssni is None:
             raise ConfigError("the adaptive attack needs a Defense with SSNI")
         ssni = model.ssni
-        loss = F.cross_entropy(call_model(model, x, sample_ids), y, reduction="sum")
-        noise = model._noise(x, sample_ids, None, 0)
+        loss = F.cross_entropy(call_model(model, x, sample_ids, draw), y, reduction="sum")
+        noise = model._noise(x, sample_ids, draw, 0)
         e = score_norm(ssni.score_model, ssni.schedule, x, noise, ssni.n_levels)
         cal = ssni.reweight.calibration
         scale = getattr(ssni.reweight, "tau", cal.std)

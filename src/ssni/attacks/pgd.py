@@ -21,9 +21,11 @@ from ..validation import check_images
 from .base import ThreatModel
 
 
-def call_model(model: nn.Module, x: Tensor, sample_ids: Tensor | None) -> Tensor:
-    """Logits of ``model``; sample ids reach models that take them (``takes_sample_ids``)."""
-    return model(x, sample_ids=sample_ids) if getattr(model, "takes_sample_ids", False) else model(x)
+def call_model(model: nn.Module, x: Tensor, sample_ids: Tensor | None, draw: Tensor | None = None) -> Tensor:
+    """Logits of ``model``; sample ids (and per-row draws) reach models that take them."""
+    if not getattr(model, "takes_sample_ids", False):
+        return model(x)
+    return model(x, sample_ids=sample_ids) if draw is None else model(x, sample_ids=sample_ids, draw=draw)
 
 
 @dataclass
@@ -39,6 +41,9 @@ class PGD:
         sign_step: move along the gradient's sign for l_2 too (the paper's code does; off by
             default, where l_2 steps follow the normalised gradient).
         seed: seed of the random start.
+        eot_batch: EOT draws stacked into one forward/backward pass (rows ``eot_batch * B``) for
+            models with per-row draws (:class:`ssni.defense.Defense`); same gradient as one draw
+            per pass, fuller network calls, more memory.
     """
 
     threat: ThreatModel = field(default_factory=ThreatModel)
@@ -48,23 +53,33 @@ class PGD:
     random_start: bool = False
     sign_step: bool = False
     seed: int = 0
+    eot_batch: int = 1
     progress: bool = False
     loss_trace: list[float] = field(default_factory=list, repr=False)
 
     def __post_init__(self):
-        if self.steps < 0 or self.eot < 1 or self.step_size <= 0:
-            raise ConfigError("PGD needs steps >= 0, eot >= 1 and step_size > 0")
+        if self.steps < 0 or self.eot < 1 or self.step_size <= 0 or self.eot_batch < 1:
+            raise ConfigError("PGD needs steps >= 0, eot >= 1, eot_batch >= 1 and step_size > 0")
 
-    def objective(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None) -> Tensor:
+    def objective(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None,
+                  draw: Tensor | None = None) -> Tensor:
         """The loss PGD ascends, summed over the batch (cross-entropy on the logits)."""
-        return F.cross_entropy(call_model(model, x, sample_ids), y, reduction="sum")
+        return F.cross_entropy(call_model(model, x, sample_ids, draw), y, reduction="sum")
 
     def gradient(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None) -> tuple[Tensor, float]:
         """EOT estimate of the input gradient of the objective, and the mean loss."""
         total, loss_sum = torch.zeros_like(x), 0.0
-        for _ in range(self.eot):
+        stackable = hasattr(model, "reserve_draws")
+        for start in range(0, self.eot, self.eot_batch if stackable else 1):
+            k = min(self.eot_batch, self.eot - start) if stackable else 1
             x_var = x.detach().requires_grad_(True)
-            loss = self.objective(model, x_var, y, sample_ids)
+            if stackable:  # k draws of every sample as one batch: row j * B + i is draw first + j of sample i
+                ids = torch.arange(x.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids).cpu()
+                draws = model.reserve_draws(k) + torch.arange(k).repeat_interleave(x.shape[0])
+                loss = self.objective(model, x_var.repeat(k, *([1] * (x.dim() - 1))), y.repeat(k), ids.repeat(k),
+                                      draws)
+            else:
+                loss = self.objective(model, x_var, y, sample_ids)
             total += torch.autograd.grad(loss, x_var)[0]
             loss_sum += loss.item()
         return total / self.eot, loss_sum / (self.eot * x.shape[0])

@@ -103,7 +103,7 @@ def build_attack(a: AttackConfig, model: nn.Module, seed: int) -> tuple[object, 
     """``(attack, model the attack differentiates)``: BPDA wraps the defense, the rest see it whole."""
     threat = ThreatModel(a.norm, a.eps)
     pgd = {"threat": threat, "steps": a.steps, "step_size": a.step_size, "eot": a.eot,
-           "random_start": a.random_start, "sign_step": a.sign_step, "seed": seed}
+           "random_start": a.random_start, "sign_step": a.sign_step, "seed": seed, "eot_batch": a.eot_batch}
     if a.name == "pgd":
         return PGD(**pgd), model
     if a.name == "adaptive":

@@ -67,6 +67,7 @@ class AttackConfig:
     steps: int = 20
     step_size: float = 0.05
     eot: int = 2
+    eot_batch: int = 1  # EOT draws stacked in one forward/backward pass (faster, eot_batch x the memory)
     random_start: bool = False
     sign_step: bool = False  # l_2 with sign steps, as the paper's code does
     score_weight: float = 1.0  # adaptive: weight of the score-norm term
