@@ -2,7 +2,7 @@
 
 Run from the repository root: python benchmarks/eot_stacking.py (about a minute on 2 CPU cores).
 """
-import time, torch
+import time
 from ssni.attacks import PGD, ThreatModel
 from ssni.checkpoints.registry import default_weights_dir, load_named
 from ssni.data import load_split
