@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from ssni.cli import app
 from ssni.data import load_split
-from ssni.errors import InputError
+from ssni.errors import InputError, ResumeError
 
 QUICK = ["--set", "purifier.steps=3", "--set", "purifier.t_star=60", "--no-progress"]
 
@@ -79,6 +79,13 @@ def test_a_bad_image_is_named_and_earlier_work_is_kept(digits, tmp_path):
     result = _run(digits, tmp_path / "out", "--chunk", "4")
     assert isinstance(result.exception, InputError) and "zz-broken.png" in str(result.exception)
     assert len(_table(tmp_path / "out")) == 4  # the first chunk was written before the bad file's chunk
+
+
+def test_resuming_with_another_config_is_refused(digits, tmp_path):
+    assert _run(digits, tmp_path / "out", "--chunk", "4").exit_code == 0
+    result = CliRunner().invoke(app, ["purify", str(digits), "--out", str(tmp_path / "out"), *QUICK,
+                                      "--set", "purifier.t_star=70"])
+    assert isinstance(result.exception, ResumeError) and "another config" in str(result.exception)
 
 
 def test_the_output_folder_may_not_lie_inside_the_input(digits):

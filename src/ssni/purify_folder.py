@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .data import _resize_crop
 from .defense import Defense
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, ResumeError
 from .evaluate.build import build_model, calibrate, load_models
 from .evaluate.config import ExperimentConfig
 from .evaluate.runner import to_device
@@ -81,6 +81,14 @@ def _write_png(image: torch.Tensor, target: Path) -> None:
     os.replace(partial, target)
 
 
+def _check_same_config(path: Path, cfg: ExperimentConfig, resuming: bool) -> None:
+    """A folder holds one config's results: resume only with the same config (and record it)."""
+    if resuming and path.is_file() and json.loads(path.read_text()).get("hash") != cfg.hash():
+        raise ResumeError(f"{path.parent} holds images purified with another config (hash "
+                          f"{json.loads(path.read_text()).get('hash')}, now {cfg.hash()}); use a new --out folder")
+    path.write_text(json.dumps({"hash": cfg.hash(), **cfg.to_dict()}, indent=2) + "\n")
+
+
 def purify_folder(cfg: ExperimentConfig, source: Path, out: Path, weights_dir: Path, width: int = 32,
                   chunk: int = 256, progress: bool = True) -> Path:
     """Purify every image under ``source`` into ``out``; return the path of ``purify.csv``."""
@@ -95,8 +103,8 @@ def purify_folder(cfg: ExperimentConfig, source: Path, out: Path, weights_dir: P
     out.mkdir(parents=True, exist_ok=True)
     table = out / "purify.csv"
     done = _done(table)
+    _check_same_config(out / "config.json", cfg, bool(done))
     todo = [f for f in files if f.as_posix() not in done]
-    (out / "config.json").write_text(json.dumps({"hash": cfg.hash(), **cfg.to_dict()}, indent=2) + "\n")
     unet, classifier = to_device(cfg, *load_models(cfg, weights_dir))
     calibration = calibrate(cfg, unet, weights_dir) if cfg.ssni.reweight != "none" else None
     defense: Defense = build_model(cfg, unet, classifier, calibration)
