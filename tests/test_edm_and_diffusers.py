@@ -33,7 +33,7 @@ TINY_NCSNPP = SongUNetConfig(img_resolution=16, model_channels=16, channel_mult=
                              attn_resolutions=(8,), embedding_type="fourier", channel_mult_noise=2,
                              encoder_type="residual", resample_filter=(1, 3, 3, 1), augment_dim=0)
 TINY_SKIP = SongUNetConfig(img_resolution=16, model_channels=16, channel_mult=(1, 2, 2), num_blocks=1,
-                           attn_resolutions=(8,), encoder_type="skip", decoder_type="skip", label_dim=10)
+                           attn_resolutions=(8,), encoder_type="skip", decoder_type="skip")
 EDM_NAMES = {_Linear: "Linear", _Conv: "Conv2d", _GroupNorm: "GroupNorm", _Block: "UNetBlock",
              _PositionalEmbedding: "PositionalEmbedding", _FourierEmbedding: "FourierEmbedding",
              SongUNet: "SongUNet"}
@@ -176,6 +176,19 @@ def test_convert_refuses_without_the_opt_in_and_names_foreign_globals(tmp_path, 
     assert not (tmp_path / "pwned").exists()
 
 
+def test_numpy_scalars_of_object_dtype_are_refused(tmp_path):
+    from numpy._core.multiarray import scalar
+
+    class ObjectScalar:  # bytes read through an object dtype would become pointers
+        def __reduce__(self):
+            return scalar, (np.dtype("O"), b"\0" * 8)
+
+    with open(tmp_path / "obj.pkl", "wb") as handle:
+        pickle.dump({"ema": ObjectScalar()}, handle)
+    with pytest.raises(CheckpointError, match="not allowed"):
+        read_edm_pickle(tmp_path / "obj.pkl")
+
+
 def test_truncated_or_foreign_edm_files_give_clear_errors(tmp_path, edm_modules):
     write_edm_pickle(tmp_path / "net.pkl", _denoiser(EDMConfig(unet=TINY_DDPMPP)), edm_modules, tmp_path / "ran")
     data = (tmp_path / "net.pkl").read_bytes()
@@ -190,6 +203,14 @@ def test_truncated_or_foreign_edm_files_give_clear_errors(tmp_path, edm_modules)
     save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(CheckpointError, match="edm_config"):
         load_edm(tmp_path / "plain.safetensors")
+
+
+def test_class_conditional_edm_networks_are_refused_for_purification(tmp_path, edm_modules):
+    cond = _denoiser(EDMConfig(unet=SongUNetConfig(**{**TINY_DDPMPP.to_dict(), "label_dim": 10})))
+    write_edm_pickle(tmp_path / "cond.pkl", cond, edm_modules, tmp_path / "ran")
+    assert read_edm_pickle(tmp_path / "cond.pkl")[1].unet.label_dim == 10
+    with pytest.raises(CheckpointError, match="class-conditional"):
+        load_edm(tmp_path / "cond.pkl", allow_pickle=True)
 
 
 def test_vp_preconditioning_maps_sigma_back_to_edm_time():
@@ -225,6 +246,23 @@ def test_a_diffusers_folder_loads_through_the_registry_with_shifted_timesteps(tm
     with torch.no_grad():
         assert torch.equal(model(x, t), unet(x, t - 1).sample)
     assert PUBLIC["cifar10-ddpm-diffusers"].file == folder.name
+
+
+def test_a_diffusers_folder_with_legacy_attention_names_loads(tmp_path):
+    folder, unet = _diffusers_folder(tmp_path)
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    legacy = {}
+    for key, value in unet.state_dict().items():
+        for new, old in ((".to_q.", ".query."), (".to_k.", ".key."), (".to_v.", ".value."),
+                         (".to_out.0.", ".proj_attn.")):
+            key = key.replace(new, old)
+        legacy[key] = value
+    assert any(".query." in k for k in legacy)
+    torch.save(legacy, folder / "diffusion_pytorch_model.bin")
+    model = load_public("cifar10-ddpm-diffusers", tmp_path)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 700])
+    with torch.no_grad():
+        assert torch.equal(model(x, t), unet(x, t - 1).sample)
 
 
 def test_the_default_diffusers_shape_is_ddpm_cifar10():

@@ -90,4 +90,23 @@ def test_resuming_with_another_config_is_refused(digits, tmp_path):
 
 def test_the_output_folder_may_not_lie_inside_the_input(digits):
     result = _run(digits, digits / "out")
-    assert isinstance(result.exception, InputError) and "must not lie inside" in str(result.exception)
+    assert isinstance(result.exception, InputError) and "must not contain each other" in str(result.exception)
+
+
+def test_a_run_killed_mid_row_resumes_and_redoes_only_the_unfinished_file(digits, tmp_path):
+    assert _run(digits, tmp_path / "out").exit_code == 0
+    table = tmp_path / "out" / "purify.csv"
+    full = table.read_text()
+    table.write_text(full[: full.rindex("\n", 0, len(full) - 1) + 5])  # last row cut after 4 characters
+    assert len(_table(tmp_path / "out")) == 7  # csv reads the cut row as a (wrong) row
+    assert _run(digits, tmp_path / "out").exit_code == 0
+    assert table.read_text() == full
+    table.write_text("")  # killed before the header was flushed
+    assert _run(digits, tmp_path / "out").exit_code == 0
+    assert table.read_text().splitlines()[0] == "file,score_norm,t_star,prediction" and len(_table(tmp_path / "out")) == 7
+
+
+def test_two_inputs_that_would_share_an_output_name_are_refused(digits):
+    Image.new("L", (28, 28)).save(digits / "0" / "4.jpg")  # 0/4.png exists
+    result = _run(digits, digits.parent / "out")
+    assert isinstance(result.exception, InputError) and "would both be written" in str(result.exception)

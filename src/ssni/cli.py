@@ -180,6 +180,7 @@ def purify(
     ssni purify imgs/ --config configs/cifar10-wrn28-diffpure-ssni-n-linf.toml --weights-dir DIR --out p/
     """
     from .checkpoints.registry import default_weights_dir
+    from .errors import ConfigError
     from .evaluate import load_config
     from .purify_folder import purify_folder
 
@@ -187,6 +188,9 @@ def purify(
     if device is not None:
         overrides["evaluate.device"] = device
     default = Path(__file__).resolve().parents[2] / "configs" / "mnist-diffpure-ssni-n.toml"
+    if config is None and not default.is_file():
+        raise ConfigError("no --config given and the default configs/mnist-diffpure-ssni-n.toml is not here "
+                          "(installed without the source tree); pass --config FILE")
     cfg = load_config(config or default, overrides)
     table = purify_folder(cfg, source, out, Path(weights_dir or default_weights_dir()), width, chunk, progress)
     typer.echo(f"wrote purified images and {table}")

@@ -65,9 +65,10 @@ class SSNI(nn.Module):
         self.score_model, self.reweight, self.schedule = score_model, reweight, schedule
         self.n_levels, self.differentiable = n_levels, differentiable
 
-    def forward(self, x: Tensor, t_stars: tuple[int, ...], noise: SampleNoise) -> Levels:
+    def forward(self, x: Tensor, t_stars: tuple[int, ...], noise: SampleNoise, max_rows: int | None = None) -> Levels:
+        """Levels ``[R, B]`` for the rounds' ``t_stars``; ``max_rows`` caps the score-norm pass's calls."""
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
-            e = score_norm(self.score_model, self.schedule, x, noise, self.n_levels)
+            e = score_norm(self.score_model, self.schedule, x, noise, self.n_levels, max_rows)
         pairs = [self.reweight.levels(e, t_star, self.schedule.num_levels) for t_star in t_stars]
         t = torch.stack([p[0] for p in pairs])
         t_relaxed = torch.stack([p[1] for p in pairs]) if e.requires_grad else None
@@ -116,24 +117,25 @@ class Defense(nn.Module):
         first, self.draw = self.draw, self.draw + count
         return first
 
-    def levels(self, x: Tensor, noise: SampleNoise) -> Levels:
+    def levels(self, x: Tensor, noise: SampleNoise, max_rows: int | None = None) -> Levels:
         """The levels each sample gets: SSNI's, or the base method's constant ``t*``."""
         if self.ssni is None:
             t = self.purifier.default_levels(x.shape[0]).to(x.device)
             return Levels(t, None, None, t, 0)
-        return self.ssni(x, self.purifier.t_stars, noise)
+        return self.ssni(x, self.purifier.t_stars, noise, max_rows)
 
     def purify(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | Tensor | None = None,
                vote: int = 0, width: int | None = None) -> tuple[Tensor, Levels]:
         """Purified images and the levels used, for one draw of the randomness.
 
-        ``width`` caps the rows per network call (continuous batching; see
-        :meth:`ssni.purifiers.base.Purifier.purify`); results do not depend on it.
+        ``width`` caps the rows per network call, in the score-norm pass and in purification
+        (continuous batching; see :meth:`ssni.purifiers.base.Purifier.purify`); results do not
+        depend on it.
         """
         check_images(x)
         noise = self._noise(x, sample_ids, draw, vote)
         x_diffusion = resize(x, self.resolution)
-        lv = self.levels(x_diffusion, noise)
+        lv = self.levels(x_diffusion, noise, width)
         out = self.purifier.purify(x_diffusion, lv.t, noise, t_relaxed=lv.t_relaxed, start=lv.start,
                                    extra_steps=lv.extra_steps, width=width)
         return resize(out, x.shape[-1]), lv

@@ -25,9 +25,8 @@ from tqdm import tqdm
 from .data import _resize_crop
 from .defense import Defense
 from .errors import ConfigError, InputError, ResumeError
-from .evaluate.build import build_model, calibrate, load_models
 from .evaluate.config import ExperimentConfig
-from .evaluate.runner import to_device
+from .evaluate.runner import autocast, prepare_model
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 FORMATS = {"mnist-5k": ("L", 28), "fashion-mnist": ("L", 28), "cifar10": ("RGB", 32), "imagenet": ("RGB", 224)}
@@ -41,7 +40,19 @@ def find_images(source: Path) -> list[Path]:
     files = sorted(p.relative_to(source) for p in source.rglob("*") if p.suffix.lower() in SUFFIXES)
     if not files:
         raise InputError(f"{source} holds no images ({', '.join(sorted(SUFFIXES))})")
+    seen: dict[Path, Path] = {}
+    for file in files:
+        target = output_name(file)
+        if target in seen:
+            raise InputError(f"{source / file} and {source / seen[target]} would both be written as {target}; "
+                             "rename one of them")
+        seen[target] = file
     return files
+
+
+def output_name(file: Path) -> Path:
+    """Where the purified version of ``file`` goes, relative to the output folder."""
+    return file.with_suffix(".png")
 
 
 def read_images(source: Path, files: list[Path], dataset: str) -> torch.Tensor:
@@ -64,11 +75,23 @@ def image_id(file: Path) -> int:
     return zlib.crc32(file.as_posix().encode())
 
 
-def _done(table: Path) -> set[str]:
-    if not table.is_file():
-        return set()
-    with open(table, newline="") as handle:
-        return {row["file"] for row in csv.DictReader(handle)}
+def _open_table(table: Path):
+    """``purify.csv`` for appending, with its header; return it and the files it lists.
+
+    A run killed mid-write can leave an empty file or a last line without its newline: both
+    are repaired (the unfinished row's file is simply purified again).
+    """
+    text = table.read_text() if table.is_file() else ""
+    lines = text.splitlines(keepends=True)
+    if lines and not lines[-1].endswith("\n"):
+        lines = lines[:-1]
+    header = ",".join(COLUMNS) + "\n"
+    if lines and lines[0] != header:
+        raise ResumeError(f"{table} is not a table written by ssni purify (header {lines[0].strip()!r}); "
+                          "use a new --out folder")
+    table.write_text("".join(lines) or header)
+    done = {row["file"] for row in csv.DictReader(lines)} if lines else set()
+    return open(table, "a", newline=""), done
 
 
 def _write_png(image: torch.Tensor, target: Path) -> None:
@@ -91,47 +114,45 @@ def _check_same_config(path: Path, cfg: ExperimentConfig, resuming: bool) -> Non
 
 def purify_folder(cfg: ExperimentConfig, source: Path, out: Path, weights_dir: Path, width: int = 32,
                   chunk: int = 256, progress: bool = True) -> Path:
-    """Purify every image under ``source`` into ``out``; return the path of ``purify.csv``."""
+    """Purify every image under ``source`` into ``out``; return the path of ``purify.csv``.
+
+    The prediction listed for a file is the classifier's on the image written (one purification,
+    draw 0); a defense with ``votes > 1`` would vote over several.
+    """
     if cfg.data.dataset not in FORMATS:
         raise ConfigError(f"unknown image format for dataset {cfg.data.dataset!r}; one of {sorted(FORMATS)}")
     if cfg.purifier.method == "none":
         raise ConfigError("the config has no purifier ([purifier] method = 'none')")
     source, out = Path(source).resolve(), Path(out).resolve()
-    if out == source or source in out.parents:
-        raise InputError(f"the output folder {out} must not lie inside the input folder {source}")
+    if out == source or source in out.parents or out in source.parents:
+        raise InputError(f"the output folder {out} and the input folder {source} must not contain each other")
     files = find_images(source)
     out.mkdir(parents=True, exist_ok=True)
-    table = out / "purify.csv"
-    done = _done(table)
-    _check_same_config(out / "config.json", cfg, bool(done))
-    todo = [f for f in files if f.as_posix() not in done]
-    unet, classifier = to_device(cfg, *load_models(cfg, weights_dir))
-    calibration = calibrate(cfg, unet, weights_dir) if cfg.ssni.reweight != "none" else None
-    defense: Defense = build_model(cfg, unet, classifier, calibration)
-    bar = tqdm(total=len(files), initial=len(files) - len(todo), desc="purify", unit="img", disable=not progress)
-    new_table = not table.is_file()
-    with open(table, "a", newline="") as handle:
+    handle, done = _open_table(out / "purify.csv")
+    with handle:
+        _check_same_config(out / "config.json", cfg, bool(done))
+        todo = [f for f in files if f.as_posix() not in done]
+        defense: Defense = prepare_model(cfg, weights_dir)
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        if new_table:
-            writer.writeheader()
+        bar = tqdm(total=len(files), initial=len(files) - len(todo), desc="purify", unit="img",
+                   disable=not progress)
         for start in range(0, len(todo), chunk):
             part = todo[start:start + chunk]
             x = read_images(source, part, cfg.data.dataset).to(cfg.evaluate.device)
             ids = torch.tensor([image_id(f) for f in part])
-            with torch.inference_mode():
+            with torch.inference_mode(), autocast(cfg):
                 purified, levels = defense.purify(x, ids, draw=0, width=width)
                 prediction = defense.classifier(purified).argmax(1)
-            norms = levels.score_norm if levels.score_norm is not None else [None] * len(part)
             for j, file in enumerate(part):
-                _write_png(purified[j], out / file.with_suffix(".png"))
-                writer.writerow({"file": file.as_posix(),
-                                 "score_norm": "" if norms[j] is None else f"{float(norms[j]):.4f}",
+                _write_png(purified[j].float(), out / output_name(file))
+                norm = "" if levels.score_norm is None else f"{float(levels.score_norm[j]):.4f}"
+                writer.writerow({"file": file.as_posix(), "score_norm": norm,
                                  "t_star": " ".join(str(int(t)) for t in levels.t[:, j]),
                                  "prediction": int(prediction[j])})
             handle.flush()
             bar.update(len(part))
-    bar.close()
-    return table
+        bar.close()
+    return out / "purify.csv"
 
 
-__all__ = ["FORMATS", "find_images", "image_id", "purify_folder", "read_images"]
+__all__ = ["FORMATS", "find_images", "image_id", "output_name", "purify_folder", "read_images"]

@@ -11,6 +11,7 @@ which reverse steps a scheduler skips, or on whether a run was resumed.
 from __future__ import annotations
 
 import zlib
+from numbers import Integral
 from collections.abc import Sequence
 
 import torch
@@ -38,7 +39,7 @@ def derive_seed(*parts: int | str) -> int:
 def sample_seeds(run_seed: int, sample_ids: Tensor | Sequence[int], draw: int | Sequence[int] = 0) -> Tensor:
     """One seed per sample, ``[B]`` int64, from ``(run seed, sample id, draw)``; ``draw`` may be per sample."""
     ids = sample_ids.tolist() if isinstance(sample_ids, Tensor) else list(sample_ids)
-    draws = [draw] * len(ids) if isinstance(draw, int) else list(draw)
+    draws = [int(draw)] * len(ids) if isinstance(draw, Integral) else [int(d) for d in draw]
     if len(draws) != len(ids):
         raise ValueError(f"{len(draws)} draws for {len(ids)} samples")
     return torch.tensor([derive_seed(run_seed, i, d) for i, d in zip(ids, draws)], dtype=torch.int64)

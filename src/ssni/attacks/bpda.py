@@ -22,8 +22,9 @@ class BPDA(nn.Module):
         self.defense = defense
 
     def forward(self, x: Tensor, sample_ids: Tensor | None = None) -> Tensor:
+        """One draw per call (EOT draws are not stacked through BPDA: ``eot_batch`` has no effect)."""
         d = self.defense
-        draw, d.draw = d.draw, d.draw + 1
+        draw = d.reserve_draws(1)
         logits = []
         for vote in range(d.votes):
             with torch.no_grad():

@@ -60,8 +60,34 @@ def _parameter(data: Tensor, *_args) -> Tensor:
     return data
 
 
-def _numpy_scalar(dtype, data=None):
-    return np.frombuffer(data, dtype=dtype)[0].item() if data is not None else dtype.type()
+class _DTypeName:
+    """Inert stand-in for ``numpy.dtype(name, ...)``: keeps the name and byte order, ignores the rest.
+
+    A real ``np.dtype`` would accept any pickled state (object fields included), and reading
+    bytes through such a dtype could turn file contents into object pointers.
+    """
+
+    def __init__(self, name, *_args):
+        self.name, self.order = str(name), "="
+
+    def __setstate__(self, state) -> None:
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "="):
+            self.order = state[1]
+
+
+def _numpy_scalar(dtype: _DTypeName, data: bytes | None = None):
+    """A plain number from a pickled numpy scalar (booleans, integers, floats, complex only)."""
+    if not isinstance(dtype, _DTypeName) or not isinstance(data, bytes):
+        raise CheckpointError("unexpected numpy scalar in the EDM pickle")
+    try:
+        real = np.dtype(dtype.name)
+    except TypeError as err:
+        raise CheckpointError(f"unknown numpy dtype {dtype.name!r} in the EDM pickle") from err
+    if real.kind not in "biufc" or len(data) != real.itemsize:
+        raise CheckpointError(f"numpy scalar of dtype {dtype.name!r} ({len(data)} bytes) is not allowed")
+    if dtype.order in "<>":
+        real = real.newbyteorder(dtype.order)
+    return np.frombuffer(data, dtype=real)[0].item()
 
 
 _ALLOWED = {
@@ -73,7 +99,7 @@ _ALLOWED = {
     ("builtins", "set"): set,
     ("numpy.core.multiarray", "scalar"): _numpy_scalar,
     ("numpy._core.multiarray", "scalar"): _numpy_scalar,
-    ("numpy", "dtype"): np.dtype,
+    ("numpy", "dtype"): _DTypeName,
     ("dnnlib.util", "EasyDict"): dict,
 }
 

@@ -70,6 +70,23 @@ def check_scheduler(path: Path, schedule: VPSchedule = VPSchedule()) -> None:
                               f"purifiers use {expected}")
 
 
+# Older diffusers checkpoints (google/ddpm-cifar10-32 among them) name the attention projections
+# query/key/value/proj_attn; diffusers renames them on load, and so do we.
+LEGACY_ATTENTION = {".query.": ".to_q.", ".key.": ".to_k.", ".value.": ".to_v.", ".proj_attn.": ".to_out.0."}
+
+
+def rename_legacy_attention(state: dict) -> dict:
+    """Map old attention parameter names to the current ones (other keys unchanged)."""
+    renamed = {}
+    for key, value in state.items():
+        for old, new in LEGACY_ATTENTION.items():
+            if ".attentions." in key and old in key:
+                key = key.replace(old, new)
+                break
+        renamed[key] = value
+    return renamed
+
+
 def load_diffusers_unet(folder: str | Path) -> nn.Module:
     """Load a ``UNet2DModel`` from a diffusers model or pipeline folder, safely and strictly."""
     folder = Path(folder)
@@ -92,9 +109,9 @@ def load_diffusers_unet(folder: str | Path) -> nn.Module:
     if weights is None:
         raise CheckpointError(f"{model_dir} has none of {WEIGHT_FILES}")
     unet = build_diffusers_unet(config)
-    match_state_dict(unet, load_state_dict(weights), str(weights))
+    match_state_dict(unet, rename_legacy_attention(load_state_dict(weights)), str(weights))
     return unet.eval()
 
 
 __all__ = ["DDPM_CIFAR10_CONFIG", "DiffusersEps", "build_diffusers_unet", "check_scheduler",
-           "load_diffusers_unet"]
+           "load_diffusers_unet", "rename_legacy_attention"]

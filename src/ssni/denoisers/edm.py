@@ -7,7 +7,7 @@ are pickles of whole Python objects whose class source code travels inside them;
 ``ssni convert`` turns one into a safetensors file this module loads.
 
 The modules here are our own; only their parameter names and shapes follow the
-published state dicts (``model.enc.32x32_conv.weight``, ``model.dec.16x16_block3.qkv.weight``,
+published state dicts (``model.enc.32x32_conv.weight``, ``model.dec.16x16_block4.qkv.weight``,
 ...), so a converted file loads strictly. A denoiser speaks EDM's convention,
 ``D(x, sigma) -> x0_hat`` with ``x = x0 + sigma * eps`` and ``x0`` in ``[-1, 1]``; wrap it in
 :class:`~ssni.denoisers.protocol.EDMAdapter` to get the eps protocol.
@@ -354,6 +354,9 @@ def load_edm(path: str | Path, allow_pickle: bool = False) -> EDMDenoiser:
         state, cfg = read_edm_pickle(path)
     else:
         state, cfg = load_state_dict(path), read_edm_config(path)
+    if cfg.unet.label_dim:
+        raise CheckpointError(f"{path} is a class-conditional EDM network ({cfg.unet.label_dim} labels); purification "
+                              "needs an unconditional one, e.g. edm-cifar10-32x32-uncond-vp.pkl")
     denoiser = EDMDenoiser(cfg)
     match_state_dict(denoiser, state, str(path))
     return denoiser.eval()

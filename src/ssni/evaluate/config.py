@@ -97,10 +97,22 @@ class ExperimentConfig:
         return asdict(self)
 
     def hash(self) -> str:
-        """sha256 of the canonical JSON of the resolved config (first 16 hex digits)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+        """sha256 of the canonical JSON of the resolved config (first 16 hex digits).
+
+        Settings that change how fast a run goes but not its per-sample results (device, batch
+        size, compile, stacked EOT draws; tested to agree) are left out, so a run can resume with
+        other values of them.
+        """
+        data = self.to_dict()
+        for key in SPEED_ONLY["evaluate"]:
+            data["evaluate"].pop(key)
+        for attack in data["attacks"]:
+            for key in SPEED_ONLY["attacks"]:
+                attack.pop(key)
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
+SPEED_ONLY = {"evaluate": ("device", "batch_size", "compile"), "attacks": ("eot_batch",)}
 CHOICES = {("purifier", "method"): ("none", "diffpure", "gdmp", "gns"),
            ("ssni", "reweight"): ("none", "sigmoid", "linear"),
            ("attacks", "name"): ("pgd", "bpda", "adaptive", "autoattack"),

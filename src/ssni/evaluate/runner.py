@@ -60,6 +60,24 @@ def to_device(cfg: ExperimentConfig, *models: nn.Module) -> tuple[nn.Module, ...
     return tuple(m.to(device=device, memory_format=fmt) for m in models)
 
 
+def prepare_model(cfg: ExperimentConfig, weights_dir: Path, out: Path | None = None) -> nn.Module:
+    """The configured model on its device: networks loaded, SSNI calibrated (saved into ``out``),
+    the diffusion network compiled if asked."""
+    unet, classifier = to_device(cfg, *load_models(cfg, weights_dir))
+    calibration = calibrate(cfg, unet, weights_dir) if cfg.ssni.reweight != "none" else None
+    if calibration is not None and out is not None:
+        calibration.save(out / "calibration.json")
+    if cfg.evaluate.compile:
+        unet = torch.compile(unet, dynamic=True)
+    return build_model(cfg, unet, classifier, calibration)
+
+
+def autocast(cfg: ExperimentConfig):
+    """bf16 autocast of the networks when ``evaluate.precision = "bf16"`` (a no-op context otherwise)."""
+    return torch.autocast(torch.device(cfg.evaluate.device).type, torch.bfloat16,
+                          enabled=cfg.evaluate.precision == "bf16")
+
+
 def shard_positions(n: int, rank: int, world: int) -> Tensor:
     return torch.arange(rank, n, world)
 
@@ -107,13 +125,7 @@ def evaluate(cfg: ExperimentConfig, out: Path, weights_dir: Path | None = None, 
     name = RESULTS if world == 1 else f"shard-{rank}-of-{world}.sqlite"
     store = Store(out / name, cfg.hash(), config_json)
     (out / "config.json").write_text(json.dumps({"hash": cfg.hash(), **cfg.to_dict()}, indent=2) + "\n")
-    unet, classifier = to_device(cfg, *load_models(cfg, weights_dir))
-    calibration = calibrate(cfg, unet, weights_dir) if cfg.ssni.reweight != "none" else None
-    if calibration is not None and rank == 0:
-        calibration.save(out / "calibration.json")
-    if cfg.evaluate.compile:
-        unet = torch.compile(unet, dynamic=True)
-    model = build_model(cfg, unet, classifier, calibration)
+    model = prepare_model(cfg, weights_dir, out if rank == 0 else None)
     attacks = [build_attack(a, model, cfg.evaluate.seed) for a in cfg.attacks]
     data = load_split(cfg.data.dataset, cfg.data.split, cfg.data.root).head(cfg.data.n)
     data = data.subset(shard_positions(len(data), rank, world))
@@ -126,8 +138,7 @@ def evaluate(cfg: ExperimentConfig, out: Path, weights_dir: Path | None = None, 
     for b in range(0, len(todo), bs):
         idx = todo[b:b + bs]
         x, y = data.images[idx].to(cfg.evaluate.device), data.labels[idx].to(cfg.evaluate.device)
-        with torch.autocast(torch.device(cfg.evaluate.device).type, torch.bfloat16,
-                            enabled=cfg.evaluate.precision == "bf16"):
+        with autocast(cfg):
             store.add(*run_batch(cfg, model, attacks, x, y, data.ids[idx]))
         bar.update(len(idx))
     bar.close()
@@ -161,10 +172,7 @@ def run_sanity(cfg: ExperimentConfig, weights_dir: Path | None = None, n: int = 
     from ..attacks.checks import defense_checks, sanity_checks
     from ..attacks.pgd import PGD
 
-    weights_dir = Path(weights_dir or default_weights_dir())
-    unet, classifier = to_device(cfg, *load_models(cfg, weights_dir))
-    calibration = calibrate(cfg, unet, weights_dir) if cfg.ssni.reweight != "none" else None
-    model = build_model(cfg, unet, classifier, calibration)
+    model = prepare_model(cfg, Path(weights_dir or default_weights_dir()))
     data = load_split(cfg.data.dataset, cfg.data.split, cfg.data.root).head(min(n, cfg.data.n))
     attack = next((build_attack(a, model, cfg.evaluate.seed)[0] for a in cfg.attacks if a.name in ("pgd", "adaptive")),
                   None)
