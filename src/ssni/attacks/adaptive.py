@@ -13,7 +13,8 @@ input's score norm looks clean the attack spends its steps on the
 cross-entropy alone. ``w = 1`` weighs one clean standard deviation like one nat.
 Measured on the MNIST demo (first 40 test images, DiffPure + SSNI-N, 10 steps,
 EOT 2): PGD leaves 35% robust; this attack with ``w = 1`` leaves 87.5% (a plain
-``- w (e - mu) / tau`` term: 85%). On MNIST, lowering the score norm and fooling
+``- w (e - mu) / tau`` term: 85%). The score term uses the same draw of the randomness as the
+defense's forward pass (re-measured after that change: 87.5% again). On MNIST, lowering the score norm and fooling
 the classifier pull against each other, and with sign steps the score-norm
 gradient wins. Run it *with* PGD in one cascade (the runner keeps the worst case
 per sample) and tune ``w``; see the issue notes. The gradient flows exactly through the score network, the
