@@ -118,9 +118,7 @@ class _EDMUnpickler(pickle.Unpickler):
 
 
 def _module_state(node: Any) -> dict:
-    if isinstance(node, PersistentRecord):
-        return node.state
-    if isinstance(node, _PlainModule):
+    if isinstance(node, (PersistentRecord, _PlainModule)):
         return node.state
     raise CheckpointError(f"expected a network module in the EDM pickle, found {type(node).__name__}")
 

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 from ..checkpoints.io import match_state_dict
 from ..dictconfig import DictConfig
 from ..errors import CheckpointError, ConfigError
-from .protocol import EDMAdapter
 
 PRECONDITIONINGS = ("vp", "ve", "edm")
 
@@ -331,11 +330,6 @@ class EDMDenoiser(nn.Module):
         return c_skip * x + c_out * self.model(c_in * x, c_noise.flatten(), class_labels)
 
 
-def edm_eps_model(denoiser: EDMDenoiser) -> EDMAdapter:
-    """The eps-protocol view of an EDM denoiser (on the DDPM schedule)."""
-    return EDMAdapter(denoiser)
-
-
 def load_edm(path: str | Path, allow_pickle: bool = False) -> EDMDenoiser:
     """Load an EDM denoiser from a file ``ssni convert`` wrote, or from the original ``.pkl``.
 
@@ -374,5 +368,5 @@ def read_edm_config(path: Path) -> EDMConfig:
     return EDMConfig.from_dict(json.loads(meta["edm_config"]))
 
 
-__all__ = ["EDMConfig", "EDMDenoiser", "PRECONDITIONINGS", "SongUNet", "SongUNetConfig", "edm_eps_model",
-           "load_edm", "read_edm_config"]
+__all__ = ["EDMConfig", "EDMDenoiser", "PRECONDITIONINGS", "SongUNet", "SongUNetConfig", "load_edm",
+           "read_edm_config"]
