@@ -24,6 +24,8 @@ class DataConfig:
     split: str = "test"
     n: int = 200
     root: str | None = None  # cifar10: the cifar-10-batches-py folder; imagenet: folder with val/<class>/
+    subset: str = "first"  # first: the split's first n images; paper: the reference code's seeded random draw
+    subset_seed: int = 0  # paper: numpy RandomState seed of the draw (the reference code uses 0)
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,9 @@ class SSNIConfig:
     tau: float | None = None
     reference_compat: bool = False
     calibration_size: int = 1000
+    calibration_seed: int = 0  # fixed, shared by every evaluate.seed (the authors use one reference file)
+    calibration_split: str = "train"  # train | val (held-out clean images the diffusion model never saw)
+    calibration_file: str | None = None  # JSON written by Calibration.save: used when its meta matches, else written
     differentiable: bool = True
 
 
@@ -71,6 +76,8 @@ class AttackConfig:
     random_start: bool = False
     sign_step: bool = False  # l_2 with sign steps, as the paper's code does
     score_weight: float = 1.0  # adaptive: weight of the score-norm term
+    gradient: str = "exact"  # exact | surrogate (the paper's attack: shorter reverse chain) | bpda
+    surrogate_steps: int = 20  # surrogate: reverse steps per round of the chain the attack differentiates
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,9 @@ CHOICES = {("purifier", "method"): ("none", "diffpure", "gdmp", "gns"),
            ("ssni", "reweight"): ("none", "sigmoid", "linear"),
            ("attacks", "name"): ("pgd", "bpda", "adaptive", "autoattack"),
            ("attacks", "norm"): ("linf", "l2"),
+           ("attacks", "gradient"): ("exact", "surrogate", "bpda"),
+           ("ssni", "calibration_split"): ("train", "val"),
+           ("data", "subset"): ("first", "paper"),
            ("evaluate", "rescore"): ("single", "worst", "majority"),
            ("evaluate", "precision"): ("fp32", "bf16")}
 SECTIONS = {"data": DataConfig, "models": ModelsConfig, "purifier": PurifierConfig, "ssni": SSNIConfig,
