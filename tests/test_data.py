@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ssni.data import load_cifar10_batch, load_idx_pair, load_image_folder, load_mnist5k, load_split, split_indices
+from ssni.data import (ImageSet, load_cifar10_batch, load_idx_pair, load_image_folder, load_mnist5k, load_split,
+                       order_subset, paper_order, split_indices)
 from ssni.errors import InputError
 
 
@@ -92,3 +93,36 @@ def test_image_folder_resizes_crops_and_rejects_bad_files(tmp_path):
     (tmp_path / "dog" / "broken.jpg").write_bytes(b"not an image")
     with pytest.raises(InputError, match="not a readable image"):
         load_image_folder(tmp_path, size=16)
+
+
+# Golden: the reference loaders' own call, np.random.RandomState(0).choice(len(dataset), n, replace=False),
+# run in a scratch script outside the repo (numpy 2.4.6). Same call and seed in JiachengZ01/SSNI
+# load_data.py (66f2363c19d9c79c979746f3b1c24bacf7259f21; CIFAR-10 n = 512, ImageNet n = 128 in main.py),
+# NVlabs/DiffPure data/datasets.py (985703facc13da38d84bcaf52b3bc5b2ef9906f1) and
+# ml-postech/robust-evaluation-of-diffusion-based-purification load_data.py (3b98b01d; n = 512 for both).
+PAPER_CIFAR10_FIRST10 = [9394, 898, 2398, 5906, 2343, 8225, 5506, 6451, 2670, 3497]  # n = 512 of 10,000
+PAPER_CIFAR10_512_LAST, PAPER_CIFAR10_512_SUM = 4539, 2536570
+PAPER_IMAGENET_FIRST10 = [11841, 19602, 45519, 25747, 42642, 31902, 30346, 12363, 32490, 26128]  # 128 of 50,000
+
+
+def test_paper_order_reproduces_the_reference_subsets():
+    cifar = paper_order(10000)[:512]
+    assert cifar[:10].tolist() == PAPER_CIFAR10_FIRST10
+    assert int(cifar[-1]) == PAPER_CIFAR10_512_LAST and int(cifar.sum()) == PAPER_CIFAR10_512_SUM
+    assert len(torch.unique(cifar)) == 512
+    assert paper_order(50000)[:10].tolist() == PAPER_IMAGENET_FIRST10
+    assert paper_order(10000, seed=1)[:10].tolist() != PAPER_CIFAR10_FIRST10
+
+
+def test_paper_subset_keeps_ids_and_every_head_is_the_reference_draw():
+    n = 10000
+    test_set = ImageSet(torch.arange(n).float().reshape(n, 1, 1, 1), torch.arange(n) % 10, torch.arange(n), "t")
+    paper = order_subset(test_set, "paper").head(512)
+    assert paper.ids[:10].tolist() == PAPER_CIFAR10_FIRST10
+    assert paper.images.flatten()[:10].tolist() == PAPER_CIFAR10_FIRST10  # images follow their ids
+    assert order_subset(test_set, "paper").head(8).ids.tolist() == PAPER_CIFAR10_FIRST10[:8]
+    assert order_subset(test_set, "first").head(3).ids.tolist() == [0, 1, 2]
+    with pytest.raises(InputError, match="subset"):
+        order_subset(test_set, "random")
+    mnist = load_split("mnist-5k", "test", subset="paper").head(5)
+    assert len(mnist) == 5 and mnist.name == "mnist-5k/test"

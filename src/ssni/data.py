@@ -212,8 +212,9 @@ def load_foolbox_samples(dataset: str = "cifar10") -> ImageSet:
 def load_cifar10(root: Path, part: str) -> ImageSet:
     """CIFAR-10 from its python batches in ``root`` (``cifar-10-batches-py``).
 
-    ``test`` is ``test_batch`` in file order (the paper's fixed subsets are its first
-    ``n`` images); ``train`` is ``data_batch_1..4`` and ``val`` is ``data_batch_5``.
+    ``test`` is ``test_batch`` in file order (ids are the test-set indices; the paper's 512 images
+    are ``load_split(..., subset="paper")``); ``train`` is ``data_batch_1..4`` and ``val`` is
+    ``data_batch_5``.
     """
     root = Path(root)
     names = {"test": ["test_batch"], "val": ["data_batch_5"],
@@ -227,8 +228,43 @@ def load_cifar10(root: Path, part: str) -> ImageSet:
     return ImageSet(images, labels, torch.arange(len(labels)), f"cifar10/{part}")
 
 
-def load_split(dataset: str, part: str, root: Path | None = None) -> ImageSet:
-    """A named dataset's ``train`` / ``val`` / ``test`` part (``root`` for cifar10 and imagenet)."""
+SUBSETS = ("first", "paper")
+PAPER_SUBSET = {"cifar10": 512, "imagenet": 128}  # images the SSNI authors evaluate (CIFAR-10 test, ImageNet val)
+
+
+def paper_order(size: int, seed: int = 0) -> Tensor:
+    """Order of a split's images in which the reference evaluations draw them.
+
+    The SSNI, DiffPure and Lee & Kim evaluation code take ``n`` images of the test set with
+    numpy's legacy generator: ``RandomState(seed).choice(size, n, replace=False)`` with
+    ``seed = 0`` (CIFAR-10: ``n = 512`` of 10,000 test images; SSNI on ImageNet: ``n = 128``
+    of the 50,000 validation images in sorted-folder order). Without replacement that draw is the
+    first ``n`` entries of the seeded permutation of ``0..size-1``, so returning the whole
+    permutation makes every ``head(n)`` the reference subset for that ``n``. The legacy
+    ``RandomState`` stream is frozen by numpy's compatibility policy (NEP 19), so the indices
+    do not depend on the machine or the numpy version.
+    """
+    return torch.from_numpy(np.random.RandomState(seed).permutation(size).astype(np.int64))
+
+
+def order_subset(images: ImageSet, subset: str = "first", seed: int = 0) -> ImageSet:
+    """``first``: file order; ``paper``: the reference draw (:func:`paper_order`); ids are kept."""
+    if subset not in SUBSETS:
+        raise InputError(f"unknown subset {subset!r}; choose one of {list(SUBSETS)}")
+    return images if subset == "first" else images.subset(paper_order(len(images), seed), images.name)
+
+
+def load_split(dataset: str, part: str, root: Path | None = None, subset: str = "first",
+               subset_seed: int = 0) -> ImageSet:
+    """A named dataset's ``train`` / ``val`` / ``test`` part (``root`` for cifar10 and imagenet).
+
+    ``subset`` orders the images (:func:`order_subset`): ``head(n)`` then takes the first ``n``
+    of the file (``"first"``) or the reference code's random draw of ``n`` (``"paper"``).
+    """
+    return order_subset(_load_part(dataset, part, root), subset, subset_seed)
+
+
+def _load_part(dataset: str, part: str, root: Path | None) -> ImageSet:
     if part not in SPLIT_FRACTIONS:
         raise InputError(f"unknown split {part!r}; choose one of {sorted(SPLIT_FRACTIONS)}")
     if dataset in ("cifar10", "imagenet") and root is None:

@@ -2,8 +2,9 @@
 
 ``BPDA(defense)`` is a module with the defense's forward value whose input
 gradient skips the purifier (and SSNI): ``classifier(x + (purify(x) - x).detach())``.
-Wrap it in PGD with ``eot > 1`` for BPDA+EOT. It is a gradient estimator, not an
-attack of its own.
+Wrap it in PGD with ``eot > 1`` for BPDA+EOT (or set ``gradient = "bpda"`` on an attack,
+:mod:`ssni.attacks.gradient_modes`). It is a gradient estimator, not an attack of its own.
+It shares the defense's draw counter, so its draws are the defense's draws.
 """
 
 from __future__ import annotations
@@ -21,10 +22,15 @@ class BPDA(nn.Module):
         super().__init__()
         self.defense = defense
 
-    def forward(self, x: Tensor, sample_ids: Tensor | None = None) -> Tensor:
-        """One draw per call (EOT draws are not stacked through BPDA: ``eot_batch`` has no effect)."""
+    def reserve_draws(self, count: int) -> int:
+        """Draws come from the defense's counter (PGD stacks ``eot_batch`` of them per pass)."""
+        return self.defense.reserve_draws(count)
+
+    def forward(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | Tensor | None = None) -> Tensor:
+        """Logits averaged over votes; ``draw`` as in :meth:`ssni.defense.Defense.forward`."""
         d = self.defense
-        draw = d.reserve_draws(1)
+        if draw is None:
+            draw = d.reserve_draws(1)
         logits = []
         for vote in range(d.votes):
             with torch.no_grad():

@@ -1,0 +1,120 @@
+"""Which model an attack differentiates: the defense itself, a shorter surrogate chain, or BPDA.
+
+The forward value an attack sees is always its target's logits; the defense that is scored
+afterwards is always the full one. The modes:
+
+- ``exact``: the defense itself (every reverse step, the forward jump, and with SSNI the score
+  norm and the relaxed levels; :mod:`ssni.defense`).
+- ``surrogate``: the paper's attack (SSNI authors' and Lee & Kim's code). The attack
+  differentiates a copy of the defense whose purifier walks ``steps`` reverse steps per round
+  from the same levels, with the same network, classifier, seed and votes, and whose SSNI
+  levels are constants: the score norm and ``t(x)`` are recomputed without gradient on every
+  call. On CIFAR-10 DiffPure (``t* = 100``, 100 steps) the authors attack through 20 steps:
+  the grid ``100, 95, ..., 5, 0`` (:func:`ssni.purifiers.schedule.common_grid`).
+- ``bpda``: the defense runs forward, its backward pass is the identity
+  (:class:`ssni.attacks.bpda.BPDA`).
+
+Randomness of the surrogate: it shares the defense's draw counter and per-sample streams, so
+draw ``k`` of sample ``i`` uses the same score-norm noise (hence the same levels), the same
+forward-jump noise and, for every reverse step that leaves a level both grids visit, the same
+step noise as the defense's draw ``k``. The authors' code draws all of these afresh from the
+global generator, and computes the score norm once per PGD iteration for all EOT samples;
+ours recomputes it per draw (with the draw's own noise), which keeps draws independent and
+results per-sample reproducible. Known differences: SSNI-N's ``reference_compat`` adds ``b``
+reverse steps to the surrogate as to the defense (the authors' attack chain has exactly
+``steps``), and GNS's reference surrogate merges its rounds (``30, 50, 125`` at ``1, 1, 5``
+steps), which a per-round step count cannot express.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..defense import SSNI, Defense
+from ..errors import ConfigError
+from .bpda import BPDA
+
+GRADIENT_MODES = ("exact", "surrogate", "bpda")
+COSINE_DRAW = 9_000_000  # draws of the gradient-fidelity measurement, apart from evaluation draws
+
+
+class SurrogateDefense(Defense):
+    """``defense`` with ``steps`` reverse steps per round and levels computed without gradient.
+
+    Shares every network and the draw counter with ``defense`` (see the module docstring).
+    """
+
+    def __init__(self, defense: Defense, steps: int):
+        if steps < 1:
+            raise ConfigError(f"surrogate_steps must be >= 1, found {steps}")
+        ssni = None
+        if defense.ssni is not None:
+            s = defense.ssni
+            ssni = SSNI(s.score_model, s.reweight, s.schedule, n_levels=s.n_levels, differentiable=False)
+        super().__init__(defense.classifier, replace(defense.purifier, steps=steps), ssni,
+                         seed=defense.seed, votes=defense.votes, resolution=defense.resolution)
+        self._parent = (defense,)  # a tuple: not registered as a submodule (no double .to/.eval walk)
+        self.train(defense.training)
+
+    def reserve_draws(self, count: int) -> int:
+        """Draws come from the defense's counter, so a run's draw numbers do not depend on the mode."""
+        return self._parent[0].reserve_draws(count)
+
+
+def gradient_target(model: nn.Module, mode: str = "exact", surrogate_steps: int = 20) -> nn.Module:
+    """The model whose input gradient an attack in gradient ``mode`` follows."""
+    if mode not in GRADIENT_MODES:
+        raise ConfigError(f"unknown gradient mode {mode!r}; choose one of {list(GRADIENT_MODES)}")
+    if mode == "exact":
+        return model
+    if not isinstance(model, Defense):
+        raise ConfigError(f"gradient = {mode!r} needs a purifier; [purifier] method is 'none' "
+                          "(use gradient = 'exact')")
+    return BPDA(model) if mode == "bpda" else SurrogateDefense(model, surrogate_steps)
+
+
+def eot_gradient(target: nn.Module, x: Tensor, y: Tensor, ids: Tensor, draws: range) -> Tensor:
+    """Mean over ``draws`` of the input gradient of the summed cross-entropy, one fixed draw each."""
+    total = torch.zeros_like(x)
+    for draw in draws:
+        x_var = x.detach().requires_grad_(True)
+        loss = F.cross_entropy(target(x_var, sample_ids=ids, draw=draw), y, reduction="sum")
+        total += torch.autograd.grad(loss, x_var)[0]
+    return total / len(draws)
+
+
+def gradient_cosines(model: Defense, x: Tensor, y: Tensor, ids: Tensor,
+                     modes: tuple[str, ...] = ("exact", "surrogate", "bpda"), eot: int = 4,
+                     surrogate_steps: int = 20) -> dict[str, dict[str, float]]:
+    """Per mode, the cosine similarity of its EOT gradient to the exact EOT gradient.
+
+    Every mode uses the same ``eot`` draws as the exact reference (draws ``COSINE_DRAW ...``),
+    except ``exact`` itself, which is re-estimated on ``eot`` other draws: its cosine is the
+    agreement two independent exact estimates reach with this ``eot``, the ceiling a surrogate
+    can be judged against. Cosines are per sample over all pixels; returns
+    ``{mode: {"mean", "min", "eot", "n"}}``.
+    """
+    if not isinstance(model, Defense):
+        raise ConfigError("gradient cosines need a Defense (a purifier is configured)")
+    reference_draws = range(COSINE_DRAW, COSINE_DRAW + eot)
+    reference = eot_gradient(model, x, y, ids, reference_draws).flatten(1)
+    out = {}
+    for mode in modes:
+        draws = range(COSINE_DRAW + eot, COSINE_DRAW + 2 * eot) if mode == "exact" else reference_draws
+        grad = eot_gradient(gradient_target(model, mode, surrogate_steps), x, y, ids, draws).flatten(1)
+        cos = F.cosine_similarity(grad, reference, dim=1, eps=1e-20)
+        out[mode] = {"mean": float(cos.mean()), "min": float(cos.min()), "eot": eot, "n": x.shape[0]}
+    return out
+
+
+def cosine_checks(cosines: dict[str, dict[str, float]], surrogate_steps: int) -> list[dict]:
+    """Sanity-report entries (``check``/``passed``/``detail``) for :func:`gradient_cosines`; informative."""
+    return [{"check": f"gradient cosine to exact: {mode}" + (f" ({surrogate_steps} steps)" if mode == "surrogate"
+                                                            else " (independent draws)" if mode == "exact" else ""),
+             "passed": True, "detail": f"mean {c['mean']:.3f}, min {c['min']:.3f} over {c['n']} samples, "
+                                       f"EOT {c['eot']}", **c}
+            for mode, c in cosines.items()]
