@@ -13,10 +13,13 @@ training images. Levels are clipped to ``1..T_max`` (the authors clip the
 samples of its batch: SSNI-L clips the fraction to ``[0, 1]`` with the
 reference range only.
 
-``reference_compat=True`` reproduces the authors' code: SSNI-L takes ``e_min``
-and ``e_max`` over the reference set *and the current batch*, and starts its
-reverse grid ``b`` levels above the injected level; SSNI-N runs ``steps + b``
-reverse steps. Those grid quirks are reported by :meth:`Reweight.reverse_plan`.
+``reference_compat=True`` reproduces the authors' code (``JiachengZ01/SSNI``,
+``purifier_clf_models/robust_eval_model.py``): SSNI-L takes ``e_min`` and ``e_max``
+over the reference set *and the current batch*, and shifts its whole common-length
+grid up by ``b`` before the final jump to 0 (injected at level ``t``, it walks
+``ceil(k t / n) + b`` for ``k = n..1``, then 0; at ``t = 20``, ``n = 20``, ``b = 5``:
+``25, 24, ..., 7, 6, 0``); SSNI-N runs ``steps + b`` reverse steps. Those grid quirks
+are reported by :meth:`Reweight.reverse_plan`.
 
 Default ``tau``: the standard deviation of clean training score norms. The
 authors' value could not be read; with ``tau = std``, a clean sample one
@@ -91,7 +94,11 @@ class Reweight:
         return relaxed.detach().round().clamp(1, max_level).long(), relaxed
 
     def reverse_plan(self, t: Tensor) -> tuple[Tensor, int]:
-        """``(level each reverse grid starts from [B], extra reverse steps)``; ``(t, 0)`` by default."""
+        """``(level each reverse grid starts from [B], extra reverse steps)``; ``(t, 0)`` by default.
+
+        A start above ``t`` shifts the sample's level-``t`` grid up by ``start - t`` (the last
+        step still lands on 0); see :meth:`ssni.purifiers.Purifier.purify`.
+        """
         return t, 0
 
 
@@ -130,6 +137,7 @@ class LinearReweight(Reweight):
         return fraction * (t_star - 1) + self.bias
 
     def reverse_plan(self, t: Tensor) -> tuple[Tensor, int]:
+        # The authors' grid is the level-t grid shifted up by b, then 0 (not a new grid from t + b).
         return (t + self.bias, 0) if self.reference_compat else (t, 0)
 
 

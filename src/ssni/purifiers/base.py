@@ -20,9 +20,12 @@ from ..diffusion import VPSchedule, broadcast_to, forward_jump, to_image_scale, 
 from ..errors import ConfigError, InputError
 from ..rng import SampleNoise
 from ..validation import check_images
+from .sde import sde_step
 from .schedule import common_grid, run_common_length, run_join_when_due, unique_grid
 
 Scheduler = Literal["join", "common"]
+Solver = Literal["ddpm", "sde"]
+SOLVERS = ("ddpm", "sde")
 
 
 @dataclass
@@ -34,7 +37,11 @@ class Purifier:
         schedule: its VP schedule.
         steps: reverse grid length ``n`` per round (``None``: unit steps, full DDPM).
         clip_x0: clip ``x0_hat`` to ``[-1, 1]`` in every step (as guided-diffusion's
-            ``clip_denoised``); keeps short chains stable.
+            ``clip_denoised``) and re-derive ``eps_hat`` from the clipped ``x0_hat``, so the
+            step mean is the posterior mean of the clipped estimate. Off by default: neither
+            the SSNI authors' DiffPure nor Lee & Kim's GNS clips; GDMP does.
+        solver: ``"ddpm"`` (generalised DDPM/DDIM step) or ``"sde"`` (Euler-Maruyama step of
+            the reverse VP-SDE, DiffPure's own solver; see :mod:`.sde`).
         scheduler: ``"join"`` (skip repeated levels, cost ``sum_i min(n, t_i)``) or
             ``"common"`` (the authors' ``B * n`` scheme; same output, for reference).
         checkpoint: activation checkpointing over reverse steps when gradients are on.
@@ -44,7 +51,8 @@ class Purifier:
     model: EpsModel
     schedule: VPSchedule = VPSchedule()
     steps: int | None = None
-    clip_x0: bool = True
+    clip_x0: bool = False
+    solver: Solver = "ddpm"
     scheduler: Scheduler = "join"
     checkpoint: bool = False
     eta: float = 1.0
@@ -55,11 +63,24 @@ class Purifier:
         raise NotImplementedError
 
     def reverse_step(self, x_a: Tensor, a: Tensor, c: Tensor, idx: Tensor, *, noise: SampleNoise,
-                     round_: int, x_in: Tensor) -> Tensor:
-        """One reverse step of rows ``idx`` from levels ``a`` to ``c`` (unguided by default)."""
+                     round_: int, x_orig: Tensor) -> Tensor:
+        """One reverse step of rows ``idx`` from levels ``a`` to ``c`` (unguided by default).
+
+        ``x_orig`` is the purifier's input in model scale (GDMP's guidance target).
+        """
         # Each sample's noise for the step leaving level a is its own, keyed by (round, a).
         z = noise.subset(idx).randn_levels(("reverse", round_), a, x_a)
+        if self.solver == "sde":
+            return sde_step(self.model, self.schedule, x_a, a, c, z)
         return self.denoise_step(x_a, a, c, z, self.eta)[0]
+
+    def jump_levels(self, t: Tensor) -> Tensor:
+        """Levels ``[B]`` the forward jump reaches for grids that start at ``t`` (``t`` itself)."""
+        return t
+
+    def check_solver(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ConfigError(f"unknown purifier solver {self.solver!r}; choose one of {list(SOLVERS)}")
 
     def default_levels(self, batch: int) -> Tensor:
         """``[R, B]`` levels of the base method (every sample at ``t*``)."""
@@ -75,8 +96,10 @@ class Purifier:
             noise: per-sample noise streams (:class:`ssni.rng.SampleNoise`).
             t_relaxed: real-valued levels shaped like ``t`` that carry a gradient into the
                 forward jump (straight-through; see :func:`ssni.diffusion.forward_jump`).
-            start: levels the reverse grids start from, shaped like ``t`` (default ``t``;
-                SSNI-L's ``reference_compat`` starts ``b`` levels higher).
+            start: levels the reverse grids start from, shaped like ``t`` (default ``t``). A
+                sample's grid is its level-``t`` grid shifted up by ``start - t``, then a jump to
+                0: SSNI-L's ``reference_compat`` (``start = t + b``; at ``t = 20``, ``b = 5``,
+                unit steps: ``25, 24, ..., 6, 0``).
             extra_steps: added to ``steps`` (SSNI-N's ``reference_compat`` uses ``steps + b``).
             width: most rows per network call; a larger batch is purified by continuous
                 batching (a finished sample's row goes to the next one), which keeps calls full.
@@ -93,14 +116,15 @@ class Purifier:
             raise InputError("width applies to the join scheduler only")
         run = partial(run_join_when_due, width=width) if self.scheduler == "join" else run_common_length
         grid_fn = unique_grid if self.scheduler == "join" else common_grid
-        x_model = to_model_scale(x)
+        x_orig = x_model = to_model_scale(x)
         for r in range(t.shape[0]):
             eps = noise.randn(("forward", r), x_model)
-            x_t = forward_jump(self.schedule, x_model, t[r], eps, None if t_relaxed is None else t_relaxed[r])
+            x_t = forward_jump(self.schedule, x_model, self.jump_levels(t[r]), eps,
+                               None if t_relaxed is None else t_relaxed[r])
             # Unit steps on the common-length scheme: one grid of the longest chain's length.
-            n_r = int(start[r].max()) if n is None and self.scheduler == "common" else n
-            grids = [grid_fn(int(s), n_r) for s in start[r].tolist()]
-            step = partial(self.reverse_step, noise=noise, round_=r, x_in=x_model)
+            n_r = int(t[r].max()) if n is None and self.scheduler == "common" else n
+            grids = [shifted_grid(grid_fn(ti, n_r), si - ti) for ti, si in zip(t[r].tolist(), start[r].tolist())]
+            step = partial(self.reverse_step, noise=noise, round_=r, x_orig=x_orig)
             x_model = run(x_t, grids, step, self.checkpoint)
         untouched = broadcast_to((t == 0).all(0), x).bool()
         return torch.where(untouched, x, to_image_scale(x_model))
@@ -127,13 +151,21 @@ class Purifier:
         """
         eps_hat = self.model(x_a, a)
         x0_hat = eps_to_x0(self.schedule, x_a, a, eps_hat)
-        if self.clip_x0:
-            x0_hat = x0_hat.clamp(-1, 1)
         abar_a = broadcast_to(self.schedule.abar(a, like=x_a), x_a)
+        if self.clip_x0:  # eps_hat consistent with the clipped x0_hat: the mean is q(x_c | x_a, x0_hat)'s
+            x0_hat = x0_hat.clamp(-1, 1)
+            eps_hat = (x_a - abar_a.sqrt() * x0_hat) / (1 - abar_a).sqrt()
         abar_c = broadcast_to(self.schedule.abar(c, like=x_a), x_a)
         c1 = eta * ((1 - abar_a / abar_c) * (1 - abar_c) / (1 - abar_a)).clamp_min(0).sqrt()
         c2 = (1 - abar_c - c1**2).clamp_min(0).sqrt()
         return abar_c.sqrt() * x0_hat + c1 * z + c2 * eps_hat, c1
+
+
+def shifted_grid(grid: list[int], shift: int) -> list[int]:
+    """``grid`` (descending, ending at 0) with every level but the final 0 raised by ``shift``."""
+    if shift == 0 or grid[0] == 0:  # no chain (t = 0) stays no chain
+        return grid
+    return [g + shift for g in grid[:-1]] + [0]
 
 
 def check_positive_levels(name: str, levels: tuple[int, ...], schedule: VPSchedule) -> None:

@@ -19,6 +19,7 @@ class DiffPure(Purifier):
     steps: int | None = 100
 
     def __post_init__(self):
+        self.check_solver()
         check_positive_levels("DiffPure", (self.t_star,), self.schedule)
 
     @property

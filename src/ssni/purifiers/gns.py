@@ -18,6 +18,7 @@ class GNS(Purifier):
     steps: int | None = None
 
     def __post_init__(self):
+        self.check_solver()
         self.levels = tuple(self.levels)
         check_positive_levels("GNS", self.levels, self.schedule)
 
