@@ -10,10 +10,10 @@ from torch import nn
 from ..attacks import PGD, ThreatModel
 from ..attacks.adaptive import AdaptivePGD
 from ..attacks.autoattack import AutoAttackRand
-from ..attacks.bpda import BPDA
+from ..attacks.gradient_modes import gradient_target
 from ..checkpoints.public import PUBLIC, load_public
 from ..checkpoints.registry import load_manifest, load_named
-from ..data import load_split
+from ..data import ImageSet, load_split
 from ..defense import SSNI, Defense, resize
 from ..diffusion import VPSchedule
 from ..errors import CheckpointError, ConfigError
@@ -58,19 +58,52 @@ def _load_one(name: str, manifest: dict, cfg: ExperimentConfig, weights_dir: Pat
     return load_public(name, weights_dir, cfg.models.allow_pickle)
 
 
+def load_eval_data(cfg: ExperimentConfig, n: int | None = None) -> ImageSet:
+    """The images a run evaluates: the first ``n`` (default ``data.n``) of ``data.split`` in the
+    ``data.subset`` order (``"paper"``: the reference code's seeded draw, :func:`ssni.data.paper_order`)."""
+    d = cfg.data
+    return load_split(d.dataset, d.split, d.root, d.subset, d.subset_seed).head(d.n if n is None else n)
+
+
 def calibrate(cfg: ExperimentConfig, unet: nn.Module, weights_dir: Path) -> Calibration:
-    """Reference statistics of clean training images; the shipped file is used when it matches."""
+    """Reference statistics of clean images (METHOD §3), one set shared by every evaluation seed.
+
+    The images (``ssni.calibration_size`` of the ``ssni.calibration_split`` part, drawn with
+    ``ssni.calibration_seed``) and their score-norm noise depend on ``calibration_seed`` only,
+    never on ``evaluate.seed``: seeds 121, 122, 123 share one calibration, as the authors share
+    one reference file. ``calibration_split = "val"`` calibrates on held-out clean images the
+    diffusion model was not trained on. A file whose settings match is used instead of
+    recomputing: ``ssni.calibration_file`` (written there when missing), else the shipped
+    ``<diffusion>.calibration.json`` of ``weights_dir``.
+    """
+    s = cfg.ssni
+    if s.calibration_split == cfg.data.split:
+        raise ConfigError(f"ssni.calibration_split = {s.calibration_split!r} is the evaluated split; "
+                          "calibrate on another part (train or val)")
     sha = load_manifest(weights_dir).get(cfg.models.diffusion, {}).get("sha256", cfg.models.diffusion)
-    meta = {"score_model_sha256": sha, "n_levels": cfg.ssni.n_levels, "n_images": cfg.ssni.calibration_size,
-            "split": f"{cfg.data.dataset}/train", "seed": cfg.evaluate.seed}
-    shipped = Path(weights_dir) / f"{cfg.models.diffusion}.calibration.json"
-    if shipped.is_file() and Calibration.load(shipped).meta == meta:
-        return Calibration.load(shipped)
-    train = load_split(cfg.data.dataset, "train", cfg.data.root)
-    gen = torch.Generator().manual_seed(cfg.evaluate.seed)
-    train = train.subset(torch.randperm(len(train), generator=gen)[:cfg.ssni.calibration_size])  # all classes
-    images = resize(train.images.to(device_of(unet)), cfg.purifier.resolution)
-    norms = dataset_score_norms(unet, VPSchedule(), images, train.ids, cfg.evaluate.seed, cfg.ssni.n_levels)
+    meta = {"score_model_sha256": sha, "n_levels": s.n_levels, "n_images": s.calibration_size,
+            "split": f"{cfg.data.dataset}/{s.calibration_split}", "seed": s.calibration_seed}
+    own = Path(s.calibration_file) if s.calibration_file else None
+    for path in (own, Path(weights_dir) / f"{cfg.models.diffusion}.calibration.json"):
+        if path is not None and path.is_file() and Calibration.load(path).meta == meta:
+            return Calibration.load(path)
+    if own is not None and own.exists():
+        raise ConfigError(f"{own} holds a calibration of other settings ({Calibration.load(own).meta}, expected "
+                          f"{meta}); delete it or set ssni.calibration_file to another path")
+    calibration = _fit_calibration(cfg, unet, meta)
+    if own is not None:
+        own.parent.mkdir(parents=True, exist_ok=True)
+        calibration.save(own)
+    return calibration
+
+
+def _fit_calibration(cfg: ExperimentConfig, unet: nn.Module, meta: dict) -> Calibration:
+    s = cfg.ssni
+    part = load_split(cfg.data.dataset, s.calibration_split, cfg.data.root)
+    gen = torch.Generator().manual_seed(s.calibration_seed)
+    part = part.subset(torch.randperm(len(part), generator=gen)[:s.calibration_size])  # all classes
+    images = resize(part.images.to(device_of(unet)), cfg.purifier.resolution)
+    norms = dataset_score_norms(unet, VPSchedule(), images, part.ids, s.calibration_seed, s.n_levels)
     return Calibration.fit(norms, **meta)
 
 
@@ -100,16 +133,21 @@ def device_of(module: nn.Module) -> torch.device:
 
 
 def build_attack(a: AttackConfig, model: nn.Module, seed: int) -> tuple[object, nn.Module]:
-    """``(attack, model the attack differentiates)``: BPDA wraps the defense, the rest see it whole."""
+    """``(attack, model the attack differentiates)``; ``a.gradient`` chooses the second
+    (:func:`ssni.attacks.gradient_modes.gradient_target`). ``name = "bpda"`` is PGD with
+    ``gradient = "bpda"``."""
     threat = ThreatModel(a.norm, a.eps)
     pgd = {"threat": threat, "steps": a.steps, "step_size": a.step_size, "eot": a.eot,
            "random_start": a.random_start, "sign_step": a.sign_step, "seed": seed, "eot_batch": a.eot_batch}
-    if a.name == "pgd":
-        return PGD(**pgd), model
+    mode = "bpda" if a.name == "bpda" else a.gradient
+    if (a.name == "bpda" and a.gradient not in ("exact", "bpda")) or (a.name == "adaptive" and mode == "bpda") \
+            or (a.name == "autoattack" and mode != "exact"):
+        raise ConfigError(f"attack {a.name!r} cannot take gradient = {a.gradient!r}; use pgd with "
+                          "gradient = 'exact' | 'surrogate' | 'bpda', adaptive with 'exact' | 'surrogate', "
+                          "autoattack with 'exact'")
+    if a.name == "autoattack":
+        return AutoAttackRand(threat, seed=seed), model
+    target = gradient_target(model, mode, a.surrogate_steps)
     if a.name == "adaptive":
-        return AdaptivePGD(**pgd, score_weight=a.score_weight), model
-    if a.name == "bpda":
-        if not isinstance(model, Defense):
-            raise ConfigError("BPDA needs a purifier; [purifier] method is 'none'")
-        return PGD(**pgd), BPDA(model)
-    return AutoAttackRand(threat, seed=seed), model
+        return AdaptivePGD(**pgd, score_weight=a.score_weight), target
+    return PGD(**pgd), target
