@@ -113,9 +113,12 @@ def build_model(cfg: ExperimentConfig, unet: nn.Module, classifier: nn.Module,
     p = cfg.purifier
     if p.method == "none":
         return classifier.eval()
-    common = {"steps": p.steps or None, "eta": p.eta, "checkpoint": p.checkpoint}
+    common = {"steps": p.steps or None, "eta": p.eta, "checkpoint": p.checkpoint, "solver": p.solver}
+    if p.clip_x0 is not None:  # None keeps each method's reference default
+        common["clip_x0"] = p.clip_x0
     purifier = {"diffpure": lambda: DiffPure(unet, t_star=p.t_star, **common),
-                "gdmp": lambda: GDMP(unet, t_star=p.t_star, rounds=p.rounds, guide_scale=p.guide_scale, **common),
+                "gdmp": lambda: GDMP(unet, t_star=p.t_star, rounds=p.rounds, guide_scale=p.guide_scale,
+                                     guide_batch=p.guide_batch, reference_compat=p.reference_compat, **common),
                 "gns": lambda: GNS(unet, levels=p.levels, **common)}[p.method]()
     ssni = None
     if cfg.ssni.reweight != "none":

@@ -45,6 +45,10 @@ class PurifierConfig:
     rounds: int = 4
     levels: tuple[int, ...] = (30, 30, 30, 30, 50, 50, 125, 125)
     guide_scale: float = 60000.0
+    guide_batch: int = 100  # GDMP: the reference's batch its MSE is averaged over (per-sample: scale / batch)
+    clip_x0: bool | None = None  # None: the method's reference default (DiffPure, GNS: off; GDMP: on)
+    solver: str = "ddpm"  # ddpm | sde (reverse VP-SDE, Euler-Maruyama: DiffPure's own; not for gdmp)
+    reference_compat: bool = False  # GDMP: the reference code's level-37 jump and beta step variance
     votes: int = 1
     checkpoint: bool = True
     resolution: int | None = None  # the diffusion model's size (ImageNet: 224 -> 256 -> 224)
