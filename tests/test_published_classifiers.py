@@ -13,7 +13,8 @@ from ssni.classifiers.resnet import (
     load_autoattack_resnet18, load_into, load_torchvision_resnet, torchvision_resnet,
 )
 from ssni.classifiers.wideresnet import (
-    DMWideResNet, DMWideResNetConfig, WideResNet, WideResNetConfig, load_dm_wideresnet, load_wideresnet,
+    CIFAR10_MEAN, CIFAR10_STD, DMWideResNet, DMWideResNetConfig, WideResNet, WideResNetConfig, load_dm_wideresnet,
+    load_paper_wrn_70_16, load_wideresnet, paper_wrn_70_16_config,
 )
 from ssni.errors import CheckpointError, ConfigError, InputError
 
@@ -21,6 +22,7 @@ torch.set_num_threads(1)
 
 TINY_WRN = WideResNetConfig(depth=10, widen_factor=1)
 TINY_DM = DMWideResNetConfig(depth=10, width=1)
+TINY_PAPER = WideResNetConfig(depth=10, widen_factor=1, drop_rate=0.3, mean=CIFAR10_MEAN, std=CIFAR10_STD)
 
 
 def n_params(module: torch.nn.Module) -> int:
@@ -46,6 +48,7 @@ def trained_like(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 @pytest.mark.parametrize("build, count", [
     (lambda: WideResNet(), 36_479_194),                      # RobustBench Standard, WRN-28-10
     (lambda: DMWideResNet(), 266_796_506),                   # Gowal2020Uncovering_70_16(_extra), ~266.8M
+    (lambda: WideResNet(paper_wrn_70_16_config()), 266_796_506),  # DiffPure/SSNI WideResNet_70_16_dropout
     (lambda: torchvision_resnet("resnet50"), 25_557_032),    # torchvision ResNet-50
     (lambda: torchvision_resnet("resnet18"), 11_689_512),    # torchvision ResNet-18
     (autoattack_resnet18, 11_173_962),                       # pyautoattack examples/model_test.pt
@@ -61,11 +64,16 @@ def test_full_size_keys_and_shapes_follow_published_layouts():
     assert wrn["block3.layer.3.conv2.weight"].shape == (640, 640, 3, 3)
     assert wrn["bn1.running_var"].shape == (640,) and wrn["fc.weight"].shape == (10, 640)
     dm = on_meta(DMWideResNet).state_dict()
-    assert len(dm) == 409 and dm["mean"].shape == dm["std"].shape == (3, 1, 1)
+    assert len(dm) == 407 and "mean" not in dm and "std" not in dm  # non-persistent, as in RobustBench
+    assert on_meta(DMWideResNet).mean.shape == (3, 1, 1)
     assert dm["init_conv.weight"].shape == (16, 3, 3, 3)
     assert dm["layer.0.block.0.shortcut.weight"].shape == (256, 16, 1, 1)
     assert dm["layer.2.block.10.batchnorm_1.weight"].shape == (1024,)
     assert dm["logits.weight"].shape == (10, 1024) and "layer.0.block.1.shortcut.weight" not in dm
+    paper = on_meta(lambda: WideResNet(paper_wrn_70_16_config())).state_dict()
+    assert len(paper) == 33 * 12 + 3 + 1 + 5 + 2 and "mean" not in paper  # blocks, shortcuts, conv1, bn1, fc
+    assert paper["block1.layer.0.convShortcut.weight"].shape == (256, 16, 1, 1)
+    assert paper["block3.layer.10.conv2.weight"].shape == (1024, 1024, 3, 3) and paper["fc.weight"].shape == (10, 1024)
     r50 = on_meta(lambda: torchvision_resnet("resnet50")).state_dict()
     assert len(r50) == 320 and "mean" not in r50
     assert r50["conv1.weight"].shape == (64, 3, 7, 7)
@@ -81,6 +89,7 @@ def test_full_size_keys_and_shapes_follow_published_layouts():
     (lambda: WideResNet(WideResNetConfig(10, 2, sub_block1=True)),
      lambda p: load_wideresnet(p, WideResNetConfig(10, 2, sub_block1=True))),
     (lambda: DMWideResNet(TINY_DM), lambda p: load_dm_wideresnet(p, TINY_DM)),
+    (lambda: WideResNet(TINY_PAPER), lambda p: load_paper_wrn_70_16(p, TINY_PAPER)),
     (lambda: torchvision_resnet("resnet18", 7), lambda p: load_torchvision_resnet(p, "resnet18", 7)),
     (autoattack_resnet18, load_autoattack_resnet18),
 ])
@@ -112,6 +121,34 @@ def test_training_checkpoint_packaging_is_unwrapped(tmp_path):
     torch.save({"state_dict": state, "epoch": 3}, path)
     x = torch.rand(2, 3, 32, 32)
     torch.testing.assert_close(load_dm_wideresnet(path, TINY_DM)(x), source(x), rtol=0, atol=0)
+
+
+def test_dm_wideresnet_file_with_mean_std_is_accepted_and_its_values_used(tmp_path):
+    """Older exports hold ``mean``/``std``; RobustBench's do not. Both load; the file's values win."""
+    source = trained_like(DMWideResNet(TINY_DM))
+    state = dict(source.state_dict(), mean=torch.full((3, 1, 1), 0.5), std=torch.full((3, 1, 1), 0.25))
+    path = tmp_path / "with_stats.pt"
+    torch.save(state, path)
+    loaded = load_dm_wideresnet(path, TINY_DM)
+    assert torch.equal(loaded.mean, torch.full((3, 1, 1), 0.5)) and torch.equal(loaded.std, torch.full((3, 1, 1), 0.25))
+    torch.save(dict(state, mean=torch.zeros(4)), path)
+    with pytest.raises(CheckpointError, match="'mean' has shape"):
+        load_dm_wideresnet(path, TINY_DM)
+
+
+def test_paper_wrn_normalises_inside_and_drops_out_only_in_training():
+    model = trained_like(WideResNet(TINY_PAPER))
+    plain = WideResNet(WideResNetConfig(depth=10, widen_factor=1))
+    plain.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    mean, std = torch.tensor(CIFAR10_MEAN).view(3, 1, 1), torch.tensor(CIFAR10_STD).view(3, 1, 1)
+    torch.testing.assert_close(model(x), plain.eval()((x - mean) / std))
+    model.train()
+    torch.manual_seed(0)
+    first = model(x)
+    assert not torch.allclose(first, model(x))  # dropout 0.3 draws anew in training mode
+    with pytest.raises(ConfigError, match="mean and std"):
+        WideResNetConfig(mean=CIFAR10_MEAN)
 
 
 def test_shape_mismatch_is_listed(tmp_path):

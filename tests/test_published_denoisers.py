@@ -83,7 +83,8 @@ def test_score_sde_full_size_matches_the_ddpmpp_deep_layout():
               "all_modules.13.NIN_0.W": (256, 256), "all_modules.13.NIN_3.b": (256,),
               "all_modules.89.weight": (128,), "all_modules.90.weight": (3, 128, 3, 3)}
     assert {k: tuple(state[k].shape) for k in shapes} == shapes
-    # no buffers: state-dict order is parameters() order, the order of the EMA shadow list
+    # the reference NCSNpp also has a 'sigmas' buffer (957 state entries, 956 parameters); ours has
+    # no buffers, and its parameters() order is the reference's, the order of the EMA shadow list
     assert list(state) == [name for name, _ in net.named_parameters()]
 
 
@@ -103,12 +104,16 @@ def test_guided_diffusion_state_dict_round_trip(tmp_path, updown):
 
 
 def _sde_checkpoint(path, config=TINY_SDE, shadow_transform=lambda ps: ps):
+    """A file in run_lib's layout: ``model`` = DataParallel state dict whose first entry is the
+    reference's ``sigmas`` buffer; ``ema.shadow_params`` = one tensor per parameter."""
     torch.manual_seed(0)
     raw = _perturbed(ScoreSDENet(config), 2)
     ema = _perturbed(ScoreSDENet(config), 3)
     optimizer = torch.optim.Adam(raw.parameters())
     shadow = [p.detach().clone() for p in ema.parameters()]
-    torch.save({"model": {f"module.{k}": v for k, v in raw.state_dict().items()},
+    sigmas = torch.exp(torch.linspace(math.log(50.0), math.log(0.01), 1000))
+    model = {"module.sigmas": sigmas, **{f"module.{k}": v for k, v in raw.state_dict().items()}}
+    torch.save({"model": model,
                 "ema": {"decay": 0.9999, "num_updates": 10, "shadow_params": shadow_transform(shadow)},
                 "optimizer": optimizer.state_dict(), "step": 8}, path)
     return raw, ema
@@ -124,10 +129,13 @@ def test_score_sde_checkpoint_round_trip_takes_ema_by_default(tmp_path):
         assert torch.equal(from_model(x, labels), raw(x, labels))
 
 
-def test_score_sde_plain_state_dict_is_accepted(tmp_path):
+@pytest.mark.parametrize("with_sigmas", [False, True])
+def test_score_sde_plain_state_dict_is_accepted(tmp_path, with_sigmas):
     torch.manual_seed(0)
     net = _perturbed(ScoreSDENet(TINY_SDE), 4)
-    torch.save(net.state_dict(), tmp_path / "plain.pt")
+    state = {"module.sigmas": torch.ones(1000), **{f"module.{k}": v for k, v in net.state_dict().items()}} \
+        if with_sigmas else net.state_dict()
+    torch.save(state, tmp_path / "plain.pt")
     x, _ = _inputs()
     with torch.no_grad():
         labels = torch.tensor([3.0, 700.0])

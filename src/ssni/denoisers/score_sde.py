@@ -10,8 +10,9 @@ time embedding, no FIR, no progressive growing, centered data in ``[-1, 1]``.
 The network keeps the original's single ``all_modules`` list, so its keys are
 ``all_modules.N.*`` exactly as published (less the ``module.`` prefix that
 ``DataParallel`` added). The published file is a training checkpoint
-``{'model', 'ema', 'optimizer', 'step'}``; the EMA weights are a bare list
-``ema['shadow_params']`` in ``model.parameters()`` order, and they are the ones
+``{'model', 'ema', 'optimizer', 'step'}``: ``model`` also holds the reference's
+``sigmas`` buffer (unused by DDPM++, dropped on load), and the EMA weights are a bare
+list ``ema['shadow_params']`` in ``model.parameters()`` order (no buffers), the ones
 DiffPure samples with. :func:`load_score_sde` loads either, with ``weights_only``.
 
 Noise conditioning (continuous VP-SDE, ``beta_min=0.1``, ``beta_max=20``): at time
@@ -304,6 +305,21 @@ def _strip_prefix(state: dict, prefix: str = "module.") -> dict:
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
 
 
+def _drop_sigmas(state: dict, source: str) -> dict:
+    """Remove the reference network's ``sigmas`` buffer from a state dict.
+
+    score_sde's ``NCSNpp`` registers a persistent buffer ``sigmas`` (the SMLD noise table
+    ``exp(linspace(log sigma_max, log sigma_min, num_scales))``, first in its state dict). In
+    the DDPM++ setting (positional embedding, no sigma scaling) the forward pass never
+    reads it, so it carries no weights: we accept it and leave it out.
+    """
+    sigmas = state.get("sigmas")
+    if sigmas is not None and not (isinstance(sigmas, Tensor) and sigmas.dim() == 1):
+        raise CheckpointError(f"{source}: 'sigmas' should be score_sde's 1-D noise table, "
+                              f"found {type(sigmas).__name__} {tuple(getattr(sigmas, 'shape', ()))}")
+    return {k: v for k, v in state.items() if k != "sigmas"}
+
+
 def _ema_state(checkpoint: dict, names: list[str], source: str) -> dict[str, Tensor]:
     """Pair the EMA ``shadow_params`` list with parameter ``names`` (in the same order)."""
     ema = checkpoint.get("ema")
@@ -322,28 +338,29 @@ def score_sde_state_dict(checkpoint: dict, net: nn.Module, weights: str = "ema",
     """Extract a state dict for ``net`` from a score_sde training checkpoint.
 
     Args:
-        checkpoint: the loaded file: ``{'model': {'module.<key>': ...}, 'ema': {'decay',
-            'num_updates', 'shadow_params': [...]}, 'optimizer', 'step'}``, or a plain state dict
-            (with or without the ``module.`` prefix), which is returned as it is.
+        checkpoint: the loaded file: ``{'model': {'module.sigmas', 'module.<key>': ...}, 'ema':
+            {'decay', 'num_updates', 'shadow_params': [...]}, 'optimizer', 'step'}``, or a plain
+            state dict (with or without the ``module.`` prefix and ``sigmas``).
         net: the network the weights are for (its parameter names give the EMA order).
         weights: ``"ema"`` (the averaged weights DiffPure uses) or ``"model"`` (raw).
         source: a name for error messages.
 
-    The EMA list is paired with the key order of the file's own ``'model'`` dict when it
-    has one (that order is the original ``parameters()`` order), else with ``net``'s.
+    The reference's ``ExponentialMovingAverage`` keeps one tensor per *parameter*, in
+    ``model.parameters()`` order; buffers (its ``sigmas``) have none. So the EMA list is
+    paired with ``net.named_parameters()`` (the same names in the same order as the
+    reference ``NCSNpp``; checked by the golden test), never with the file's ``'model'``
+    keys, which start with the ``sigmas`` buffer. ``sigmas`` is dropped (see :func:`_drop_sigmas`).
     """
     if weights not in ("ema", "model"):
         raise ConfigError(f"weights must be 'ema' or 'model', found {weights!r}")
     if "model" not in checkpoint and "ema" not in checkpoint:
-        return _strip_prefix(checkpoint)
-    model = checkpoint.get("model")
-    model = _strip_prefix(model) if isinstance(model, dict) else None
+        return _drop_sigmas(_strip_prefix(checkpoint), source)
     if weights == "model":
-        if model is None:
+        model = checkpoint.get("model")
+        if not isinstance(model, dict):
             raise CheckpointError(f"{source} has no 'model' state dict; use weights='ema'")
-        return model
-    names = list(model) if model else [n for n, p in net.named_parameters() if p.requires_grad]
-    return _ema_state(checkpoint, names, source)
+        return _drop_sigmas(_strip_prefix(model), source)
+    return _ema_state(checkpoint, [name for name, _ in net.named_parameters()], source)
 
 
 def load_score_sde(path: str | Path, config: ScoreSDEConfig = ScoreSDEConfig(), weights: str = "ema",
