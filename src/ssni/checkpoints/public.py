@@ -20,7 +20,8 @@ from torch import nn
 from ..classifiers.resnet import (autoattack_resnet18, find_autoattack_checkpoint, load_autoattack_resnet18,
                                   load_torchvision_resnet, torchvision_resnet)
 from ..classifiers.wideresnet import (DMWideResNet, DMWideResNetConfig, WideResNet, WideResNetConfig,
-                                      load_dm_wideresnet, load_wideresnet)
+                                      load_dm_wideresnet, load_paper_wrn_70_16, load_wideresnet,
+                                      paper_wrn_70_16_config)
 from ..denoisers.diffusers_unet import DiffusersEps, build_diffusers_unet, load_diffusers_unet
 from ..denoisers.edm import EDMDenoiser, load_edm
 from ..denoisers.guided_diffusion import (GuidedDiffusionConfig, GuidedDiffusionEps, GuidedDiffusionUNet,
@@ -79,10 +80,24 @@ PUBLIC: dict[str, PublicModel] = {
         "RobustBench model zoo: cifar10 / Linf / Standard", "MIT (RobustBench)",
         "RobustBench state dict (optionally under 'state_dict', 'module.' prefix)", 32,
         lambda path, pickle: load_wideresnet(path, allow_pickle=pickle), lambda: WideResNet(WideResNetConfig())),
+    # The paper's classifier: the *standard* (not adversarially trained) WRN-70-16 with dropout that
+    # DiffPure and the SSNI authors evaluate (their `WideResNet_70_16_dropout`, loaded from
+    # pretrained/cifar10/wrn-70-16-dropout/weights.pt with the 7-character `module.` prefix removed).
     "cifar10-wrn-70-16": PublicModel(
+        "classifier", "wrn-70-16-dropout/weights.pt", "~1.07 GB (266.8M parameters)",
+        "DiffPure README, 'wrn-70-16-dropout on CIFAR-10': https://drive.google.com/drive/folders/"
+        "1istqcnPNXJ-TQFdxRqNJuInzOtlYOG1b (keep the folder: <weights-dir>/wrn-70-16-dropout/weights.pt)",
+        "NVIDIA Source Code License for DiffPure (non-commercial research and evaluation)",
+        "state dict of the TRADES-style WideResNet (depth 70, widen 16, dropout 0.3), every key under "
+        "'module.'; CIFAR-10 mean/std applied inside, not stored", 32,
+        lambda path, pickle: load_paper_wrn_70_16(path, allow_pickle=pickle),
+        lambda: WideResNet(paper_wrn_70_16_config()),
+        alternatives=("wrn-70-16-dropout.pt",)),
+    "cifar10-wrn-70-16-gowal2020": PublicModel(
         "classifier", "Gowal2020Uncovering_70_16_extra.pt", "~1.07 GB (266.8M parameters)",
-        "RobustBench model zoo: cifar10 / Linf / Gowal2020Uncovering_70_16_extra", "see RobustBench entry",
-        "RobustBench DMWideResNet state dict (mean/std buffers inside)", 32,
+        "RobustBench model zoo: cifar10 / Linf / Gowal2020Uncovering_70_16_extra (adversarially trained; "
+        "`robustbench.utils.load_model` downloads it to models/cifar10/Linf/)", "see RobustBench entry",
+        "RobustBench DMWideResNet state dict (mean/std are non-persistent buffers, not in the file)", 32,
         lambda path, pickle: load_dm_wideresnet(path, allow_pickle=pickle),
         lambda: DMWideResNet(DMWideResNetConfig())),
     "imagenet-resnet50": PublicModel(
