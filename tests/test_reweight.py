@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -86,3 +88,28 @@ def test_calibration_errors(tmp_path):
         Calibration.load(tmp_path / "bad.json")
     with pytest.raises(ConfigError):
         make_reweight("cosine", CAL)
+
+
+def authors_linear_grid(t: int, n: int, b: int) -> list[int]:
+    """The SSNI code's SSNI-L reverse levels (1-based): its 0-based grid ``ceil(k t / n) - 1``
+    for ``k = n..1``, shifted by ``b``, then the final jump to level 0."""
+    return [math.ceil(k * t / n) + b for k in range(n, 0, -1)] + [0]
+
+
+@pytest.mark.parametrize("t, n", [(20, 20), (20, 10), (3, 5), (37, 10)])
+def test_linear_reference_compat_walks_the_authors_shifted_grid(t, n, oracle):
+    """At t = 20, b = 5 the authors walk ..., 8, 7, 6, 0 (not a new grid from 25: ..., 3, 2, 1, 0)."""
+    from ssni.purifiers import DiffPure
+    from conftest import noise_for
+
+    visited = []
+
+    def recording(x, level):
+        visited.append(int(level[0]))
+        return oracle(x, level)
+
+    start, extra = LinearReweight(CAL, bias=5, reference_compat=True).reverse_plan(torch.tensor([t]))
+    DiffPure(recording, t_star=t, steps=n + extra).purify(torch.full((1, 1, 4, 4), 0.5), torch.tensor([t]),
+                                                         noise_for([0]), start=start)
+    expected = sorted(set(authors_linear_grid(t, n, 5)), reverse=True)  # repeats are exact no-ops
+    assert visited + [0] == expected
