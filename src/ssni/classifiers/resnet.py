@@ -59,12 +59,15 @@ class ResNetConfig(DictConfig):
         layers: Blocks in each of the four stages, e.g. ``(3, 4, 6, 3)`` for ResNet-50.
         num_classes: Size of the logits.
         stem: ``"imagenet"`` (torchvision layout) or ``"cifar"`` (pytorch-cifar layout).
+        width: Stem channels; stage ``i`` has ``width * 2**i`` planes (64 in every published
+            ResNet; smaller only for tiny test networks, e.g. the golden fixtures).
     """
 
     block: str = "bottleneck"
     layers: tuple[int, ...] = (3, 4, 6, 3)
     num_classes: int = 1000
     stem: str = "imagenet"
+    width: int = 64
 
     def __post_init__(self):
         if self.block not in _BLOCK_KINDS:
@@ -73,6 +76,8 @@ class ResNetConfig(DictConfig):
             raise ConfigError(f"layers must be four positive counts, got {self.layers}")
         if self.stem not in ("imagenet", "cifar"):
             raise ConfigError(f"stem must be 'imagenet' or 'cifar', got {self.stem!r}")
+        if self.width < 1:
+            raise ConfigError(f"width must be a positive channel count, got {self.width}")
         object.__setattr__(self, "layers", tuple(int(n) for n in self.layers))
 
 
@@ -151,13 +156,13 @@ class ResNet(nn.Module):
     def __init__(self, config: ResNetConfig = ResNetConfig()):
         super().__init__()
         self.config = config
-        imagenet = config.stem == "imagenet"
-        self.conv1 = (nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False) if imagenet
-                      else nn.Conv2d(3, 64, 3, padding=1, bias=False))
-        self.bn1 = nn.BatchNorm2d(64)
+        imagenet, width = config.stem == "imagenet", config.width
+        self.conv1 = (nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False) if imagenet
+                      else nn.Conv2d(3, width, 3, padding=1, bias=False))
+        self.bn1 = nn.BatchNorm2d(width)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1) if imagenet else nn.Identity()
-        block, skip_name, c_in = _BLOCK_KINDS[config.block], ("downsample" if imagenet else "shortcut"), 64
-        for stage, (planes, count) in enumerate(zip((64, 128, 256, 512), config.layers)):
+        block, skip_name, c_in = _BLOCK_KINDS[config.block], ("downsample" if imagenet else "shortcut"), width
+        for stage, (planes, count) in enumerate(zip((width, 2 * width, 4 * width, 8 * width), config.layers)):
             blocks = []
             for i in range(count):
                 blocks.append(block(c_in, planes, 2 if stage > 0 and i == 0 else 1, skip_name))
