@@ -104,7 +104,7 @@ def test_adaptive_attack_gradient_reaches_the_score_network(classifier, digits):
         cal = Calibration.fit(score_norm(score_unet, VPSchedule(), x, SampleNoise.from_ids(5, range(4)), 2))
     defense = Defense(classifier, DiffPure(purify_unet, t_star=30, steps=3),
                       SSNI(score_unet, make_reweight("sigmoid", cal), n_levels=2))
-    loss = AdaptivePGD(score_weight=1.0).objective(defense, x.clone().requires_grad_(True), y, None)
+    loss, _ = AdaptivePGD(score_weight=1.0).objective(defense, x.clone().requires_grad_(True), y, None)
     loss.backward()
     grads = [p.grad for p in score_unet.parameters() if p.grad is not None]
     assert grads and sum(g.abs().sum() for g in grads) > 0
@@ -123,10 +123,62 @@ def test_attack_loss_rises_and_defense_checks_pass(classifier, digits):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("pyautoattack") is None, reason="pyautoattack not installed")
-def test_autoattack_rand_adapter_breaks_the_undefended_classifier(classifier, digits):
+def test_autoattack_attacks_every_sample_and_returns_every_apgd_run(classifier, digits):
     x, y = digits[0][:16], digits[1][:16]
-    attack = AutoAttackRand(ThreatModel("linf", 0.3), n_iter=10, eot=1)
+    attack = AutoAttackRand(ThreatModel("linf", 0.3), steps=10, eot=1)
     x_adv = attack(classifier, x, y)
-    with torch.no_grad():
-        assert (classifier(x_adv).argmax(1) == y).float().mean() <= 0.1
-    assert (x_adv - x).abs().max() <= 0.3 + 1e-5
+    assert len(attack.candidates) == 2 and x_adv is attack.candidates[0]  # APGD-CE, APGD-DLR
+    with torch.no_grad():  # robust = correct on both runs' outputs (the runner keeps the worst)
+        assert torch.stack([classifier(c).argmax(1) == y for c in attack.candidates]).all(0).float().mean() <= 0.1
+        # best-loss points: even a sample misclassified from the start gets a moved example back
+        moved = (attack.candidates[1] - x).flatten(1).abs().amax(1) > 0
+    assert moved.all()
+    for c in attack.candidates:
+        assert (c - x).abs().max() <= 0.3 + 1e-5 and c.min() >= 0 and c.max() <= 1
+    with pytest.raises(ConfigError, match="version"):
+        AutoAttackRand(version="standard")
+
+
+def test_pgd_random_start_is_keyed_by_sample_id_not_by_batch():
+    x = torch.rand(6, 1, 4, 4)
+    ids = torch.tensor([10, 11, 12, 13, 14, 15])
+    threat = ThreatModel("linf", 0.1)
+    for norm in ("linf", "l2"):
+        threat = ThreatModel(norm, 0.1)
+        whole = threat.random_point(x, SampleNoise.from_ids(3, ids))
+        parts = torch.cat([threat.random_point(x[i:i + 2], SampleNoise.from_ids(3, ids[i:i + 2])) for i in (0, 2, 4)])
+        assert torch.allclose(whole, parts, atol=1e-7) and not torch.equal(whole, x)
+    starts = ThreatModel("linf", 0.1).random_point(x, SampleNoise.from_ids(3, ids)) - x
+    assert starts.abs().max() <= 0.1 + 1e-6 and starts.std() > 0.03  # spread over the ball, not a corner
+
+
+class _Flaky(torch.nn.Module):
+    """Logits favour the label, except for sample 0 whose first call is wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        logits = torch.zeros(x.shape[0], 3) + x.flatten(1)[:, :1] * 0
+        logits[:, 1] = 5.0
+        if self.calls == 1:
+            logits[0, 1], logits[0, 2] = 0.0, 5.0
+        return logits
+
+
+def test_pgd_records_success_at_any_iterate():
+    attack = PGD(ThreatModel("linf", 0.1), steps=3, step_size=0.05)
+    attack(_Flaky(), torch.rand(2, 1, 2, 2), torch.tensor([1, 1]))
+    assert attack.fooled_any_iterate.tolist() == [True, False]
+
+
+def test_convergence_check_fails_when_doubling_the_budget_breaks_more_samples():
+    from ssni.attacks.checks import _budget_check
+
+    assert not _budget_check("steps", 6, 2, 16)["passed"]  # the demo's 6/16 -> 2/16: not converged
+    assert "NOT CONVERGED" in _budget_check("steps", 6, 2, 16)["detail"]
+    assert _budget_check("steps", 6, 5, 16)["passed"]  # within the interval
+    assert _budget_check("steps", 6, 7, 16)["passed"]  # one sample of slack upward
+    assert not _budget_check("EOT samples", 6, 9, 16)["passed"]  # more budget helping the defense: masking

@@ -5,6 +5,7 @@ User errors (:class:`ssni.errors.SSNIError`) print one line and exit with status
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -131,7 +132,8 @@ def evaluate(
     limit: int = typer.Option(None, min=1, help="evaluate only the first N samples (overrides data.n)"),
     set_: list[str] = typer.Option([], "--set", help="override a config value: --set data.n=20"),
     progress: bool = typer.Option(True, help="progress bar with ETA"),
-    sanity: bool = typer.Option(False, "--sanity", help="also run gradient-masking checks on a few samples"),
+    sanity: bool = typer.Option(False, "--sanity", help="also run gradient-masking and convergence checks on a "
+                                "few samples; exit status 1 if one fails"),
     sanity_n: int = typer.Option(16, min=2, help="samples used by --sanity"),
     device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (overrides evaluate.device)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="random-init weights, 1 attack step: plumbing check"),
@@ -159,6 +161,8 @@ def evaluate(
     run(cfg, out, weights_dir, progress=progress)
     if int(os.environ.get("RANK", 0)) == 0:
         typer.echo(summarize_run(out, cfg, weights_dir, sanity_n if sanity else 0))
+        if sanity and not json.loads((out / "summary.json").read_text())["sanity"]["all_passed"]:
+            raise typer.Exit(1)  # a failed check (masking or an unconverged attack) fails the run
 
 
 @app.command()

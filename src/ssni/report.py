@@ -36,6 +36,22 @@ def level_histogram(levels: dict[str, Tensor], path: Path) -> None:
     plt.close(fig)
 
 
+def robust_vs_draws_plot(curves: dict[str, dict], path: Path) -> None:
+    """Robust accuracy against the number of fresh draws ``n`` (worst of n solid, majority of n
+    dashed), one colour per method; ``curves`` maps a method to a summary's ``robust_vs_draws``."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, curve) in enumerate(curves.items()):
+        colour = f"C{i}"
+        ax.plot(curve["draws"], [100 * a for a in curve["worst"]], "o-", color=colour, label=f"{name}: worst of n")
+        ax.plot(curve["draws"], [100 * a for a in curve["majority"]], "s--", color=colour, alpha=0.6,
+                label=f"{name}: majority of n")
+    ax.set(xlabel="fresh draws n", ylabel="robust accuracy (%)", title="Robust accuracy vs number of draws")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def image_grid(rows: dict[str, Tensor], path: Path) -> None:
     """One row per named batch ``[N, C, H, W]`` in [0, 1] (shown in [0, 1] even if outside)."""
     n = max(r.shape[0] for r in rows.values())

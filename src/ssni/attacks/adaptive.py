@@ -40,14 +40,15 @@ class AdaptivePGD(PGD):
     score_weight: float = 1.0
 
     def objective(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None,
-                  draw: Tensor | None = None) -> Tensor:
+                  draw: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if not isinstance(model, Defense) or model.ssni is None:
             raise ConfigError("the adaptive attack needs a Defense with SSNI")
         ssni = model.ssni
-        loss = F.cross_entropy(call_model(model, x, sample_ids, draw), y, reduction="sum")
+        logits = call_model(model, x, sample_ids, draw)
+        loss = F.cross_entropy(logits, y, reduction="sum")
         noise = model._noise(x, sample_ids, draw, 0)
         e = score_norm(ssni.score_model, ssni.schedule, x, noise, ssni.n_levels)
         cal = ssni.reweight.calibration
         scale = getattr(ssni.reweight, "tau", cal.std)
         q99 = cal.quantiles.get("0.99", cal.max)
-        return loss - self.score_weight * (torch.relu(e - q99) / scale).sum()
+        return loss - self.score_weight * (torch.relu(e - q99) / scale).sum(), logits

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError
+from ..rng import SampleNoise
 
 
 @dataclass(frozen=True)
@@ -41,10 +42,15 @@ class ThreatModel:
         norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
         return grad / norms.reshape(-1, *[1] * (grad.dim() - 1))
 
-    def random_point(self, x: Tensor, gen: torch.Generator) -> Tensor:
-        """A uniform start inside the l_inf ball, or a random direction scaled inside the l_2 ball."""
-        noise = torch.rand(x.shape, generator=gen).to(x) * 2 - 1
+    def random_point(self, x: Tensor, noise: SampleNoise) -> Tensor:
+        """A uniform start inside the l_inf ball, or a random direction scaled inside the l_2 ball.
+
+        Row ``i`` comes from its own stream ``noise`` (keyed by sample id), so a start does not
+        depend on the batch; uniforms are ``Phi(z)`` of keyed normals ``z``.
+        """
+        uniform = torch.special.ndtr(noise.randn(("start",), x))
         if self.norm == "linf":
-            return self.project(x + self.eps * noise, x)
-        radius = torch.rand(x.shape[0], generator=gen).to(x).reshape(-1, *[1] * (x.dim() - 1))
-        return self.project(x + self.eps * radius * self.ascent_direction(noise), x)
+            return self.project(x + self.eps * (2 * uniform - 1), x)
+        direction = self.ascent_direction(noise.randn(("start-direction",), x))
+        radius = torch.special.ndtr(noise.randn(("start-radius",), x[:, :1, :1, :1]))
+        return self.project(x + self.eps * radius * direction, x)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..errors import ConfigError
+from ..rng import SampleNoise
 from ..validation import check_images
 from .base import ThreatModel
 
@@ -40,7 +41,8 @@ class PGD:
         random_start: start at a random point of the ball (paper: no).
         sign_step: move along the gradient's sign for l_2 too (the paper's code does; off by
             default, where l_2 steps follow the normalised gradient).
-        seed: seed of the random start.
+        seed: run seed; the random start of sample ``i`` is keyed by ``(seed, sample id)``, so it
+            does not depend on the batch (or shard) the sample is in.
         eot_batch: EOT draws stacked into one forward/backward pass (rows ``eot_batch * B``) for
             models with per-row draws (:class:`ssni.defense.Defense`); same gradient as one draw
             per pass, fuller network calls, more memory.
@@ -56,19 +58,24 @@ class PGD:
     eot_batch: int = 1
     progress: bool = False
     loss_trace: list[float] = field(default_factory=list, repr=False)
+    fooled_any_iterate: Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.steps < 0 or self.eot < 1 or self.step_size <= 0 or self.eot_batch < 1:
             raise ConfigError("PGD needs steps >= 0, eot >= 1, eot_batch >= 1 and step_size > 0")
 
     def objective(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None,
-                  draw: Tensor | None = None) -> Tensor:
-        """The loss PGD ascends, summed over the batch (cross-entropy on the logits)."""
-        return F.cross_entropy(call_model(model, x, sample_ids, draw), y, reduction="sum")
+                  draw: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(loss summed over the batch, logits)``: the cross-entropy PGD ascends, and what it saw."""
+        logits = call_model(model, x, sample_ids, draw)
+        return F.cross_entropy(logits, y, reduction="sum"), logits
 
-    def gradient(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None) -> tuple[Tensor, float]:
-        """EOT estimate of the input gradient of the objective, and the mean loss."""
+    def gradient(self, model: nn.Module, x: Tensor, y: Tensor,
+                 sample_ids: Tensor | None) -> tuple[Tensor, float, Tensor]:
+        """EOT estimate of the input gradient of the objective, the mean loss, and ``[B]`` whether
+        one of these draws misclassified the sample."""
         total, loss_sum = torch.zeros_like(x), 0.0
+        fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         stackable = hasattr(model, "reserve_draws")
         for start in range(0, self.eot, self.eot_batch if stackable else 1):
             k = min(self.eot_batch, self.eot - start) if stackable else 1
@@ -76,22 +83,26 @@ class PGD:
             if stackable:  # k draws of every sample as one batch: row j * B + i is draw first + j of sample i
                 ids = torch.arange(x.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids).cpu()
                 draws = model.reserve_draws(k) + torch.arange(k).repeat_interleave(x.shape[0])
-                loss = self.objective(model, x_var.repeat(k, *([1] * (x.dim() - 1))), y.repeat(k), ids.repeat(k),
-                                      draws)
+                loss, logits = self.objective(model, x_var.repeat(k, *([1] * (x.dim() - 1))), y.repeat(k),
+                                              ids.repeat(k), draws)
             else:
-                loss = self.objective(model, x_var, y, sample_ids)
+                loss, logits = self.objective(model, x_var, y, sample_ids)
+            fooled |= (logits.detach().argmax(1) != y.repeat(k)).reshape(k, -1).any(0)
             total += torch.autograd.grad(loss, x_var)[0]
             loss_sum += loss.item()
-        return total / self.eot, loss_sum / (self.eot * x.shape[0])
+        return total / self.eot, loss_sum / (self.eot * x.shape[0]), fooled
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None = None) -> Tensor:
         check_images(x)
         x = x.detach()
-        x_adv = self.threat.random_point(x, torch.Generator().manual_seed(self.seed)) if self.random_start else x
+        ids = torch.arange(x.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids).cpu()
+        x_adv = self.threat.random_point(x, SampleNoise.from_ids(self.seed, ids)) if self.random_start else x
         self.loss_trace = []
+        self.fooled_any_iterate = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         for _ in tqdm(range(self.steps), desc="PGD", leave=False, disable=not self.progress):
-            grad, loss = self.gradient(model, x_adv, y, sample_ids)
+            grad, loss, fooled = self.gradient(model, x_adv, y, sample_ids)
             self.loss_trace.append(loss)
+            self.fooled_any_iterate |= fooled
             direction = grad.sign() if self.sign_step else self.threat.ascent_direction(grad)
             x_adv = self.threat.project(x_adv + self.step_size * direction, x)
         return x_adv.detach()

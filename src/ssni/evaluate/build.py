@@ -20,7 +20,7 @@ from ..errors import CheckpointError, ConfigError
 from ..purifiers import GDMP, GNS, DiffPure
 from ..reweight import Calibration, make_reweight
 from ..score_norm import dataset_score_norms
-from .config import AttackConfig, ExperimentConfig
+from .config import CHOICES, AttackConfig, ExperimentConfig
 
 
 def load_models(cfg: ExperimentConfig, weights_dir: Path) -> tuple[nn.Module, nn.Module]:
@@ -149,7 +149,9 @@ def build_attack(a: AttackConfig, model: nn.Module, seed: int) -> tuple[object, 
                           "gradient = 'exact' | 'surrogate' | 'bpda', adaptive with 'exact' | 'surrogate', "
                           "autoattack with 'exact'")
     if a.name == "autoattack":
-        return AutoAttackRand(threat, seed=seed), model
+        return AutoAttackRand(threat, version=a.version, seed=seed, steps=a.steps, eot=a.eot), model
+    if a.name not in ("pgd", "bpda", "adaptive"):
+        raise ConfigError(f"unknown attack {a.name!r}; choose one of {list(CHOICES[('attacks', 'name')])}")
     target = gradient_target(model, mode, a.surrogate_steps)
     if a.name == "adaptive":
         return AdaptivePGD(**pgd, score_weight=a.score_weight), target

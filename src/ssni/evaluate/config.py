@@ -80,6 +80,7 @@ class AttackConfig:
     random_start: bool = False
     sign_step: bool = False  # l_2 with sign steps, as the paper's code does
     score_weight: float = 1.0  # adaptive: weight of the score-norm term
+    version: str = "rand"  # autoattack: rand (APGD-CE + APGD-DLR) | apgd-ce | apgd-dlr
     gradient: str = "exact"  # exact | surrogate (the paper's attack: shorter reverse chain) | bpda
     surrogate_steps: int = 20  # surrogate: reverse steps per round of the chain the attack differentiates
 
@@ -91,8 +92,10 @@ class EvaluateConfig:
     compile: bool = False  # torch.compile the diffusion network (dynamic shapes); pays off on long GPU runs
     seed: int = 0
     batch_size: int = 50
-    rescore: str = "single"  # single | worst | majority
-    rescore_draws: int = 1
+    # Every protocol (single | majority | worst | any_iterate) is computed from the same
+    # rescore_draws fresh draws and reported side by side; rescore names the headline one.
+    rescore: str = "worst"
+    rescore_draws: int = 8
 
 
 @dataclass(frozen=True)
@@ -128,10 +131,11 @@ CHOICES = {("purifier", "method"): ("none", "diffpure", "gdmp", "gns"),
            ("ssni", "reweight"): ("none", "sigmoid", "linear"),
            ("attacks", "name"): ("pgd", "bpda", "adaptive", "autoattack"),
            ("attacks", "norm"): ("linf", "l2"),
+           ("attacks", "version"): ("rand", "apgd-ce", "apgd-dlr"),
            ("attacks", "gradient"): ("exact", "surrogate", "bpda"),
            ("ssni", "calibration_split"): ("train", "val"),
            ("data", "subset"): ("first", "paper"),
-           ("evaluate", "rescore"): ("single", "worst", "majority"),
+           ("evaluate", "rescore"): ("single", "majority", "worst", "any_iterate"),
            ("evaluate", "precision"): ("fp32", "bf16")}
 SECTIONS = {"data": DataConfig, "models": ModelsConfig, "purifier": PurifierConfig, "ssni": SSNIConfig,
             "evaluate": EvaluateConfig}

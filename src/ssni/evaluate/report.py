@@ -8,14 +8,15 @@ from pathlib import Path
 import torch
 
 from ..errors import ResumeError
-from ..report import level_histogram
+from ..report import level_histogram, robust_vs_draws_plot
 from .config import ExperimentConfig, from_dict
 from .store import RESULTS_FILE, Store
 from .summary import format_summary, summarize, write_summary
 
 
 def summarize_run(out: Path, cfg: ExperimentConfig, weights_dir: Path | None = None, sanity_n: int = 0) -> str:
-    """Write ``out/summary.json`` (with sanity checks on ``sanity_n`` samples if > 0) and a ``t*`` plot."""
+    """Write ``out/summary.json`` (with sanity checks on ``sanity_n`` samples if > 0), a ``t*`` plot
+    and robust accuracy against the number of fresh draws."""
     path = Path(out) / RESULTS_FILE
     if not path.is_file():
         raise ResumeError(f"{path} not found; run `ssni evaluate --out {out}` first")
@@ -28,6 +29,8 @@ def summarize_run(out: Path, cfg: ExperimentConfig, weights_dir: Path | None = N
 
         summary["sanity"] = run_sanity(cfg, weights_dir, sanity_n)
     write_summary(summary, Path(out))
+    if rows:
+        robust_vs_draws_plot({"robust": summary["robust_vs_draws"]}, Path(out) / "robust_vs_draws.png")
     levels = [r["t_star"][-1] for r in rows if r["t_star"]]
     if levels:
         level_histogram({"t*": torch.tensor(levels)}, Path(out) / "t_star.png")

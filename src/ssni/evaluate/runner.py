@@ -27,6 +27,7 @@ from ..data import load_split
 from ..defense import Defense
 from .build import build_attack, build_model, calibrate, load_models
 from .config import ExperimentConfig
+from .scoring import fresh_verdicts, robust_under, still_attackable
 from .store import RESULTS_FILE as RESULTS
 from .store import Store
 
@@ -40,15 +41,20 @@ def predict(model: nn.Module, x: Tensor, ids: Tensor, draw: int) -> Tensor:
         return model.predict(x, sample_ids=ids, draw=draw) if isinstance(model, Defense) else model(x).argmax(1)
 
 
-def rescore(model: nn.Module, x_adv: Tensor, y: Tensor, ids: Tensor, protocol: str, draws: int) -> tuple[Tensor, Tensor]:
-    """``(prediction, correct)`` on fresh randomness: one draw, worst of ``draws``, or their majority."""
-    preds = torch.stack([predict(model, x_adv, ids, RESCORE_DRAW + r) for r in range(draws)])
-    if protocol == "majority":
-        pred = torch.mode(preds, dim=0).values
-        return pred, pred == y
-    wrong = preds != y
-    first_wrong = torch.where(wrong.any(0), preds.gather(0, wrong.float().argmax(0)[None])[0], preds[0])
-    return first_wrong, ~wrong.any(0) if protocol == "worst" else preds[0] == y
+def fresh_predictions(model: nn.Module, x_adv: Tensor, ids: Tensor, draws: int) -> Tensor:
+    """``[draws, B]`` predictions on fresh randomness (draws the clean pass and attacks never use)."""
+    return torch.stack([predict(model, x_adv, ids, RESCORE_DRAW + r) for r in range(draws)])
+
+
+def worst_candidate(model: nn.Module, candidates: list[Tensor], y: Tensor, ids: Tensor,
+                    draws: int) -> tuple[Tensor, Tensor]:
+    """Per sample, the candidate example with the fewest correct fresh draws (the first on ties),
+    and its ``[draws, B]`` fresh predictions. An attack that returns several outputs (AutoAttack's
+    APGD runs) is scored on all of them."""
+    preds = torch.stack([fresh_predictions(model, c, ids, draws) for c in candidates])  # [K, N, B]
+    pick = (preds == y).sum(1).argmin(0)  # argmin returns the first minimum
+    rows = torch.arange(len(y), device=pick.device)
+    return torch.stack(candidates)[pick, rows], preds[pick, :, rows].T
 
 
 def to_device(cfg: ExperimentConfig, *models: nn.Module) -> tuple[nn.Module, ...]:
@@ -84,33 +90,45 @@ def shard_positions(n: int, rank: int, world: int) -> Tensor:
 
 def run_batch(cfg: ExperimentConfig, model: nn.Module, attacks: list, x: Tensor, y: Tensor,
               ids: Tensor) -> tuple[list[dict], dict]:
-    """Rows of one batch and its adversarial images ``{(sample id, "k:attack"): image}``."""
+    """Rows of one batch and its adversarial images ``{(sample id, "k:attack"): image}``.
+
+    Each attack of the cascade runs on the samples still robust under some protocol; its
+    examples are re-classified on ``rescore_draws`` fresh draws, and every protocol's verdict
+    (see :mod:`ssni.evaluate.scoring`) is stored with the raw predictions.
+    """
     start = time.time()
     clean_pred = predict(model, x, ids, CLEAN_DRAW)
-    robust = clean_pred == y
     if isinstance(model, Defense):
         info = model.explain(x, sample_ids=ids, draw=CLEAN_DRAW)
         e, t = info["score_norm"], info["t_star"].T.tolist()
     else:
         e, t = None, [[] for _ in ids]
     per_attack, images = [{} for _ in ids], {}
+    attackable = clean_pred == y
     for k, (a_cfg, (attack, target)) in enumerate(zip(cfg.attacks, attacks)):
-        sel = robust.nonzero().flatten()
+        sel = attackable.nonzero().flatten()
         if sel.numel() == 0:
             continue
         if isinstance(model, Defense):
             model.draw = (k + 1) * ATTACK_DRAW
         x_adv = attack(target, x[sel], y[sel], sample_ids=ids[sel])
-        pred, ok = rescore(model, x_adv, y[sel], ids[sel], cfg.evaluate.rescore, cfg.evaluate.rescore_draws)
+        x_adv, preds = worst_candidate(model, getattr(attack, "candidates", None) or [x_adv], y[sel], ids[sel],
+                                       cfg.evaluate.rescore_draws)
+        verdicts = fresh_verdicts(preds, y[sel])
+        during = getattr(attack, "fooled_any_iterate", None)
         for j, i in enumerate(sel.tolist()):
-            per_attack[i][f"{k}:{a_cfg.name}"] = {"pred": int(pred[j]), "correct": bool(ok[j])}
+            per_attack[i][f"{k}:{a_cfg.name}"] = {
+                "preds": preds[:, j].tolist(), **{p: bool(v[j]) for p, v in verdicts.items()},
+                "fooled_during": None if during is None else bool(during[j])}
             images[(int(ids[i]), f"{k}:{a_cfg.name}")] = x_adv[j]
-        robust[sel] &= ok
+        attackable[sel] &= still_attackable(verdicts)
     seconds = (time.time() - start) / len(ids)
     rows = [{"sample_id": int(ids[i]), "label": int(y[i]), "clean_pred": int(clean_pred[i]),
              "clean_correct": int(clean_pred[i] == y[i]), "score_norm": None if e is None else float(e[i]),
-             "t_star": t[i], "attacks": per_attack[i], "robust": int(robust[i]), "seconds": seconds}
-            for i in range(len(ids))]
+             "t_star": t[i], "attacks": per_attack[i], "seconds": seconds} for i in range(len(ids))]
+    keys = [f"{k}:{a.name}" for k, a in enumerate(cfg.attacks)]
+    for row, robust in zip(rows, robust_under(rows, keys, cfg.evaluate.rescore)):
+        row["robust"] = int(robust)  # under the headline protocol; summaries recompute every protocol
     return rows, images
 
 
@@ -180,4 +198,13 @@ def run_sanity(cfg: ExperimentConfig, weights_dir: Path | None = None, n: int = 
     checks = defense_checks(model, x, y)
     if isinstance(attack, PGD):
         checks += sanity_checks(model, attack, x, y, data.ids)
+    if isinstance(model, Defense):  # fidelity of every gradient mode to the exact one (informative entries)
+        from ..attacks.gradient_modes import cosine_checks, gradient_cosines
+        from .config import AttackConfig
+
+        pgd_like = [a for a in cfg.attacks if a.name in ("pgd", "bpda", "adaptive")] or [AttackConfig()]
+        steps = next((a.surrogate_steps for a in pgd_like if a.gradient == "surrogate"), pgd_like[0].surrogate_steps)
+        m = min(len(data), 8)
+        checks += cosine_checks(gradient_cosines(model, x[:m], y[:m], data.ids[:m], eot=pgd_like[0].eot,
+                                                 surrogate_steps=steps), steps)
     return {"n": len(data), "checks": checks, "all_passed": all(c["passed"] for c in checks)}

@@ -8,10 +8,7 @@ from pathlib import Path
 
 from ..metrics import wilson_interval
 from .config import ExperimentConfig
-
-PROTOCOLS = {"single": "one evaluation on fresh randomness",
-             "worst": "worst case over {n} fresh evaluations",
-             "majority": "majority vote over {n} fresh evaluations"}
+from .scoring import PROTOCOLS, robust_under
 
 
 def accuracy(correct: int, n: int) -> dict:
@@ -19,21 +16,40 @@ def accuracy(correct: int, n: int) -> dict:
     return {"acc": correct / n if n else float("nan"), "correct": correct, "n": n, "ci95": [low, high]}
 
 
-def summarize(rows: list[dict], cfg: ExperimentConfig) -> dict:
-    """Clean accuracy, robust accuracy after each attack (cumulative worst case) and level statistics."""
+def robust_by_protocol(rows: list[dict], keys: list[str], draws: int) -> dict:
+    """Robust accuracy under every protocol, each with its interval and its description."""
     n = len(rows)
-    still = [r["clean_correct"] == 1 for r in rows]
-    per_attack = []
-    for k, a in enumerate(cfg.attacks):
-        key = f"{k}:{a.name}"
-        still = [ok and r["attacks"].get(key, {"correct": ok})["correct"] for ok, r in zip(still, rows)]
-        per_attack.append({"attack": a.name, "settings": a.__dict__, **accuracy(sum(still), n)})
+    return {p: {**accuracy(sum(robust_under(rows, keys, p)), n), "protocol": text.format(n=draws)}
+            for p, text in PROTOCOLS.items()}
+
+
+def robust_vs_draws(rows: list[dict], keys: list[str], draws: int) -> dict:
+    """Robust accuracy (worst of n, majority of n) for n = 1..draws fresh draws."""
+    n = len(rows)
+    curve = {"draws": list(range(1, draws + 1)), "worst": [], "majority": []}
+    for k in curve["draws"]:
+        for p in ("worst", "majority"):
+            curve[p].append(sum(robust_under(rows, keys, p, k)) / n if n else float("nan"))
+    return curve
+
+
+def summarize(rows: list[dict], cfg: ExperimentConfig) -> dict:
+    """Clean accuracy, robust accuracy under every protocol (headline: ``evaluate.rescore``),
+    the headline after each attack of the cascade, robust accuracy against the number of draws,
+    and level statistics."""
+    n, draws, headline = len(rows), cfg.evaluate.rescore_draws, cfg.evaluate.rescore
+    keys = [f"{k}:{a.name}" for k, a in enumerate(cfg.attacks)]
+    per_attack = [{"attack": a.name, "settings": a.__dict__,
+                   **accuracy(sum(robust_under(rows, keys[:k + 1], headline)), n)}
+                  for k, a in enumerate(cfg.attacks)]
     levels = [t for r in rows for t in r["t_star"][-1:]]
     norms = [r["score_norm"] for r in rows if r["score_norm"] is not None]
-    protocol = PROTOCOLS[cfg.evaluate.rescore].format(n=cfg.evaluate.rescore_draws)
-    return {"config_hash": cfg.hash(), "n": n, "scoring": protocol,
+    by_protocol = robust_by_protocol(rows, keys, draws)
+    return {"config_hash": cfg.hash(), "n": n, "n_planned": cfg.data.n, "draws": draws, "headline": headline,
+            "scoring": by_protocol[headline]["protocol"],
             "clean": accuracy(sum(r["clean_correct"] for r in rows), n),
-            "robust": accuracy(sum(r["robust"] for r in rows), n), "after_each_attack": per_attack,
+            "robust": by_protocol[headline], "robust_by_protocol": by_protocol,
+            "robust_vs_draws": robust_vs_draws(rows, keys, draws), "after_each_attack": per_attack,
             "t_mean": statistics.fmean(levels) if levels else 0.0,
             "t_std": statistics.pstdev(levels) if len(levels) > 1 else 0.0,
             "score_norm_mean": statistics.fmean(norms) if norms else None,
@@ -44,14 +60,21 @@ def write_summary(summary: dict, out: Path) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 
-def format_summary(summary: dict) -> str:
-    def pct(acc: dict) -> str:
-        return f"{100 * acc['acc']:.1f}% [{100 * acc['ci95'][0]:.1f}, {100 * acc['ci95'][1]:.1f}]"
+def pct(acc: dict) -> str:
+    """``"41.5% [34.9, 48.4]"``: an accuracy with its 95% Wilson interval."""
+    return f"{100 * acc['acc']:.1f}% [{100 * acc['ci95'][0]:.1f}, {100 * acc['ci95'][1]:.1f}]"
 
-    lines = [f"n = {summary['n']}, scoring: {summary['scoring']}", f"clean accuracy      {pct(summary['clean'])}"]
+
+def format_summary(summary: dict) -> str:
+    lines = [f"n = {summary['n']}, headline scoring: {summary['scoring']}"]
+    if summary["n"] < summary.get("n_planned", summary["n"]):
+        lines.append(f"INCOMPLETE: {summary['n']} of {summary['n_planned']} samples evaluated so far")
+    lines.append(f"clean accuracy          {pct(summary['clean'])}")
     for step in summary["after_each_attack"]:
-        lines.append(f"after {step['attack']:<13} {pct(step)}")
-    lines.append(f"robust (worst case) {pct(summary['robust'])}")
+        lines.append(f"after {step['attack']:<17} {pct(step)}")
+    for protocol, acc in summary["robust_by_protocol"].items():
+        mark = " <- headline" if protocol == summary["headline"] else ""
+        lines.append(f"robust, {protocol:<15} {pct(acc)}  ({acc['protocol']}){mark}")
     lines.append(f"t* mean {summary['t_mean']:.1f} (std {summary['t_std']:.1f}), "
                  f"{summary['seconds_per_sample']:.2f} s per sample")
     for check in summary.get("sanity", {}).get("checks", []):
