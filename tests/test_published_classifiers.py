@@ -244,3 +244,16 @@ def test_real_autoattack_example_checkpoint_loads_without_pickled_code():
     logits = model(torch.rand(2, 3, 32, 32))
     assert logits.shape == (2, 10) and torch.isfinite(logits).all()
     assert model.bn1.running_var.min() > 0 and int(model.bn1.num_batches_tracked) > 0
+
+
+def test_registry_wrn_70_16_is_the_papers_standard_model_and_gowal_is_separate(tmp_path):
+    from ssni.checkpoints.public import PUBLIC, public_path
+
+    paper, gowal = PUBLIC["cifar10-wrn-70-16"], PUBLIC["cifar10-wrn-70-16-gowal2020"]
+    built = on_meta(paper.build)
+    assert isinstance(built, WideResNet) and built.config == paper_wrn_70_16_config()
+    assert built.config.drop_rate == 0.3 and built.config.mean == CIFAR10_MEAN
+    assert isinstance(on_meta(gowal.build), DMWideResNet) and gowal.file == "Gowal2020Uncovering_70_16_extra.pt"
+    (tmp_path / "wrn-70-16-dropout").mkdir()
+    (tmp_path / "wrn-70-16-dropout" / "weights.pt").write_bytes(b"")
+    assert public_path("cifar10-wrn-70-16", tmp_path) == tmp_path / "wrn-70-16-dropout" / "weights.pt"
