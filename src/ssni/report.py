@@ -70,9 +70,18 @@ def image_grid(rows: dict[str, Tensor], path: Path) -> None:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'method':<22}{'clean':>8}{'robust':>8}{'t* mean':>9}{'t* std':>8}{'seconds':>9}"
+    """The demo table: clean accuracy and robust accuracy under every scoring protocol, each with
+    its 95% Wilson interval (worst of N first: the headline)."""
+    def cell(acc: float, ci: list[float]) -> str:
+        return f"{100 * acc:5.1f} [{100 * ci[0]:3.0f},{100 * ci[1]:3.0f}]"
+
+    protocols = ("worst", "majority", "single", "any_iterate")
+    header = (f"{'method':<20}{'clean':>17}" + "".join(f"{'robust ' + p:>19}" for p in protocols)
+              + f"{'t* mean':>9}{'t* std':>8}{'seconds':>9}")
     lines = [header, "-" * len(header)]
     for row in rows:
-        lines.append(f"{row['method']:<22}{100 * row['clean_acc']:>7.1f}%{100 * row['robust_acc']:>7.1f}%"
-                     f"{row['t_mean']:>9.1f}{row['t_std']:>8.1f}{row['seconds']:>9.1f}")
+        by = row["robust_by_protocol"]
+        lines.append(f"{row['method']:<20}{cell(row['clean_acc'], row['clean_ci95']):>17}"
+                     + "".join(f"{cell(by[p]['acc'], by[p]['ci95']):>19}" for p in protocols)
+                     + f"{row['t_mean']:>9.1f}{row['t_std']:>8.1f}{row['seconds']:>9.1f}")
     return "\n".join(lines)
