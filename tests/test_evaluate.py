@@ -258,3 +258,45 @@ def test_report_rebuilds_the_summary_from_the_folder(tmp_path, config_file, tiny
     assert (tmp_path / "run" / "t_star.png").exists() and (tmp_path / "run" / "robust_vs_draws.png").exists()
     with pytest.raises(ResumeError):
         report(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("override,key", [("purifier.t_star='300'", "t_star"), ("data.n='twenty'", "[data] n"),
+                                          ("evaluate.batch_size=0", "batch_size"), ("data.n=-5", "[data] n"),
+                                          ("data.n=0", "[data] n"), ("attacks.0.eps=1.5", "eps")])
+def test_bad_config_values_are_refused_before_anything_loads(config_file, override, key):
+    section_key, value = override.split("=", 1)
+    import tomllib
+
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")) as err:
+        load_config(config_file, {section_key: tomllib.loads(f"v = {value}")["v"]})
+    assert "expected" in str(err.value) or "must" in str(err.value)
+
+
+def test_an_empty_store_of_a_failed_run_is_taken_over(tmp_path, config_file, tiny_weights):
+    cfg = load_config(config_file)
+    bad = load_config(config_file, {"data.n": 4})
+    (tmp_path / "run").mkdir()
+    Store(tmp_path / "run" / "results.sqlite", bad.hash(), "{}").close()  # a run that died before its first batch
+    evaluate(cfg, tmp_path / "run", tiny_weights, progress=False)  # no row was written: the store is taken over
+    assert len(rows_of(tmp_path / "run", cfg)) == 6
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_store(tmp_path):
+    from ssni.evaluate.store import exclusive
+
+    path = tmp_path / "results.sqlite"
+    with exclusive(path):
+        code = ("import sys; from pathlib import Path; from ssni.evaluate.store import exclusive\n"
+                f"with exclusive(Path({str(path)!r})): pass")
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert other.returncode != 0 and "is being written by process" in other.stderr
+    with exclusive(path):  # released: the next run takes it
+        pass
+
+
+def test_out_that_is_a_file_is_an_input_error(tmp_path, config_file, tiny_weights):
+    from ssni.errors import InputError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        evaluate(load_config(config_file), tmp_path / "file", tiny_weights, progress=False)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .config_checks import check_cross, check_section
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,7 @@ def _build(cls, section: str, values: dict[str, Any]):
     for (sec, key), options in CHOICES.items():
         if sec == section and key in values and values[key] not in options:
             raise ConfigError(f"[{section}] {key} = {values[key]!r}; choose one of {list(options)}")
+    check_section(cls, section, values)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return cls(**values)
 
@@ -158,6 +160,7 @@ def from_dict(data: dict[str, Any]) -> ExperimentConfig:
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; valid: {sorted([*SECTIONS, 'attacks'])}")
     parts = {name: _build(cls, name, data.get(name, {})) for name, cls in SECTIONS.items()}
+    check_cross(data.get("attacks", [{}]))
     attacks = tuple(_build(AttackConfig, "attacks", a) for a in data.get("attacks", [{}]))
     if not attacks:
         raise ConfigError("[[attacks]] is empty; give at least one attack")

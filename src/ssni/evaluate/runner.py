@@ -23,13 +23,13 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..checkpoints.registry import default_weights_dir
-from ..data import load_split
 from ..defense import Defense
-from .build import build_attack, build_model, calibrate, load_models
+from ..errors import InputError
+from .build import build_attack, build_model, calibrate, load_eval_data, load_models
 from .config import ExperimentConfig
 from .scoring import fresh_verdicts, robust_under, still_attackable
 from .store import RESULTS_FILE as RESULTS
-from .store import Store
+from .store import Store, exclusive
 
 CLEAN_DRAW = 0
 ATTACK_DRAW = 1_000_000  # attack k uses draws from (k + 1) * ATTACK_DRAW on
@@ -138,29 +138,33 @@ def evaluate(cfg: ExperimentConfig, out: Path, weights_dir: Path | None = None, 
     rank = int(os.environ.get("RANK", 0)) if rank is None else rank
     world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
     weights_dir = Path(weights_dir or default_weights_dir())
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file; give a folder (it is created if missing)")
     out.mkdir(parents=True, exist_ok=True)
-    config_json = json.dumps(cfg.to_dict(), sort_keys=True)
     name = RESULTS if world == 1 else f"shard-{rank}-of-{world}.sqlite"
-    store = Store(out / name, cfg.hash(), config_json)
-    (out / "config.json").write_text(json.dumps({"hash": cfg.hash(), **cfg.to_dict()}, indent=2) + "\n")
-    model = prepare_model(cfg, weights_dir, out if rank == 0 else None)
-    attacks = [build_attack(a, model, cfg.evaluate.seed) for a in cfg.attacks]
-    data = load_split(cfg.data.dataset, cfg.data.split, cfg.data.root).head(cfg.data.n)
-    data = data.subset(shard_positions(len(data), rank, world))
-    done = store.done_ids()
-    todo = torch.tensor([i for i, sid in enumerate(data.ids.tolist()) if sid not in done],
-                        dtype=torch.long)
-    bs = cfg.evaluate.batch_size
-    bar = tqdm(total=len(data), initial=len(data) - len(todo), desc=f"evaluate[{rank}]", unit="img",
-               disable=not progress)
-    for b in range(0, len(todo), bs):
-        idx = todo[b:b + bs]
-        x, y = data.images[idx].to(cfg.evaluate.device), data.labels[idx].to(cfg.evaluate.device)
-        with autocast(cfg):
-            store.add(*run_batch(cfg, model, attacks, x, y, data.ids[idx]))
-        bar.update(len(idx))
-    bar.close()
-    store.close()
+    with exclusive(out / name):
+        store = Store(out / name, cfg.hash(), json.dumps(cfg.to_dict(), sort_keys=True))
+        (out / "config.json").write_text(json.dumps({"hash": cfg.hash(), **cfg.to_dict()}, indent=2) + "\n")
+        model = prepare_model(cfg, weights_dir, out if rank == 0 else None)
+        attacks = [build_attack(a, model, cfg.evaluate.seed) for a in cfg.attacks]
+        for attack, _ in attacks:  # a nested bar per attack shows its iterations with an ETA
+            if hasattr(attack, "progress"):
+                attack.progress = progress
+        data = load_eval_data(cfg)
+        data = data.subset(shard_positions(len(data), rank, world))
+        done = store.done_ids()
+        todo = torch.tensor([i for i, sid in enumerate(data.ids.tolist()) if sid not in done], dtype=torch.long)
+        bs = cfg.evaluate.batch_size
+        bar = tqdm(total=len(data), initial=len(data) - len(todo), desc=f"evaluate[{rank}]", unit="img",
+                   disable=not progress)
+        for b in range(0, len(todo), bs):
+            idx = todo[b:b + bs]
+            x, y = data.images[idx].to(cfg.evaluate.device), data.labels[idx].to(cfg.evaluate.device)
+            with autocast(cfg):
+                store.add(*run_batch(cfg, model, attacks, x, y, data.ids[idx]))
+            bar.update(len(idx))
+        bar.close()
+        store.close()
     return merge_shards(cfg, out, rank, world)
 
 
@@ -191,7 +195,7 @@ def run_sanity(cfg: ExperimentConfig, weights_dir: Path | None = None, n: int = 
     from ..attacks.pgd import PGD
 
     model = prepare_model(cfg, Path(weights_dir or default_weights_dir()))
-    data = load_split(cfg.data.dataset, cfg.data.split, cfg.data.root).head(min(n, cfg.data.n))
+    data = load_eval_data(cfg, min(n, cfg.data.n))
     attack = next((build_attack(a, model, cfg.evaluate.seed)[0] for a in cfg.attacks if a.name in ("pgd", "adaptive")),
                   None)
     x, y = data.images.to(cfg.evaluate.device), data.labels.to(cfg.evaluate.device)

@@ -3,13 +3,19 @@
 One row per sample: label, clean prediction, score norm, levels, seeds, timing,
 and for each attack the adversarial prediction (after fresh-randomness
 re-scoring) and whether the sample is still robust. A store remembers the
-config hash it was made with and refuses to mix runs of different configs.
+config hash it was made with and refuses to mix runs of different configs (a store without rows, left by a run
+that failed before its first batch, is taken over). :func:`exclusive` keeps two
+processes from writing one store at once.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import socket
 import sqlite3
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,14 +53,19 @@ class Store:
 
     def __init__(self, path: Path, config_hash: str, config_json: str):
         self.path = Path(path)
-        self.db = sqlite3.connect(self.path)
-        self.db.executescript(SCHEMA)
-        found = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
-        if found and found.get("config_hash") != config_hash:
+        try:
+            self.db = sqlite3.connect(self.path)
+            self.db.executescript(SCHEMA)
+            found = dict(self.db.execute("SELECT key, value FROM meta").fetchall())
+            empty = self.db.execute("SELECT COUNT(*) FROM samples").fetchone()[0] == 0
+        except sqlite3.DatabaseError as err:
+            raise ResumeError(f"{self.path} is not a results store ({err}); use a new --out folder") from err
+        if found and found.get("config_hash") != config_hash and not empty:
             raise ResumeError(f"{self.path} holds results of another config (hash {found.get('config_hash')}, "
                               f"this one {config_hash}); use a new --out folder or the original config")
-        if not found:
+        if found.get("config_hash") != config_hash:  # new, or an empty store of a failed run: take it over
             with self.db:
+                self.db.execute("DELETE FROM meta")
                 self.db.executemany("INSERT INTO meta VALUES (?, ?)",
                                     [("config_hash", config_hash), ("config", config_json)])
 
@@ -103,6 +114,28 @@ class Store:
         self.db.close()
 
 
+@contextmanager
+def exclusive(path: Path):
+    """Hold ``<path>.lock`` for the duration (``flock``, released when the process dies), or refuse
+    with the process that holds it."""
+    lock_path = Path(str(path) + ".lock")
+    handle = open(lock_path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise ResumeError(f"{path} is being written by {holder}; wait for it to finish or use another --out")
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
 
 
 def _to_blob(image: Tensor) -> bytes:
