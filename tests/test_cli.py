@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -31,3 +32,23 @@ def test_help_lists_commands_with_examples():
     assert result.exit_code == 0 and "demo" in result.output and "train" in result.output
     result = runner.invoke(app, ["demo", "--help"])
     assert "ssni demo --quick" in result.output
+
+
+def test_training_never_overwrites_a_model_without_force(tmp_path):
+    from ssni.checkpoints.registry import default_weights_dir
+
+    shipped = default_weights_dir() / "mnist-unet.safetensors"
+    before = shipped.read_bytes()
+    result = run_cli("train", "score", "--steps", "1", "--weights-dir", str(default_weights_dir()))
+    assert result.returncode == 2 and "--force" in result.stderr and shipped.read_bytes() == before
+    result = runner.invoke(app, ["train", "score", "--help"])
+    assert "trained" in result.output  # the default is a new folder, not the shipped weights/
+
+
+def test_a_bad_config_value_is_one_error_line_naming_the_key(tmp_path):
+    result = run_cli("evaluate", "--config", str(Path(__file__).parents[1] / "configs/mnist-diffpure-ssni-n.toml"), "--out", str(tmp_path / "o"),
+                     "--set", "purifier.t_star=\"300\"")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1
+    assert lines[0].startswith("error:") and "t_star" in lines[0] and "'300'" in lines[0]
+    assert not (tmp_path / "o").exists()  # refused before anything was written

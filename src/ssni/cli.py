@@ -33,8 +33,9 @@ def train_score(
     base_channels: int = typer.Option(16, min=8),
     mults: str = typer.Option("1,2,4", help="channel multipliers per resolution"),
     dataset: str = typer.Option("mnist-5k"),
-    weights_dir: Path = typer.Option(Path("weights"), help="where the weights and manifest go"),
+    weights_dir: Path = typer.Option(Path("trained"), help="where the weights and manifest go"),
     name: str = typer.Option("mnist-unet", help="manifest name"),
+    force: bool = typer.Option(False, "--force", help="replace an existing model of that name"),
 ) -> None:
     """Train the epsilon-prediction UNet (DDPM loss). Example: ssni train score --steps 3000"""
     from .denoisers.unet import UNetConfig
@@ -42,7 +43,7 @@ def train_score(
 
     arch = UNetConfig(base_channels=base_channels, channel_mults=tuple(int(m) for m in mults.split(",")))
     cfg = TrainConfig(dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema=0.999)
-    entry = train_and_register("score", cfg, arch, weights_dir, name, _command_line())
+    entry = train_and_register("score", cfg, arch, weights_dir, name, _command_line(), force=force)
     typer.echo(f"{name}: {entry['metrics']} in {entry['train_seconds']} s -> {weights_dir / entry['file']}")
 
 
@@ -54,15 +55,17 @@ def train_classifier(
     seed: int = typer.Option(0),
     width: int = typer.Option(32, min=4),
     dataset: str = typer.Option("mnist-5k"),
-    weights_dir: Path = typer.Option(Path("weights")),
-    name: str = typer.Option("mnist-cnn"),
+    weights_dir: Path = typer.Option(Path("trained"), help="where the weights and manifest go"),
+    name: str = typer.Option("mnist-cnn", help="manifest name"),
+    force: bool = typer.Option(False, "--force", help="replace an existing model of that name"),
 ) -> None:
     """Train the small CNN classifier. Example: ssni train classifier --steps 1500"""
     from .classifiers.small_cnn import SmallCNNConfig
     from .train import TrainConfig, train_and_register
 
     cfg = TrainConfig(dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema=0.99)
-    entry = train_and_register("classifier", cfg, SmallCNNConfig(width=width), weights_dir, name, _command_line())
+    entry = train_and_register("classifier", cfg, SmallCNNConfig(width=width), weights_dir, name, _command_line(),
+                               force=force)
     typer.echo(f"{name}: {entry['metrics']} in {entry['train_seconds']} s -> {weights_dir / entry['file']}")
 
 

@@ -20,11 +20,12 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from .checkpoints.io import save_weights
-from .checkpoints.registry import register
+from .checkpoints.registry import load_manifest, register
 from .classifiers.small_cnn import SmallCNN, SmallCNNConfig
 from .data import SPLIT_SEED, ImageSet, load_split
 from .denoisers.unet import UNet, UNetConfig
 from .diffusion import VPSchedule, forward_jump, to_model_scale
+from .errors import InputError
 
 
 @dataclass(frozen=True)
@@ -104,9 +105,20 @@ def denoising_error(model: nn.Module, data: ImageSet, seed: int = 1, schedule: V
     return denoising_loss(model.eval(), data.images, data.labels, gen, schedule).item()
 
 
+def check_target(weights_dir: Path, name: str, force: bool) -> None:
+    """Refuse to overwrite an existing (or shipped) model unless ``force``: training must never
+    silently replace ``weights/mnist-unet.safetensors`` and its manifest entry."""
+    file = Path(weights_dir) / f"{name}.safetensors"
+    if not force and (file.exists() or name in load_manifest(weights_dir)):
+        raise InputError(f"{file} or a manifest entry {name!r} already exists in {weights_dir}; choose another "
+                         "--name or --weights-dir, or pass --force to replace it")
+
+
 def train_and_register(kind: str, cfg: TrainConfig, arch_config, weights_dir: Path, name: str,
-                       command: str, progress: bool = True) -> dict:
-    """Train a ``classifier`` or ``score`` model, save it and add it to the manifest."""
+                       command: str, progress: bool = True, force: bool = False) -> dict:
+    """Train a ``classifier`` or ``score`` model, save it and add it to the manifest (refused before
+    training if the model exists and ``force`` is not set)."""
+    check_target(weights_dir, name, force)
     train, val, test = (load_split(cfg.dataset, part) for part in ("train", "val", "test"))
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
