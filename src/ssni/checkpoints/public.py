@@ -51,7 +51,8 @@ PUBLIC: dict[str, PublicModel] = {
     "cifar10-ddpmpp-deep-vp": PublicModel(
         "diffusion", "checkpoint_8.pth", "~1.3 GB (106.6M parameters, EMA + model + optimizer)",
         "score_sde_pytorch release, folder vp/cifar10_ddpmpp_deep_continuous (as used by DiffPure)",
-        "Apache-2.0", "score-SDE checkpoint dict {'model','ema':{'shadow_params'},'optimizer','step'}", 32,
+        "Apache-2.0", "score-SDE checkpoint dict {'model' (DataParallel keys, sigmas buffer first), "
+        "'ema':{'shadow_params': one tensor per parameter},'optimizer','step'}", 32,
         lambda path, pickle: ScoreSDEEps(load_score_sde(path, allow_pickle=pickle)),
         lambda: ScoreSDEEps(ScoreSDENet())),
     "cifar10-edm-uncond-vp": PublicModel(
