@@ -97,3 +97,21 @@ def test_cifar10_archive_is_checked_and_unpacked(server, tmp_path, monkeypatch):
     monkeypatch.setitem(fetch_module.CIFAR10_DATA, "md5", hashlib.md5(archive).hexdigest())
     folder = fetch_cifar10(tmp_path, progress=False, url=f"{server}/c.tar.gz")
     assert (folder / "batches.meta").read_bytes() == b"hello"
+
+
+def test_fetch_public_uses_the_registry_and_a_missing_file_names_the_command(server, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from ssni.checkpoints import public
+    from ssni.checkpoints.fetch import fetch_public
+
+    entry = replace(public.PUBLIC["imagenet-resnet50"], download=f"{server}/resnet50-0676ba61.pth",
+                    sha256=hashlib.sha256(PAYLOAD).hexdigest())
+    monkeypatch.setitem(public.PUBLIC, "imagenet-resnet50", entry)
+    with pytest.raises(CheckpointError, match="ssni fetch imagenet-resnet50 --weights-dir"):
+        public.public_path("imagenet-resnet50", tmp_path)
+    Files.files["/resnet50-0676ba61.pth"] = PAYLOAD
+    assert fetch_public("imagenet-resnet50", tmp_path, progress=False) == public.public_path("imagenet-resnet50",
+                                                                                             tmp_path)
+    with pytest.raises(CheckpointError, match="no direct download"):
+        fetch_public("cifar10-wrn-70-16", tmp_path, progress=False)

@@ -232,6 +232,22 @@ def models(weights_dir: Path = typer.Option(None, help="also list the models tra
 
 
 @app.command()
+def fetch(
+    name: str = typer.Argument(..., help="a public model with a direct download (see `ssni models`), or cifar10-data"),
+    weights_dir: Path = typer.Option(Path("weights-public"), help="folder the file goes to (cifar10-data: the "
+                                     "cifar-10-batches-py folder is unpacked there)"),
+) -> None:
+    """Download a public checkpoint or the CIFAR-10 batches: progress bar, resumable, hash-checked.
+
+    Example: ssni fetch imagenet-resnet50 --weights-dir weights-public
+    """
+    from .checkpoints.fetch import fetch_cifar10, fetch_public
+
+    path = fetch_cifar10(weights_dir) if name == "cifar10-data" else fetch_public(name, weights_dir)
+    typer.echo(f"{name} -> {path}")
+
+
+@app.command()
 def convert(
     source: Path = typer.Argument(..., help="an EDM network pickle, e.g. edm-cifar10-32x32-uncond-vp.pkl"),
     target: Path = typer.Argument(None, help="output .safetensors (default: SOURCE with that suffix)"),

@@ -61,6 +61,20 @@ def download(url: str, target: Path, *, sha256: str | None = None, md5: str | No
     return target
 
 
+def fetch_public(name: str, weights_dir: Path, progress: bool = True) -> Path:
+    """Download the public checkpoint ``name`` into ``weights_dir`` (see :data:`ssni.checkpoints.public.PUBLIC`)."""
+    from .public import PUBLIC
+
+    if name not in PUBLIC:
+        raise CheckpointError(f"unknown model {name!r}; fetchable: {sorted(n for n, e in PUBLIC.items() if e.download)}"
+                              " and cifar10-data")
+    entry = PUBLIC[name]
+    if entry.download is None:
+        raise CheckpointError(f"{name} has no direct download; get {entry.file} from {entry.url} into {weights_dir}")
+    target = Path(weights_dir) / entry.download.rsplit("/", 1)[-1]
+    return download(entry.download, target, sha256=entry.sha256, progress=progress)
+
+
 def fetch_cifar10(dest: Path, progress: bool = True, url: str | None = None) -> Path:
     """The CIFAR-10 python batches into ``dest/cifar-10-batches-py`` (the folder ``data.root`` names)."""
     archive = download(url or CIFAR10_DATA["url"], Path(dest) / CIFAR10_DATA["file"], md5=CIFAR10_DATA["md5"],

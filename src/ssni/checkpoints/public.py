@@ -1,7 +1,8 @@
 """Public checkpoints of the field, as data: file, source, license, architecture and loader.
 
-The files are not shipped (and cannot be fetched from here): download them from
-``url`` into a folder and pass it as ``--weights-dir``. Each loader builds our own
+The files are not shipped: ``ssni fetch NAME --weights-dir DIR`` downloads those
+with a direct ``download`` URL (resumable, hash-checked where ``sha256`` is known);
+the others are fetched by hand from ``url`` into that folder. Each loader builds our own
 re-implementation of the published architecture and loads the file strictly,
 without unpickling code (``allow_pickle`` is an explicit opt-in). ``build``
 gives the same architecture with random weights, for dry runs.
@@ -45,6 +46,7 @@ class PublicModel:
     build: Callable[[], nn.Module]
     sha256: str | None = None
     alternatives: tuple[str, ...] = ()  # other accepted file names (e.g. the unconverted original)
+    download: str | None = None  # a direct URL `ssni fetch` can get (saved under its own base name)
 
 
 PUBLIC: dict[str, PublicModel] = {
@@ -62,7 +64,8 @@ PUBLIC: dict[str, PublicModel] = {
         "`ssni convert edm-cifar10-32x32-uncond-vp.pkl --allow-pickle`", "CC BY-NC-SA 4.0",
         "EDM VPPrecond(SongUNet DDPM++) converted by `ssni convert` (the .pkl loads with --allow-pickle)", 32,
         lambda path, pickle: EDMAdapter(load_edm(path, allow_pickle=pickle)), lambda: EDMAdapter(EDMDenoiser()),
-        alternatives=("edm-cifar10-32x32-uncond-vp.pkl",)),
+        alternatives=("edm-cifar10-32x32-uncond-vp.pkl",),
+        download="https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl"),
     "cifar10-ddpm-diffusers": PublicModel(
         "diffusion", "ddpm-cifar10-32", "~143 MB folder (35.7M parameters)",
         "https://huggingface.co/google/ddpm-cifar10-32 (the whole repository as a folder; needs "
@@ -75,7 +78,8 @@ PUBLIC: dict[str, PublicModel] = {
         "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt",
         "MIT", "guided-diffusion UNetModel state dict (learned sigma, 6 output channels)", 256,
         lambda path, pickle: GuidedDiffusionEps(load_guided_diffusion(path, allow_pickle=pickle)),
-        lambda: GuidedDiffusionEps(GuidedDiffusionUNet(GuidedDiffusionConfig()))),
+        lambda: GuidedDiffusionEps(GuidedDiffusionUNet(GuidedDiffusionConfig())),
+        download="https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt"),
     "cifar10-wrn-28-10": PublicModel(
         "classifier", "Standard.pt", "~146 MB (36.5M parameters)",
         "RobustBench model zoo: cifar10 / Linf / Standard", "MIT (RobustBench)",
@@ -105,7 +109,8 @@ PUBLIC: dict[str, PublicModel] = {
         "classifier", "resnet50-0676ba61.pth", "~98 MB (25.6M parameters)",
         "https://download.pytorch.org/models/resnet50-0676ba61.pth (torchvision IMAGENET1K_V1)", "BSD-3-Clause",
         "torchvision ResNet state dict (ImageNet normalisation applied inside ours)", 224,
-        lambda path, pickle: load_torchvision_resnet(path, allow_pickle=pickle), lambda: torchvision_resnet()),
+        lambda path, pickle: load_torchvision_resnet(path, allow_pickle=pickle), lambda: torchvision_resnet(),
+        download="https://download.pytorch.org/models/resnet50-0676ba61.pth"),
     "cifar10-resnet18-autoattack": PublicModel(
         "classifier", "model_test.pt", "44,754,497 bytes (11.2M parameters)",
         "shipped inside the PyPI package pyautoattack 0.2.0 (pyautoattack/examples/model_test.pt)", "MIT",
@@ -123,8 +128,9 @@ def public_path(name: str, weights_dir: Path | None) -> Path:
             return Path(weights_dir) / file
     if name == "cifar10-resnet18-autoattack" and find_autoattack_checkpoint() is not None:
         return find_autoattack_checkpoint()
-    raise CheckpointError(f"{entry.file} for {name!r} not found in {weights_dir}; download it from {entry.url} "
-                          "into that folder (see `ssni models`)")
+    how = (f"run `ssni fetch {name} --weights-dir {weights_dir}`" if entry.download else
+           f"download it from {entry.url} into that folder (see `ssni models`)")
+    raise CheckpointError(f"{entry.file} for {name!r} not found in {weights_dir}; {how}")
 
 
 def load_public(name: str, weights_dir: Path | None, allow_pickle: bool = False) -> nn.Module:
