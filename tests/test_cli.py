@@ -52,3 +52,11 @@ def test_a_bad_config_value_is_one_error_line_naming_the_key(tmp_path):
     assert result.returncode == 2 and len(lines) == 1
     assert lines[0].startswith("error:") and "t_star" in lines[0] and "'300'" in lines[0]
     assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_help_and_models_are_readable():
+    result = runner.invoke(app, ["evaluate", "--help"], terminal_width=80)
+    assert "<bool>" not in result.output and "--sanity-n" in result.output and "[default: 16" in result.output
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 0 and "test_acc 0.988" in result.output
+    assert "0.0076696380227804185" not in result.output  # no 17-digit floats

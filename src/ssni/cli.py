@@ -15,8 +15,9 @@ import typer
 from .errors import SSNIError
 
 app = typer.Typer(help="Sample-specific Score-aware Noise Injection (SSNI) for diffusion purification.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
-train_app = typer.Typer(help="Train the small models shipped in weights/ (CPU, seeded).", no_args_is_help=True)
+                  no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
+train_app = typer.Typer(help="Train the small models shipped in weights/ (CPU, seeded).", no_args_is_help=True,
+                        rich_markup_mode=None)
 app.add_typer(train_app, name="train")
 
 
@@ -223,7 +224,8 @@ def models(weights_dir: Path = typer.Option(None, help="also list the models tra
     folder = weights_dir or default_weights_dir()
     typer.echo(f"trained by ssni (in {folder}):")
     for name, entry in sorted(load_manifest(folder).items()):
-        typer.echo(f"  {name:<28} {entry['arch']:<10} {entry['size_bytes'] / 1e6:6.2f} MB  {entry['metrics']}")
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(entry["metrics"].items()))
+        typer.echo(f"  {name:<28} {entry['arch']:<10} {entry['size_bytes'] / 1e6:6.2f} MB  {metrics}")
         typer.echo(f"  {'':<28} reproduce: {entry['command']}")
     typer.echo("public checkpoints (download into --weights-dir):")
     for name, entry in PUBLIC.items():
