@@ -110,3 +110,21 @@ def test_two_inputs_that_would_share_an_output_name_are_refused(digits):
     Image.new("L", (28, 28)).save(digits / "0" / "4.jpg")  # 0/4.png exists
     result = _run(digits, digits.parent / "out")
     assert isinstance(result.exception, InputError) and "would both be written" in str(result.exception)
+
+
+@pytest.mark.parametrize("size,message", [((40, 28), "40x28"), ((1, 1), "less than half")])
+def test_non_square_or_tiny_images_are_refused_not_cropped_or_stretched(digits, tmp_path, size, message):
+    Image.new("L", size).save(digits / "0" / "odd.png")
+    result = _run(digits, tmp_path / "out")
+    assert isinstance(result.exception, InputError) and "odd.png" in str(result.exception)
+    assert message in str(result.exception)
+
+
+def test_a_larger_square_image_is_resized(digits, tmp_path):
+    for f in list(digits.rglob("*.png"))[1:]:
+        f.unlink()
+    (only,) = digits.rglob("*.png")
+    Image.open(only).resize((56, 56)).save(only)
+    result = _run(digits, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert _pixels(tmp_path / "out" / only.relative_to(digits)).shape == (28, 28)

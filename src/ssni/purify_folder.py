@@ -56,7 +56,8 @@ def output_name(file: Path) -> Path:
 
 
 def read_images(source: Path, files: list[Path], dataset: str) -> torch.Tensor:
-    """``[B, C, S, S]`` in ``[0, 1]`` in the dataset's format; a bad file names itself."""
+    """``[B, C, S, S]`` in ``[0, 1]`` in the dataset's format (square images resized to ``S``);
+    a bad, non-square or far too small file names itself."""
     from PIL import Image, UnidentifiedImageError
 
     mode, size = FORMATS[dataset]
@@ -64,10 +65,22 @@ def read_images(source: Path, files: list[Path], dataset: str) -> torch.Tensor:
     for file in files:
         try:
             with Image.open(source / file) as img:
+                check_geometry(source / file, img.width, img.height, size)
                 pixels.append(_resize_crop(img.convert(mode), size).reshape(size, size, -1))
         except (UnidentifiedImageError, OSError) as err:
             raise InputError(f"{source / file} is not a readable image ({err}); remove or replace it") from err
     return torch.from_numpy(np.stack(pixels).transpose(0, 3, 1, 2).copy()).float() / 255
+
+
+def check_geometry(path: Path, width: int, height: int, size: int) -> None:
+    """Only square images are resized to the model's ``size`` (never cropped: a digit at the edge
+    would be cut), and never up from less than half of it (that would invent the detail)."""
+    if width != height:
+        raise InputError(f"{path} is {width}x{height}; the model takes square {size}x{size} images: crop or "
+                         "pad it to a square first (ssni does not crop, it could cut the object off)")
+    if width < size / 2:
+        raise InputError(f"{path} is {width}x{height}, less than half of the model's {size}x{size}; "
+                         "upscaling it that far would invent the image")
 
 
 def image_id(file: Path) -> int:
