@@ -59,6 +59,7 @@ class PGD:
     progress: bool = False
     loss_trace: list[float] = field(default_factory=list, repr=False)
     fooled_any_iterate: Tensor | None = field(default=None, repr=False)
+    sample_loss: Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.steps < 0 or self.eot < 1 or self.step_size <= 0 or self.eot_batch < 1:
@@ -66,7 +67,10 @@ class PGD:
 
     def objective(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None,
                   draw: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``(loss summed over the batch, logits)``: the cross-entropy PGD ascends, and what it saw."""
+        """``(loss summed over the batch, logits)``: the cross-entropy PGD ascends, and what it saw.
+
+        A subclass may return the ``[rows]`` per-row losses instead of their sum: :meth:`gradient`
+        then ascends their sum and leaves each sample's mean over the draws in ``sample_loss``."""
         logits = call_model(model, x, sample_ids, draw)
         return F.cross_entropy(logits, y, reduction="sum"), logits
 
@@ -74,7 +78,7 @@ class PGD:
                  sample_ids: Tensor | None) -> tuple[Tensor, float, Tensor]:
         """EOT estimate of the input gradient of the objective, the mean loss, and ``[B]`` whether
         one of these draws misclassified the sample."""
-        total, loss_sum = torch.zeros_like(x), 0.0
+        total, loss_sum, rows = torch.zeros_like(x), 0.0, []
         fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         stackable = hasattr(model, "reserve_draws")
         for start in range(0, self.eot, self.eot_batch if stackable else 1):
@@ -87,9 +91,13 @@ class PGD:
                                               ids.repeat(k), draws)
             else:
                 loss, logits = self.objective(model, x_var, y, sample_ids)
+            if loss.dim() == 1:  # per-row losses, row j * B + i: keep each sample's mean over the draws
+                rows.append(loss.detach().reshape(k, -1))
+                loss = loss.sum()
             fooled |= (logits.detach().argmax(1) != y.repeat(k)).reshape(k, -1).any(0)
             total += torch.autograd.grad(loss, x_var)[0]
             loss_sum += loss.item()
+        self.sample_loss = torch.cat(rows).mean(0) if rows else None
         return total / self.eot, loss_sum / (self.eot * x.shape[0]), fooled
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None = None) -> Tensor:

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..attacks import PGD, ThreatModel
 from ..attacks.adaptive import AdaptivePGD
+from ..attacks.apgd import APGD
 from ..attacks.autoattack import AutoAttackRand
 from ..attacks.gradient_modes import gradient_target
 from ..checkpoints.public import PUBLIC, load_public
@@ -150,9 +151,12 @@ def build_attack(a: AttackConfig, model: nn.Module, seed: int) -> tuple[object, 
                           "autoattack with 'exact'")
     if a.name == "autoattack":
         return AutoAttackRand(threat, version=a.version, seed=seed, steps=a.steps, eot=a.eot), model
-    if a.name not in ("pgd", "bpda", "adaptive"):
+    if a.name not in ("pgd", "bpda", "adaptive", "apgd"):
         raise ConfigError(f"unknown attack {a.name!r}; choose one of {list(CHOICES[('attacks', 'name')])}")
     target = gradient_target(model, mode, a.surrogate_steps)
     if a.name == "adaptive":
         return AdaptivePGD(**pgd, score_weight=a.score_weight), target
+    if a.name == "apgd":  # its own step schedule and random starts: step_size, sign_step, random_start unused
+        return APGD(threat, steps=a.steps, eot=a.eot, seed=seed, eot_batch=a.eot_batch, loss=a.loss,
+                    restarts=a.restarts, targeted=a.targeted, iterate=a.iterate), target
     return PGD(**pgd), target

@@ -71,7 +71,7 @@ class SSNIConfig:
 
 @dataclass(frozen=True)
 class AttackConfig:
-    name: str = "pgd"  # pgd | bpda | adaptive | autoattack
+    name: str = "pgd"  # pgd | bpda | adaptive | autoattack | apgd
     norm: str = "linf"
     eps: float = 0.3
     steps: int = 20
@@ -84,6 +84,13 @@ class AttackConfig:
     version: str = "rand"  # autoattack: rand (APGD-CE + APGD-DLR) | apgd-ce | apgd-dlr
     gradient: str = "exact"  # exact | surrogate (the paper's attack: shorter reverse chain) | bpda
     surrogate_steps: int = 20  # surrogate: reverse steps per round of the chain the attack differentiates
+    # apgd: DLR by default (invariant to shifting and rescaling the logits, so saturated or rescaled
+    # logits cannot hide the gradient; AutoAttack's decisive loss); restarts keyed by (seed, restart);
+    # targeted runs once per likely other class; iterate best = highest-loss point (AutoAttack's best_loss)
+    loss: str = "dlr"  # apgd: ce | margin | dlr
+    restarts: int = 1
+    targeted: bool = False
+    iterate: str = "best"  # apgd: best | last
 
 
 @dataclass(frozen=True)
@@ -130,7 +137,9 @@ class ExperimentConfig:
 SPEED_ONLY = {"evaluate": ("device", "batch_size", "compile"), "attacks": ("eot_batch",)}
 CHOICES = {("purifier", "method"): ("none", "diffpure", "gdmp", "gns"),
            ("ssni", "reweight"): ("none", "sigmoid", "linear"),
-           ("attacks", "name"): ("pgd", "bpda", "adaptive", "autoattack"),
+           ("attacks", "name"): ("pgd", "bpda", "adaptive", "autoattack", "apgd"),
+           ("attacks", "loss"): ("ce", "margin", "dlr"),
+           ("attacks", "iterate"): ("best", "last"),
            ("attacks", "norm"): ("linf", "l2"),
            ("attacks", "version"): ("rand", "apgd-ce", "apgd-dlr"),
            ("attacks", "gradient"): ("exact", "surrogate", "bpda"),
