@@ -216,5 +216,6 @@ class SampleNoise:
         if levels.shape != (len(self),):
             raise InputError(f"randn_levels needs [B] = [{len(self)}] levels, found shape {tuple(levels.shape)}: "
                              "pass one integer level per sample")
-        row = _mix(self._on(like.device), _key_code("randn_levels", key))
-        return _normal(_mix(row, levels.to(like.device, torch.int64)), like)
+        # row key SplitMix64(seed ^ key code ^ level): levels only flip low bits, which the mix spreads
+        row = torch.bitwise_xor(self._on(like.device), levels.to(like.device, torch.int64))
+        return _normal(_mix(row, _key_code("randn_levels", key)), like)
