@@ -18,8 +18,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
-from ssni.rng import SampleNoise, derive_seed
+from ssni.rng import SampleNoise, derive_seed, sample_seeds
 
 SHAPES = [(64, 3, 32, 32), (16, 3, 256, 256)]
 
@@ -31,6 +32,50 @@ def old_loop(seeds: list[int], key: tuple, levels: list[int], like: torch.Tensor
         gen.manual_seed(derive_seed(seed, *key, level))
         rows.append(torch.randn(like.shape[1:], generator=gen))
     return torch.stack(rows).to(device=like.device, dtype=like.dtype)
+
+
+def old_sample_seeds(run_seed: int, ids: list[int], draws: list[int]) -> torch.Tensor:
+    """Seeds before issue 12: derive_seed per sample in Python."""
+    return torch.tensor([derive_seed(run_seed, i, d) for i, d in zip(ids, draws)], dtype=torch.int64)
+
+
+def bench_seeds(batch: int, reps: int) -> dict:
+    """sample_seeds (vectorised) vs the per-sample Python loop, same values."""
+    ids, draws = list(range(batch)), list(range(batch))
+    assert torch.equal(old_sample_seeds(3, ids, draws), sample_seeds(3, ids, draws))
+    times = {"old_loop": [], "new": []}
+    for _ in range(reps):
+        times["old_loop"].append(_timed(lambda: old_sample_seeds(3, ids, draws), lambda: None))
+        times["new"].append(_timed(lambda: sample_seeds(3, ids, draws), lambda: None))
+    return {"what": "sample_seeds", "batch": batch, "reps": reps,
+            **{f"{name}_best_ms": round(min(ts) * 1e3, 4) for name, ts in times.items()}}
+
+
+class _CountCalls(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def torch_calls(shape: tuple[int, ...], device: str) -> dict:
+    """Torch calls issued by one draw, old loop vs new, at this shape's batch and at batch 4."""
+    counts = {}
+    for batch in (4, shape[0]):
+        like = torch.zeros((batch, *shape[1:]), device=device)
+        noise, levels = SampleNoise.from_ids(0, range(batch)), torch.arange(1, batch + 1, device=device)
+        seeds, level_list = noise.seeds.tolist(), levels.tolist()
+        for name, fn in (("old_loop", lambda: old_loop(seeds, ("reverse", 0), level_list, like)),
+                         ("new", lambda: noise.subset(torch.arange(batch, device=device)).randn_levels(
+                             ("reverse", 0), levels, like))):
+            fn()
+            with _CountCalls() as mode:
+                fn()
+            counts[f"{name}_torch_calls_b{batch}"] = mode.count
+    return counts
 
 
 def _timed(fn, sync) -> float:
@@ -60,7 +105,7 @@ def bench_shape(shape: tuple[int, ...], device: str, reps: int) -> dict:
     for _ in range(reps):
         for name, fn in calls.items():
             times[name].append(_timed(fn, sync))
-    row = {"shape": list(shape), "device": device, "reps": reps}
+    row = {"shape": list(shape), "device": device, "reps": reps, **torch_calls(shape, device)}
     for name, ts in times.items():
         row[f"{name}_best_ms"] = round(min(ts) * 1e3, 4)
         row[f"{name}_median_ms"] = round(statistics.median(ts) * 1e3, 4)
@@ -84,6 +129,9 @@ def main() -> None:
         for shape in SHAPES:
             reps = args.reps if shape[0] * shape[2] * shape[3] < 100_000 else max(5, args.reps // 10)
             rows.append(bench_shape(shape, device, reps))
+            print(json.dumps(rows[-1]))
+        if device == "cpu":
+            rows.append(bench_seeds(64, args.reps))
             print(json.dumps(rows[-1]))
         record = {
             "what": "per-sample noise: old per-row loop vs ssni.rng counter-based draw vs plain torch.randn",
