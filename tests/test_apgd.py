@@ -7,6 +7,7 @@ from torch import nn
 from ssni import Defense, DiffPure
 from ssni.attacks import APGD, ThreatModel
 from ssni.attacks.apgd import checkpoint_steps, dlr_loss, margin_loss, stalled
+from ssni.attacks.bpda import BPDA
 from ssni.checkpoints.registry import default_weights_dir, load_named
 from ssni.data import load_split
 from ssni.denoisers import UNet, UNetConfig
@@ -43,7 +44,8 @@ def robust(model, x, y) -> int:
 @pytest.mark.skipif(importlib.util.find_spec("pyautoattack") is None, reason="needs pyautoattack")
 @pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 1.5)])
 @pytest.mark.parametrize("loss", ["ce", "dlr"])
-def test_apgd_matches_the_reference_apgd_on_an_undefended_classifier(norm, eps, loss, classifier, digits, one_thread):
+def test_apgd_matches_the_reference_apgd_on_an_undefended_classifier(norm, eps, loss, classifier, digits,
+                                                                     one_thread):
     from pyautoattack.autopgd_base import APGDAttack
 
     x, y = digits
@@ -101,7 +103,8 @@ def test_step_halves_exactly_at_checkpoints_when_the_loss_stalls(rising):
 
 def test_best_iterate_has_at_least_the_loss_of_the_last(classifier, digits, one_thread):
     x, y = digits[0][:8], digits[1][:8]
-    outputs = {it: APGD(ThreatModel("linf", 0.1), steps=5, iterate=it)(classifier, x, y) for it in ("best", "last")}
+    outputs = {it: APGD(ThreatModel("linf", 0.1), steps=5, iterate=it)(classifier, x, y)
+               for it in ("best", "last")}
     with torch.no_grad():
         best, last = (dlr_loss(classifier(outputs[it]), y, None) for it in ("best", "last"))
     assert (best >= last - 1e-5).all() and (best > last + 1e-3).any()
@@ -114,8 +117,10 @@ def test_a_sample_gets_the_same_attack_alone_and_in_a_batch(classifier, digits, 
         batch = attack(classifier, x, y, ids)
         alone = attack(classifier, x[2:3], y[2:3], ids[2:3])
         assert torch.allclose(batch[2:3], alone, atol=1e-5)
-        assert not torch.allclose(batch[2:3], attack(classifier, x[2:3], y[2:3], torch.tensor([12])), atol=1e-3)
-    one, three = (APGD(ThreatModel("l2", 1.0), steps=0, restarts=r, seed=3)(classifier, x, y, ids) for r in (1, 3))
+        other_id = attack(classifier, x[2:3], y[2:3], torch.tensor([12]))
+        assert not torch.allclose(batch[2:3], other_id, atol=1e-3)
+    one, three = (APGD(ThreatModel("l2", 1.0), steps=0, restarts=r, seed=3)(classifier, x, y, ids)
+                  for r in (1, 3))
     assert not torch.allclose(one, three)  # a later restart's start won somewhere
 
 
@@ -159,8 +164,15 @@ def test_apgd_is_registered_and_checks_its_settings(classifier):
     cfg = from_dict({"attacks": [{"name": "apgd", "loss": "margin", "restarts": 2, "iterate": "last"}]})
     attack, target = build_attack(cfg.attacks[0], classifier, seed=4)
     assert isinstance(attack, APGD) and target is classifier
-    assert (attack.loss, attack.restarts, attack.iterate, attack.seed, attack.targeted) == ("margin", 2, "last", 4, False)
+    settings = (attack.loss, attack.restarts, attack.iterate, attack.seed, attack.targeted)
+    assert settings == ("margin", 2, "last", 4, False)
     assert AttackConfig().loss == "dlr"
+    defense = tiny_defense(classifier)
+    cfg = from_dict({"attacks": [{"name": "apgd", "gradient": "bpda", "steps": 1, "eot": 1}]})
+    attack, target = build_attack(cfg.attacks[0], defense, seed=0)
+    assert isinstance(target, BPDA) and target is not defense  # the gradient modes reach APGD as they reach PGD
+    two = load_split("mnist-5k", "test").head(2)
+    assert attack(target, two.images, two.labels, two.ids).shape == two.images.shape
     with pytest.raises(ConfigError):
         from_dict({"attacks": [{"name": "apgd", "loss": "hinge"}]})
     with pytest.raises(ConfigError):

@@ -60,7 +60,8 @@ def _top_other(z: Tensor, cls: Tensor) -> Tensor:
 
 def _sorted(z: Tensor, need: int) -> Tensor:
     if z.shape[1] < need:
-        raise ConfigError(f"this DLR loss needs at least {need} classes, found {z.shape[1]}; use loss = 'ce' or 'margin'")
+        raise ConfigError(f"this DLR loss needs at least {need} classes, found {z.shape[1]}; "
+                          "use loss = 'ce' or 'margin'")
     return z.sort(1, descending=True).values
 
 
@@ -166,7 +167,8 @@ class APGD(PGD):
         z = self.threat.project(x_k + eta * self.threat.ascent_direction(grad), x)
         return self.threat.project(x_k + a * (z - x_k) + (1 - a) * (x_k - x_prev), x)
 
-    def _run(self, model: nn.Module, x: Tensor, y: Tensor, ids: Tensor, start: Tensor) -> tuple[Tensor, Tensor]:
+    def _run(self, model: nn.Module, x: Tensor, y: Tensor, ids: Tensor,
+             start: Tensor) -> tuple[Tensor, Tensor]:
         """One APGD run from ``start``: ``(returned iterate, its loss)``, both per sample."""
         view = (-1, *[1] * (x.dim() - 1))
         x_k = x_prev = start
