@@ -150,7 +150,8 @@ def build_attack(a: AttackConfig, model: nn.Module, seed: int) -> tuple[object, 
                           "gradient = 'exact' | 'surrogate' | 'bpda', adaptive with 'exact' | 'surrogate', "
                           "autoattack with 'exact'")
     if a.name == "autoattack":
-        return AutoAttackRand(threat, version=a.version, seed=seed, steps=a.steps, eot=a.eot), model
+        return AutoAttackRand(threat, version=a.version, seed=seed, steps=a.steps, eot=a.eot,
+                              restarts=a.restarts), model
     if a.name not in ("pgd", "bpda", "adaptive", "apgd"):
         raise ConfigError(f"unknown attack {a.name!r}; choose one of {list(CHOICES[('attacks', 'name')])}")
     target = gradient_target(model, mode, a.surrogate_steps)

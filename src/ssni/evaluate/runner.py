@@ -196,8 +196,8 @@ def run_sanity(cfg: ExperimentConfig, weights_dir: Path | None = None, n: int = 
 
     model = prepare_model(cfg, Path(weights_dir or default_weights_dir()))
     data = load_eval_data(cfg, min(n, cfg.data.n))
-    attack = next((build_attack(a, model, cfg.evaluate.seed)[0] for a in cfg.attacks if a.name in ("pgd", "adaptive")),
-                  None)
+    attack = next((build_attack(a, model, cfg.evaluate.seed)[0] for a in cfg.attacks
+                   if a.name in ("pgd", "apgd", "adaptive")), None)
     x, y = data.images.to(cfg.evaluate.device), data.labels.to(cfg.evaluate.device)
     checks = defense_checks(model, x, y)
     if isinstance(attack, PGD):
@@ -206,7 +206,7 @@ def run_sanity(cfg: ExperimentConfig, weights_dir: Path | None = None, n: int = 
         from ..attacks.gradient_modes import cosine_checks, gradient_cosines
         from .config import AttackConfig
 
-        pgd_like = [a for a in cfg.attacks if a.name in ("pgd", "bpda", "adaptive")] or [AttackConfig()]
+        pgd_like = [a for a in cfg.attacks if a.name in ("pgd", "apgd", "bpda", "adaptive")] or [AttackConfig()]
         steps = next((a.surrogate_steps for a in pgd_like if a.gradient == "surrogate"), pgd_like[0].surrogate_steps)
         m = min(len(data), 8)
         checks += cosine_checks(gradient_cosines(model, x[:m], y[:m], data.ids[:m], eot=pgd_like[0].eot,
