@@ -173,6 +173,42 @@ def evaluate(
 
 
 @app.command()
+def converge(
+    config: Path = typer.Option(..., "--config", help="experiment TOML; its first attack is the base budget"),
+    out: Path = typer.Option(..., "--out", help="output folder: one sub-folder per budget point (rerun to resume), "
+                             "convergence.json, convergence.png"),
+    ladder: str = typer.Option("steps=10,20,50,100,200 eot=1,2,4,8,16 restarts=1,2,4",
+                               help="rungs per axis; each axis varies alone at the configured base of the others"),
+    restarts: str = typer.Option(None, help="restart rungs (apgd), e.g. 1,2,4 (same as restarts=... in --ladder)"),
+    attack: list[str] = typer.Option([], "--attack", help="attack name(s) to study (default: the configured one)"),
+    limit: int = typer.Option(None, min=1, help="validation images (overrides data.n)"),
+    set_: list[str] = typer.Option([], "--set", help="override a config value: --set ssni.reweight=none"),
+    label: str = typer.Option(None, help="name of the defense in the plot legend"),
+    weights_dir: Path = typer.Option(None, help="folder with manifest.json (default: the shipped weights/)"),
+    progress: bool = typer.Option(True, help="progress bars"),
+) -> None:
+    """Robust accuracy (worst of N) along a budget ladder on the validation split; choose the budget.
+
+    Example: ssni converge --config configs/mnist-diffpure-ssni-n.toml --out runs/conv
+    --ladder "steps=5,10,20,40 eot=1,2,4,8" --attack pgd --attack apgd --limit 40
+    """
+    from .evaluate import load_config
+    from .evaluate.convergence import parse_ladder, run_convergence
+
+    overrides = _parse_overrides(set_)
+    if limit is not None:
+        overrides["data.n"] = limit
+    rungs = parse_ladder(ladder + (f" restarts={restarts}" if restarts else ""))
+    result = run_convergence(load_config(config, overrides), out, list(attack) or None, rungs, weights_dir,
+                             progress, label)
+    for name, choice in result["choice"].items():
+        typer.echo(f"{name}: {choice['verdict']}")
+        for axis, detail in choice["axes"].items():
+            typer.echo("\n".join(f"  {axis}: {line}" for line in detail["reasoning"]))
+    typer.echo(f"wrote {out / 'convergence.json'} and {out / 'convergence.png'}")
+
+
+@app.command()
 def purify(
     source: Path = typer.Argument(..., help="folder of images (PNG/JPEG/BMP/WebP, any depth)"),
     out: Path = typer.Option(..., "--out", help="output folder: purified PNGs + purify.csv; rerun to resume"),

@@ -1,0 +1,206 @@
+"""Convergence of an attack's budget: robust accuracy (worst of N fresh draws) along a budget ladder.
+
+A configured defense is evaluated on the validation split with one attack at a ladder of budgets.
+Each axis (``steps``, ``eot``, ``restarts``) varies alone, the other settings staying at the
+configured base; every budget point is one :func:`ssni.evaluate.runner.evaluate` run in its own
+sub-folder of the output (so an interrupted study resumes point by point) and is summarised by
+:func:`ssni.evaluate.summary.summarize` (single, majority, worst of N, any iterate, Wilson 95%
+intervals).
+
+Choice rule (issue 14). Along an axis with rungs ``v_0 < v_1 < ...`` and worst-of-N robust
+accuracies ``a_i`` with 95% interval half-widths ``h_i``, the axis is converged at the first rung
+``i`` with ``|a_i - a_{i+1}| < h_i`` (raising the budget to the next rung, a doubling on a doubling
+ladder, moves the headline by less than its own statistical uncertainty). The chosen budget takes
+each axis's converged rung; if an axis never satisfies the rule the study is "not converged within
+the ladder". The axes are measured at the base of the others (a cross, not a grid): the choice
+assumes the effects of steps and EOT do not interact much, which the README states.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from .config import ExperimentConfig
+from .runner import evaluate
+from .store import RESULTS_FILE, Store
+from .summary import summarize
+
+AXES = ("steps", "eot", "restarts")
+RESTART_ATTACKS = ("apgd", "autoattack")  # attacks whose restarts setting means something
+DEFAULT_LADDER = {"steps": (10, 20, 50, 100, 200), "eot": (1, 2, 4, 8, 16), "restarts": (1, 2, 4)}
+NOT_CONVERGED = "not converged within the ladder"
+
+
+def parse_ladder(text: str) -> dict[str, tuple[int, ...]]:
+    """``"steps=10,20,50 eot=1,2,4"`` (spaces or semicolons between axes) -> ``{axis: rungs}``."""
+    from ..errors import ConfigError
+
+    ladder = {}
+    for part in text.replace(";", " ").split():
+        axis, sep, values = part.partition("=")
+        if not sep or axis not in AXES:
+            raise ConfigError(f"ladder entry {part!r}: write AXIS=v1,v2,... with AXIS one of {list(AXES)}, "
+                              "e.g. --ladder 'steps=10,20,50 eot=1,2,4'")
+        try:
+            rungs = sorted({int(v) for v in values.split(",") if v})
+        except ValueError:
+            raise ConfigError(f"ladder entry {part!r}: the rungs must be whole numbers") from None
+        if not rungs or rungs[0] < 1:
+            raise ConfigError(f"ladder entry {part!r}: give at least one rung, each >= 1")
+        ladder[axis] = tuple(rungs)
+    return ladder
+
+
+def budget_points(cfg: ExperimentConfig, attack: str, ladder: dict[str, tuple[int, ...]]) -> list[dict]:
+    """The budget points of one attack: each axis's rungs at the base (configured) value of the others.
+    The base point appears once per axis it lies on (it is run once: same folder)."""
+    base = cfg.attacks[0]
+    points = []
+    for axis, rungs in ladder.items():
+        if axis == "restarts" and attack not in RESTART_ATTACKS:
+            continue
+        for value in rungs:
+            budget = {"steps": base.steps, "eot": base.eot, "restarts": base.restarts, axis: value}
+            points.append({"attack": attack, "axis": axis, **budget})
+    return points
+
+
+def point_config(cfg: ExperimentConfig, point: dict) -> ExperimentConfig:
+    """The configured experiment with the first attack alone, renamed and set to the point's budget."""
+    a = replace(cfg.attacks[0], name=point["attack"], steps=point["steps"], eot=point["eot"],
+                restarts=point["restarts"])
+    return replace(cfg, attacks=(a,))
+
+
+def point_folder(point: dict) -> str:
+    return f"{point['attack']}-steps{point['steps']}-eot{point['eot']}-restarts{point['restarts']}"
+
+
+def stored_rows(out: Path, cfg: ExperimentConfig) -> list[dict]:
+    store = Store(out / RESULTS_FILE, cfg.hash(), json.dumps(cfg.to_dict(), sort_keys=True))
+    rows = store.rows()
+    store.close()
+    return rows
+
+
+def measure_point(cfg: ExperimentConfig, point: dict, out: Path, weights_dir: Path | None,
+                  progress: bool) -> dict:
+    """Run (or resume) one budget point into ``out/<folder>`` and summarise it."""
+    folder = out / point_folder(point)
+    pcfg = point_config(cfg, point)
+    start = time.time()
+    evaluate(pcfg, folder, weights_dir, progress=progress)
+    wall = time.time() - start
+    rows = stored_rows(folder, pcfg)
+    s = summarize(rows, pcfg)
+    keep = ("acc", "correct", "n", "ci95")
+    return {**point, "folder": folder.name, "gradient_evaluations": point["steps"] * point["eot"] * point["restarts"],
+            "clean": {k: s["clean"][k] for k in keep},
+            **{p: {k: acc[k] for k in keep} for p, acc in s["robust_by_protocol"].items()},
+            "seconds": sum(r["seconds"] for r in rows), "wall_seconds_this_call": round(wall, 1)}
+
+
+def half_width(acc: dict) -> float:
+    return (acc["ci95"][1] - acc["ci95"][0]) / 2
+
+
+def first_stable(rungs: list[int], accs: list[float], half_widths: list[float]) -> dict:
+    """The choice rule on one axis: the first rung whose step to the next rung changes the accuracy
+    by less than that rung's interval half-width. Returns the rung (or ``None``) and the reasoning."""
+    lines, stable = [], []
+    for i in range(len(rungs) - 1):
+        change = abs(accs[i + 1] - accs[i])
+        stable.append(change < half_widths[i])
+        lines.append(f"{rungs[i]} -> {rungs[i + 1]}: worst-of-N {100 * accs[i]:.1f}% -> {100 * accs[i + 1]:.1f}%, "
+                     f"change {100 * change:.1f} pts {'<' if stable[i] else '>='} half-width "
+                     f"{100 * half_widths[i]:.1f} pts")
+    first = stable.index(True) if True in stable else None
+    chosen = None if first is None else rungs[first]
+    if chosen is None:
+        lines.append(NOT_CONVERGED if len(rungs) > 1 else "one rung only: nothing to compare")
+    elif not all(stable[first:]):
+        later = lines[first + stable[first:].index(False)]
+        lines.append(f"chosen {chosen}; warning: a later step still moves more than the half-width ({later})")
+    else:
+        lines.append(f"chosen {chosen}")
+    return {"chosen": chosen, "reasoning": lines}
+
+
+def choose_budget(points: list[dict], protocol: str = "worst") -> dict:
+    """Per attack, the choice rule on every axis it was measured on, and the budget it gives."""
+    out = {}
+    for attack in dict.fromkeys(p["attack"] for p in points):
+        axes, budget = {}, {}
+        for axis in dict.fromkeys(p["axis"] for p in points if p["attack"] == attack):
+            line = sorted((p for p in points if p["attack"] == attack and p["axis"] == axis), key=lambda p: p[axis])
+            axes[axis] = first_stable([p[axis] for p in line], [p[protocol]["acc"] for p in line],
+                                      [half_width(p[protocol]) for p in line])
+            budget[axis] = axes[axis]["chosen"]
+        converged = all(v is not None for v in budget.values())
+        out[attack] = {"axes": axes, "budget": budget if converged else None, "converged": converged,
+                       "verdict": ", ".join(f"{k} {v}" for k, v in budget.items()) if converged else
+                       NOT_CONVERGED + " (" + ", ".join(k for k, v in budget.items() if v is None) + ")"}
+    return out
+
+
+def run_convergence(cfg: ExperimentConfig, out: Path, attacks: list[str] | None = None,
+                    ladder: dict[str, tuple[int, ...]] | None = None, weights_dir: Path | None = None,
+                    progress: bool = True, label: str | None = None) -> dict:
+    """The whole study on the validation split: every point of every attack's ladder, then
+    ``out/convergence.json`` and ``out/convergence.png``. ``attacks`` default: the first
+    configured attack's name."""
+    cfg = replace(cfg, data=replace(cfg.data, split="val"))
+    ladder = ladder or DEFAULT_LADDER
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    points, seen = [], {}
+    for attack in attacks or [cfg.attacks[0].name]:
+        for point in budget_points(cfg, attack, ladder):
+            key = point_folder(point)
+            if key not in seen:
+                seen[key] = measure_point(cfg, point, out, weights_dir, progress)
+            points.append({**seen[key], "axis": point["axis"]})
+    result = {"label": label or f"{cfg.purifier.method} + ssni {cfg.ssni.reweight}", "split": "val",
+              "n": cfg.data.n, "draws": cfg.evaluate.rescore_draws, "config_hash_base": cfg.hash(),
+              "base_attack": cfg.attacks[0].__dict__, "ladder": {k: list(v) for k, v in ladder.items()},
+              "rule": "per axis, the first rung at which moving to the next rung changes worst-of-N robust "
+                      "accuracy by less than the 95% Wilson half-width at that rung",
+              "points": points, "choice": choose_budget(points)}
+    (out / "convergence.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot_convergence([result], out / "convergence.png")
+    return result
+
+
+def plot_convergence(results: list[dict], path: Path) -> None:
+    """Worst-of-N robust accuracy with its 95% interval against the budget (gradient evaluations per
+    sample and restart: steps x EOT x restarts, log scale), one line per defense/attack/axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    styles = {"steps": "o-", "eot": "s--", "restarts": "^:"}
+    for i, (res, attack, axis) in enumerate((r, a, x) for r in results
+                                            for a in dict.fromkeys(p["attack"] for p in r["points"])
+                                            for x in dict.fromkeys(p["axis"] for p in r["points"])):
+        line = sorted((p for p in res["points"] if p["attack"] == attack and p["axis"] == axis),
+                      key=lambda p: p["gradient_evaluations"])
+        if not line:
+            continue
+        x = [p["gradient_evaluations"] * (1 + 0.03 * i) for p in line]  # a small shift keeps bars apart
+        y = [100 * p["worst"]["acc"] for p in line]
+        err = [[100 * (p["worst"]["acc"] - p["worst"]["ci95"][0]) for p in line],
+               [100 * (p["worst"]["ci95"][1] - p["worst"]["acc"]) for p in line]]
+        ax.errorbar(x, y, yerr=err, fmt=styles[axis], capsize=3, color=f"C{i % 10}",
+                    label=f"{res['label']}, {attack}, {axis} " + ",".join(str(p[axis]) for p in line))
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="budget: steps x EOT x restarts (gradient evaluations per sample)",
+           ylabel="robust accuracy, worst of N (%)", title="Attack convergence (validation split, 95% Wilson)")
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,116 @@
+import json
+
+import pytest
+
+from ssni.errors import ConfigError
+from ssni.evaluate import load_config
+from ssni.evaluate import convergence as conv
+
+CONFIG = """
+[data]
+n = 4
+[purifier]
+method = "diffpure"
+t_star = 20
+steps = 2
+[ssni]
+reweight = "sigmoid"
+n_levels = 2
+calibration_size = 8
+[[attacks]]
+name = "pgd"
+eps = 0.3
+steps = 1
+step_size = 0.1
+eot = 1
+[evaluate]
+batch_size = 4
+rescore_draws = 2
+"""
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text(CONFIG)
+    return load_config(path)
+
+
+def point(axis, value, correct, n=40):
+    from ssni.evaluate.summary import accuracy
+
+    return {"attack": "pgd", "axis": axis, "steps": 10, "eot": 2, "restarts": 1, axis: value,
+            "worst": accuracy(correct, n)}
+
+
+def test_rule_picks_first_rung_whose_next_step_moves_less_than_half_width():
+    # 40 images: 20/40 has a 95% Wilson half-width of about 14.8 points, 4/40 about 9.6
+    steps = [point("steps", 5, 20), point("steps", 10, 8), point("steps", 20, 6), point("steps", 40, 6)]
+    eot = [point("eot", 1, 12), point("eot", 2, 10), point("eot", 4, 9)]
+    choice = conv.choose_budget(steps + eot)["pgd"]
+    assert choice["axes"]["steps"]["chosen"] == 10  # 5 -> 10 moves 30 points, 10 -> 20 moves 5
+    assert choice["axes"]["eot"]["chosen"] == 1  # 1 -> 2 moves 5 points < about 13
+    assert choice["budget"] == {"steps": 10, "eot": 1} and choice["converged"]
+    assert "chosen 10" in choice["axes"]["steps"]["reasoning"][-1]
+
+
+def test_rule_says_not_converged_when_every_step_still_moves():
+    steps = [point("steps", 5, 30), point("steps", 10, 18), point("steps", 20, 6)]
+    eot = [point("eot", 1, 12), point("eot", 2, 11)]
+    choice = conv.choose_budget(steps + eot)["pgd"]
+    assert choice["axes"]["steps"]["chosen"] is None and choice["budget"] is None
+    assert not choice["converged"] and choice["verdict"] == "not converged within the ladder (steps)"
+
+
+def test_rule_warns_about_a_later_drop():
+    out = conv.first_stable([5, 10, 20], [0.5, 0.48, 0.1], [0.15, 0.15, 0.1])
+    assert out["chosen"] == 5 and "warning" in out["reasoning"][-1]
+
+
+def test_parse_ladder_and_points(cfg):
+    ladder = conv.parse_ladder("steps=4,1,2; eot=1,2 restarts=1,2")
+    assert ladder == {"steps": (1, 2, 4), "eot": (1, 2), "restarts": (1, 2)}
+    pgd = conv.budget_points(cfg, "pgd", ladder)
+    assert [(p["axis"], p["steps"], p["eot"]) for p in pgd] == [
+        ("steps", 1, 1), ("steps", 2, 1), ("steps", 4, 1), ("eot", 1, 1), ("eot", 1, 2)]  # no restarts for pgd
+    assert len(conv.budget_points(cfg, "apgd", ladder)) == 7
+    for bad in ("steps", "iters=1,2", "steps=a", "steps=0,1"):
+        with pytest.raises(ConfigError):
+            conv.parse_ladder(bad)
+
+
+def test_study_writes_files_and_resumes(cfg, tiny_weights, tmp_path, monkeypatch):
+    out = tmp_path / "conv"
+    ladder = {"steps": (1, 2), "eot": (1, 2)}
+    first = conv.run_convergence(cfg, out, None, ladder, tiny_weights, progress=False)
+    assert (out / "convergence.png").stat().st_size > 0
+    saved = json.loads((out / "convergence.json").read_text())
+    assert saved["split"] == "val" and len(saved["points"]) == 4  # base point listed on both axes
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == [
+        "pgd-steps1-eot1-restarts1", "pgd-steps1-eot2-restarts1", "pgd-steps2-eot1-restarts1"]
+    for p in saved["points"]:
+        assert p["worst"]["n"] == 4 and p["worst"]["correct"] <= p["majority"]["correct"] + 4
+        assert p["worst"]["ci95"][0] <= p["worst"]["acc"] <= p["worst"]["ci95"][1]
+    assert set(saved["choice"]["pgd"]["axes"]) == {"steps", "eot"}
+    from ssni.evaluate import runner
+
+    def no_batch(*args, **kwargs):
+        raise AssertionError("a resumed study ran a batch again")
+
+    monkeypatch.setattr(runner, "run_batch", no_batch)  # a rerun finds every sample of every point stored
+    again = conv.run_convergence(cfg, out, None, ladder, tiny_weights, progress=False)
+    assert [p["worst"] for p in again["points"]] == [p["worst"] for p in first["points"]]
+    assert [p["seconds"] for p in again["points"]] == [p["seconds"] for p in first["points"]]
+
+def test_cli_converge(cfg, tiny_weights, tmp_path):
+    from typer.testing import CliRunner
+
+    from ssni.cli import app
+
+    path = tmp_path / "exp.toml"
+    path.write_text(CONFIG)
+    result = CliRunner().invoke(app, ["converge", "--config", str(path), "--out", str(tmp_path / "c"),
+                                      "--ladder", "steps=1,2", "--limit", "2", "--weights-dir", str(tiny_weights),
+                                      "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "pgd:" in result.output and (tmp_path / "c" / "convergence.json").is_file()
