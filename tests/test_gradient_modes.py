@@ -144,3 +144,25 @@ def test_calibration_on_held_out_images_and_its_own_file(tmp_path, tiny_unet, ti
     with pytest.raises(ConfigError, match="evaluated split"):
         calibrate(from_dict({**CALIBRATION_CONFIG, "data": {"split": "val"}, "ssni": ssni}), tiny_unet,
                   tiny_weights)
+
+
+def test_evaluate_runs_an_attack_through_the_surrogate(tmp_path, tiny_weights):
+    from ssni.evaluate.runner import evaluate
+
+    attack = {"name": "pgd", "eps": 0.3, "steps": 1, "step_size": 0.1, "eot": 1, "gradient": "surrogate",
+              "surrogate_steps": 1}
+    cfg = from_dict({**CALIBRATION_CONFIG, "data": {"n": 2}, "attacks": [attack], "evaluate": {"batch_size": 2}})
+    evaluate(cfg, tmp_path / "run", tiny_weights, progress=False)
+    assert (tmp_path / "run" / "results.sqlite").is_file()
+
+
+def test_sanity_report_lists_the_gradient_cosines(tiny_weights):
+    from ssni.evaluate.runner import run_sanity
+
+    attack = {"name": "pgd", "eps": 0.3, "steps": 1, "step_size": 0.1, "eot": 1, "gradient": "surrogate",
+              "surrogate_steps": 1}
+    cfg = from_dict({**CALIBRATION_CONFIG, "data": {"n": 2}, "attacks": [attack]})
+    checks = run_sanity(cfg, tiny_weights, n=2)["checks"]
+    cosines = [c for c in checks if c["check"].startswith("gradient cosine to exact")]
+    assert [c["check"].split(": ")[1].split(" ")[0] for c in cosines] == ["exact", "surrogate", "bpda"]
+    assert "(1 steps)" in cosines[1]["check"] and all(c["n"] == 2 and c["eot"] == 1 for c in cosines)
