@@ -21,15 +21,28 @@ def test_there_is_a_preset_for_every_paper_setting():
         for method in ("diffpure", "gdmp", "gns"):
             for tag in ("base", "ssni-l", "ssni-n"):
                 for threat in ("linf", "l2"):
-                    assert f"cifar10-{arch}-{method}-{tag}-{threat}" in names
-    assert {f"imagenet-resnet50-diffpure-{t}-linf" for t in ("base", "ssni-l", "ssni-n")} <= names
+                    assert {f"cifar10-{arch}-{method}-{tag}-{threat}", f"cifar10-{arch}-{method}-{tag}-{threat}-repro",
+                            f"cifar10-{arch}-diffpure-sde-{tag}-{threat}"} <= names
+    for tag in ("base", "ssni-l", "ssni-n"):
+        assert {f"imagenet-resnet50-diffpure-{tag}-linf", f"imagenet-resnet50-diffpure-{tag}-linf-repro",
+                f"imagenet-resnet50-diffpure-sde-{tag}-linf"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_preset_parses(path):
     cfg = load_config(path)
-    if cfg.data.dataset in ("cifar10", "imagenet"):  # the paper's protocol
-        assert cfg.attacks[0].steps == 200 and cfg.attacks[0].eot == 20 and cfg.data.n == 512
+    if cfg.data.dataset not in ("cifar10", "imagenet"):
+        return
+    attack, purifier = cfg.attacks[0], cfg.purifier
+    assert attack.steps == 200 and attack.eot == 20 and cfg.data.subset == "paper"  # the paper's protocol
+    assert cfg.data.n == {"cifar10": 512, "imagenet": 128}[cfg.data.dataset]
+    repro = path.stem.endswith("-repro")
+    assert (attack.gradient, cfg.evaluate.rescore) == (("surrogate", "single") if repro else ("exact", "worst"))
+    assert cfg.evaluate.rescore_draws == 8 and cfg.ssni.reference_compat == repro
+    assert purifier.solver == ("sde" if "-sde-" in path.stem else "ddpm")
+    assert purifier.clip_x0 == (purifier.method == "gdmp")  # as each reference does
+    assert purifier.votes == (10 if purifier.method in ("gdmp", "gns") else 1)
+    assert purifier.reference_compat == (repro and purifier.method == "gdmp")
 
 
 @pytest.fixture
@@ -45,6 +58,8 @@ def cifar_root(tmp_path):
 
 @pytest.mark.parametrize("name,diffusion", [("cifar10-wrn28-diffpure-ssni-n-linf", None),
                                             ("cifar10-wrn28-gdmp-ssni-l-l2", None),
+                                            ("cifar10-wrn70-gdmp-ssni-n-linf-repro", None),
+                                            ("cifar10-wrn28-diffpure-sde-ssni-n-l2", None),
                                             ("cifar10-wrn28-diffpure-ssni-n-linf", "cifar10-edm-uncond-vp")])
 def test_dry_run_on_random_init_published_architectures(name, diffusion, cifar_root, tmp_path):
     overrides = {"data.root": str(cifar_root), "evaluate.device": "cpu"}

@@ -136,6 +136,7 @@ class ExperimentConfig:
 
 SPEED_ONLY = {"evaluate": ("device", "batch_size", "compile"), "attacks": ("eot_batch",)}
 CHOICES = {("purifier", "method"): ("none", "diffpure", "gdmp", "gns"),
+           ("purifier", "solver"): ("ddpm", "sde"),
            ("ssni", "reweight"): ("none", "sigmoid", "linear"),
            ("attacks", "name"): ("pgd", "bpda", "adaptive", "autoattack", "apgd"),
            ("attacks", "loss"): ("ce", "margin", "dlr"),
