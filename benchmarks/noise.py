@@ -86,6 +86,13 @@ def _timed(fn, sync) -> float:
     return time.perf_counter() - start
 
 
+def _cpu_timed(fn) -> float:
+    """Process CPU time of one call (all threads): less sensitive than wall time to a loaded machine."""
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
+
+
 def bench_shape(shape: tuple[int, ...], device: str, reps: int) -> dict:
     batch = shape[0]
     like = torch.zeros(shape, device=device)
@@ -102,13 +109,20 @@ def bench_shape(shape: tuple[int, ...], device: str, reps: int) -> dict:
     for fn in calls.values():  # warm-up: tables, allocator, kernels
         fn()
     times: dict[str, list[float]] = {name: [] for name in calls}
+    cpu: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(reps):
         for name, fn in calls.items():
             times[name].append(_timed(fn, sync))
+            if device == "cpu":
+                cpu[name].append(_cpu_timed(fn))
     row = {"shape": list(shape), "device": device, "reps": reps, **torch_calls(shape, device)}
     for name, ts in times.items():
         row[f"{name}_best_ms"] = round(min(ts) * 1e3, 4)
         row[f"{name}_median_ms"] = round(statistics.median(ts) * 1e3, 4)
+    if device == "cpu":
+        for name, ts in cpu.items():
+            row[f"{name}_best_cpu_ms"] = round(min(ts) * 1e3, 4)
+        row["new_vs_old_best_cpu"] = round(row["new_best_cpu_ms"] / row["old_loop_best_cpu_ms"], 3)
     row["new_vs_old_best"] = round(row["new_best_ms"] / row["old_loop_best_ms"], 3)
     row["new_vs_old_median"] = round(row["new_median_ms"] / row["old_loop_median_ms"], 3)
     return row

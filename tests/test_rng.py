@@ -73,6 +73,13 @@ def test_noise_is_the_documented_formula(n):
         row_key = rng._splitmix64((int(noise.seeds[j]) ^ rng._key_code("randn", ("formula", n))) & MASK)
         expected = torch.tensor(_reference_row(row_key, n), dtype=torch.float32)
         torch.testing.assert_close(got[j], expected, rtol=0, atol=2e-6)
+    levels = torch.tensor([5, 999])
+    got = noise.randn_levels(("formula", n), levels, torch.zeros(2, n))
+    for j in range(2):
+        code = rng._key_code("randn_levels", ("formula", n))
+        row_key = rng._splitmix64((int(noise.seeds[j]) ^ int(levels[j]) ^ code) & MASK)
+        expected = torch.tensor(_reference_row(row_key, n), dtype=torch.float32)
+        torch.testing.assert_close(got[j], expected, rtol=0, atol=2e-6)
 
 
 def test_pinned_values():

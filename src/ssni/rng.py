@@ -9,7 +9,9 @@ which reverse steps a scheduler skips, or on whether a run was resumed.
 
 The generator is counter based and vectorised: a whole batch is drawn in a
 fixed number of tensor ops on the tensor's own device (no per-row loop, no
-host round trip). For row ``j`` with row key ``k_j`` and pair index ``p``,
+host round trip). Row ``j`` has key ``k_j = SplitMix64(seed_j ^ code(key))``
+(:meth:`SampleNoise.randn`) or ``SplitMix64(seed_j ^ level_j ^ code(key))``
+(:meth:`SampleNoise.randn_levels`); its ``p``-th pair of values is
 
     h = SplitMix64(k_j + p * gamma)                     (64 bits, int64 ops)
     u = (h_hi' + 1/2) / 2^32,  theta = 2 pi h_lo / 2^32  (h_hi' = high 32 bits, top bit flipped)
@@ -18,15 +20,17 @@ host round trip). For row ``j`` with row key ``k_j`` and pair index ``p``,
 with the first half of the row taking the cosines and the second the sines.
 The hash uses exact int64 arithmetic (wraparound multiply, shifts masked to
 be logical); ``cos``/``sin`` come from a 2^16-entry table plus a first-order
-correction in float32 ``* -`` (error under 5e-9); ``ln`` runs in float64 on
-an exact ``u``; ``sqrt`` and the rest are correctly rounded float32 ops. So CPU
-and CUDA give bitwise-identical values except where the two libraries'
-float64 ``ln`` round to different float32 values (a rare tie: about one
-element in 10^8; the two then differ by one float32 ulp of the radius, under
-5e-7). Values are computed in float32 and cast to ``like``'s dtype, so a
-float64 draw equals the float32 draw cast up. On the CPU, large tensors are
-drawn in cache-sized blocks (:func:`_blocks`); elsewhere in one pass of a
-fixed number of ops, whatever the batch.
+correction in float32 ``*``, ``+``, ``-`` (error under 5e-9); ``ln`` runs in
+float64 on an exact ``u``; ``sqrt`` and the rest are correctly rounded float32
+ops, one kernel each. So CPU and CUDA give bitwise-identical values except
+where the two libraries' float64 ``ln`` (both within 1 ulp) round to
+different float32 values: a float64 ulp landing on a float32 rounding
+boundary, of order 2^-29 per element; the two then differ by one float32 ulp
+of the radius (under 5e-7). A compiler that fuses these ops (torch.compile)
+may move values by a few ulps. Values are computed in float32 and cast to
+``like``'s dtype, so a float64 draw equals the float32 draw cast up. On the
+CPU, large tensors are drawn in cache-sized blocks (:func:`_blocks`);
+elsewhere in one pass of a fixed number of ops, whatever the batch.
 """
 
 from __future__ import annotations
@@ -121,9 +125,12 @@ def _cached_code(kind: str, key: tuple) -> int:
 def _trig_tables(device: torch.device) -> tuple[Tensor, Tensor]:
     """``cos`` and ``sin`` of ``2 pi k / 2^16`` in float32, built once on the host and copied to ``device``."""
     if device not in _TABLES:
-        angles = [2 * math.pi * k / 2 ** _TABLE_BITS for k in range(2 ** _TABLE_BITS)]
-        cos = torch.tensor([math.cos(a) for a in angles], dtype=torch.float64).float().to(device)
-        _TABLES[device] = cos, torch.tensor([math.sin(a) for a in angles], dtype=torch.float64).float().to(device)
+        host = torch.device("cpu")
+        if host not in _TABLES:
+            angles = [2 * math.pi * k / 2 ** _TABLE_BITS for k in range(2 ** _TABLE_BITS)]
+            _TABLES[host] = tuple(torch.tensor([fn(a) for a in angles], dtype=torch.float64).float()
+                                  for fn in (math.cos, math.sin))
+        _TABLES[device] = tuple(table.to(device) for table in _TABLES[host])
     return _TABLES[device]
 
 
