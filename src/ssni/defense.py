@@ -140,18 +140,31 @@ class Defense(nn.Module):
                                    extra_steps=lv.extra_steps, width=width)
         return resize(out, x.shape[-1]), lv
 
-    def _all_votes(self, x: Tensor, sample_ids: Tensor | None, draw: int | Tensor | None) -> list[Tensor]:
+    def _all_votes(self, x: Tensor, sample_ids: Tensor | None,
+                   draw: int | Tensor | None) -> list[tuple[Tensor, Levels]]:
+        """``(logits, levels)`` of every vote of one draw."""
         if draw is None:
             draw = self.reserve_draws(1)
-        return [self.classifier(self.purify(x, sample_ids, draw, v)[0]) for v in range(self.votes)]
+        purified = (self.purify(x, sample_ids, draw, v) for v in range(self.votes))
+        return [(self.classifier(out), lv) for out, lv in purified]
 
-    def forward(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | Tensor | None = None) -> Tensor:
-        """Logits averaged over votes; ``draw`` may be ``[B]`` (one draw per row, e.g. batched EOT)."""
-        return torch.stack(self._all_votes(x, sample_ids, draw)).mean(0)
+    def forward(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | Tensor | None = None,
+                return_score_norm: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
+        """Logits averaged over votes; ``draw`` may be ``[B]`` (one draw per row, e.g. batched EOT).
+
+        ``return_score_norm=True`` returns ``(logits, e)`` with ``e: [B]`` the score norm this very
+        pass computed to set the levels (mean over votes; ``None`` without SSNI): attacks that
+        constrain ``e(x)`` reuse it instead of running a second score-norm pass."""
+        votes = self._all_votes(x, sample_ids, draw)
+        logits = torch.stack([z for z, _ in votes]).mean(0)
+        if not return_score_norm:
+            return logits
+        norms = [lv.score_norm for _, lv in votes]
+        return logits, None if norms[0] is None else torch.stack(norms).mean(0)
 
     def predict(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | None = None) -> Tensor:
         """Majority vote of the ``votes`` purifications' labels (ties go to the lower class)."""
-        labels = torch.stack([logits.argmax(1) for logits in self._all_votes(x, sample_ids, draw)])
+        labels = torch.stack([logits.argmax(1) for logits, _ in self._all_votes(x, sample_ids, draw)])
         n_classes = int(labels.max()) + 1
         return torch.nn.functional.one_hot(labels, n_classes).sum(0).argmax(1)
 

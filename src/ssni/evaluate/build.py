@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from ..attacks import PGD, ThreatModel
-from ..attacks.adaptive import AdaptivePGD
+from ..attacks.adaptive import AdaptiveAttack
 from ..attacks.apgd import APGD
 from ..attacks.autoattack import AutoAttackRand
 from ..attacks.gradient_modes import gradient_target
+from ..attacks.transfer import TransferAttack
 from ..checkpoints.public import PUBLIC, load_public
 from ..checkpoints.registry import load_manifest, load_named
 from ..data import ImageSet, load_split
@@ -145,19 +146,22 @@ def build_attack(a: AttackConfig, model: nn.Module, seed: int) -> tuple[object, 
            "random_start": a.random_start, "sign_step": a.sign_step, "seed": seed, "eot_batch": a.eot_batch}
     mode = "bpda" if a.name == "bpda" else a.gradient
     if (a.name == "bpda" and a.gradient not in ("exact", "bpda")) or (a.name == "adaptive" and mode == "bpda") \
-            or (a.name == "autoattack" and mode != "exact"):
+            or (a.name in ("autoattack", "transfer") and mode != "exact"):
         raise ConfigError(f"attack {a.name!r} cannot take gradient = {a.gradient!r}; use pgd with "
                           "gradient = 'exact' | 'surrogate' | 'bpda', adaptive with 'exact' | 'surrogate', "
-                          "autoattack with 'exact'")
+                          "autoattack and transfer with 'exact'")
     if a.name == "autoattack":
         return AutoAttackRand(threat, version=a.version, seed=seed, steps=a.steps, eot=a.eot,
                               restarts=a.restarts), model
-    if a.name not in ("pgd", "bpda", "adaptive", "apgd"):
+    if a.name not in ("pgd", "bpda", "adaptive", "apgd", "transfer"):
         raise ConfigError(f"unknown attack {a.name!r}; choose one of {list(CHOICES[('attacks', 'name')])}")
     target = gradient_target(model, mode, a.surrogate_steps)
-    if a.name == "adaptive":
-        return AdaptivePGD(**pgd, score_weight=a.score_weight), target
+    apgd = {"threat": threat, "steps": a.steps, "eot": a.eot, "seed": seed, "eot_batch": a.eot_batch,
+            "loss": a.loss, "restarts": a.restarts, "targeted": a.targeted, "iterate": a.iterate}
+    if a.name == "adaptive":  # APGD on the feasible set e(x) <= score_target; score_weight is its penalty rho
+        return AdaptiveAttack(**apgd, score_target=a.score_target, penalty=a.score_weight), target
+    if a.name == "transfer":  # APGD against DiffPure at the clean inputs' SSNI levels
+        return TransferAttack(APGD(**apgd)), target
     if a.name == "apgd":  # its own step schedule and random starts: step_size, sign_step, random_start unused
-        return APGD(threat, steps=a.steps, eot=a.eot, seed=seed, eot_batch=a.eot_batch, loss=a.loss,
-                    restarts=a.restarts, targeted=a.targeted, iterate=a.iterate), target
+        return APGD(**apgd), target
     return PGD(**pgd), target

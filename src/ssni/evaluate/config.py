@@ -71,7 +71,7 @@ class SSNIConfig:
 
 @dataclass(frozen=True)
 class AttackConfig:
-    name: str = "pgd"  # pgd | bpda | adaptive | autoattack | apgd
+    name: str = "pgd"  # pgd | bpda | adaptive | autoattack | apgd | transfer
     norm: str = "linf"
     eps: float = 0.3
     steps: int = 20
@@ -80,7 +80,8 @@ class AttackConfig:
     eot_batch: int = 1  # EOT draws stacked in one forward/backward pass (faster, eot_batch x the memory)
     random_start: bool = False
     sign_step: bool = False  # l_2 with sign steps, as the paper's code does
-    score_weight: float = 1.0  # adaptive: weight of the score-norm term
+    score_weight: float = 1.0  # adaptive: penalty rho of its augmented Lagrangian on the score norm
+    score_target: str = "mu+tau"  # adaptive: keep e(x) <= mu | mu+tau | clean | a number such as "1234.5"
     version: str = "rand"  # autoattack: rand (APGD-CE + APGD-DLR) | apgd-ce | apgd-dlr
     gradient: str = "exact"  # exact | surrogate (the paper's attack: shorter reverse chain) | bpda
     surrogate_steps: int = 20  # surrogate: reverse steps per round of the chain the attack differentiates
@@ -138,7 +139,7 @@ SPEED_ONLY = {"evaluate": ("device", "batch_size", "compile"), "attacks": ("eot_
 CHOICES = {("purifier", "method"): ("none", "diffpure", "gdmp", "gns"),
            ("purifier", "solver"): ("ddpm", "sde"),
            ("ssni", "reweight"): ("none", "sigmoid", "linear"),
-           ("attacks", "name"): ("pgd", "bpda", "adaptive", "autoattack", "apgd"),
+           ("attacks", "name"): ("pgd", "bpda", "adaptive", "autoattack", "apgd", "transfer"),
            ("attacks", "loss"): ("ce", "margin", "dlr"),
            ("attacks", "iterate"): ("best", "last"),
            ("attacks", "norm"): ("linf", "l2"),
