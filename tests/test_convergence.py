@@ -72,7 +72,7 @@ def test_parse_ladder_and_points(cfg):
     assert ladder == {"steps": (1, 2, 4), "eot": (1, 2), "restarts": (1, 2)}
     pgd = conv.budget_points(cfg, "pgd", ladder)
     assert [(p["axis"], p["steps"], p["eot"]) for p in pgd] == [
-        ("steps", 1, 1), ("steps", 2, 1), ("steps", 4, 1), ("eot", 1, 1), ("eot", 1, 2)]  # no restarts for pgd
+        ("steps", 1, 1), ("steps", 2, 1), ("steps", 4, 1), ("eot", 1, 1), ("eot", 1, 2)]  # pgd: no restarts
     assert len(conv.budget_points(cfg, "apgd", ladder)) == 7
     for bad in ("steps", "iters=1,2", "steps=a", "steps=0,1"):
         with pytest.raises(ConfigError):
@@ -110,7 +110,7 @@ def test_cli_converge(cfg, tiny_weights, tmp_path):
     path = tmp_path / "exp.toml"
     path.write_text(CONFIG)
     result = CliRunner().invoke(app, ["converge", "--config", str(path), "--out", str(tmp_path / "c"),
-                                      "--ladder", "steps=1,2", "--limit", "2", "--weights-dir", str(tiny_weights),
-                                      "--no-progress"])
+                                      "--ladder", "steps=1,2", "--limit", "2",
+                                      "--weights-dir", str(tiny_weights), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "pgd:" in result.output and (tmp_path / "c" / "convergence.json").is_file()

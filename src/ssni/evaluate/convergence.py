@@ -97,7 +97,8 @@ def measure_point(cfg: ExperimentConfig, point: dict, out: Path, weights_dir: Pa
     rows = stored_rows(folder, pcfg)
     s = summarize(rows, pcfg)
     keep = ("acc", "correct", "n", "ci95")
-    return {**point, "folder": folder.name, "gradient_evaluations": point["steps"] * point["eot"] * point["restarts"],
+    cost = point["steps"] * point["eot"] * point["restarts"]
+    return {**point, "folder": folder.name, "gradient_evaluations": cost,
             "clean": {k: s["clean"][k] for k in keep},
             **{p: {k: acc[k] for k in keep} for p, acc in s["robust_by_protocol"].items()},
             "seconds": sum(r["seconds"] for r in rows), "wall_seconds_this_call": round(wall, 1)}
@@ -114,7 +115,8 @@ def first_stable(rungs: list[int], accs: list[float], half_widths: list[float]) 
     for i in range(len(rungs) - 1):
         change = abs(accs[i + 1] - accs[i])
         stable.append(change < half_widths[i])
-        lines.append(f"{rungs[i]} -> {rungs[i + 1]}: worst-of-N {100 * accs[i]:.1f}% -> {100 * accs[i + 1]:.1f}%, "
+        lines.append(f"{rungs[i]} -> {rungs[i + 1]}: worst-of-N {100 * accs[i]:.1f}% -> "
+                     f"{100 * accs[i + 1]:.1f}%, "
                      f"change {100 * change:.1f} pts {'<' if stable[i] else '>='} half-width "
                      f"{100 * half_widths[i]:.1f} pts")
     first = stable.index(True) if True in stable else None
@@ -135,7 +137,8 @@ def choose_budget(points: list[dict], protocol: str = "worst") -> dict:
     for attack in dict.fromkeys(p["attack"] for p in points):
         axes, budget = {}, {}
         for axis in dict.fromkeys(p["axis"] for p in points if p["attack"] == attack):
-            line = sorted((p for p in points if p["attack"] == attack and p["axis"] == axis), key=lambda p: p[axis])
+            line = sorted((p for p in points if p["attack"] == attack and p["axis"] == axis),
+                          key=lambda p: p[axis])
             axes[axis] = first_stable([p[axis] for p in line], [p[protocol]["acc"] for p in line],
                                       [half_width(p[protocol]) for p in line])
             budget[axis] = axes[axis]["chosen"]
@@ -199,7 +202,8 @@ def plot_convergence(results: list[dict], path: Path) -> None:
                     label=f"{res['label']}, {attack}, {axis} " + ",".join(str(p[axis]) for p in line))
     ax.set_xscale("log", base=2)
     ax.set(xlabel="budget: steps x EOT x restarts (gradient evaluations per sample)",
-           ylabel="robust accuracy, worst of N (%)", title="Attack convergence (validation split, 95% Wilson)")
+           ylabel="robust accuracy, worst of N (%)",
+           title="Attack convergence (validation split, 95% Wilson)")
     ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -1,0 +1,49 @@
+"""Gather the per-study convergence.json files into one JSON, one plot and a markdown table.
+
+Usage: python docs/convergence/combine.py OUT_DIR STUDY_DIR [STUDY_DIR ...]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from ssni.evaluate.convergence import plot_convergence
+
+
+def cell(acc: dict) -> str:
+    return f"{acc['correct']}/{acc['n']} [{100 * acc['ci95'][0]:.0f}, {100 * acc['ci95'][1]:.0f}]"
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| defense | attack | steps | EOT | restarts | worst of N | majority | single | any iterate "
+             "| seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for res in results:
+        seen = set()
+        for p in sorted(res["points"], key=lambda p: (p["attack"], p["eot"], p["steps"], p["restarts"])):
+            if p["folder"] in seen:
+                continue
+            seen.add(p["folder"])
+            lines.append(f"| {res['label']} | {p['attack']} | {p['steps']} | {p['eot']} | {p['restarts']} | "
+                         f"{cell(p['worst'])} | {cell(p['majority'])} | {cell(p['single'])} | "
+                         f"{cell(p['any_iterate'])} | {p['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    out, studies = Path(sys.argv[1]), [Path(s) for s in sys.argv[2:]]
+    results = [json.loads((s / "convergence.json").read_text()) for s in studies]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "convergence.json").write_text(json.dumps({"studies": results}, indent=2) + "\n")
+    plot_convergence(results, out / "convergence.png")
+    (out / "table.md").write_text(table(results) + "\n")
+    for res in results:
+        for attack, choice in res["choice"].items():
+            print(f"{res['label']}, {attack}: {choice['verdict']}")
+            for axis, detail in choice["axes"].items():
+                print("\n".join(f"  {axis}: {line}" for line in detail["reasoning"]))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
