@@ -49,6 +49,34 @@ def _apply(step: StepFn, x: Tensor, a: Tensor, c: Tensor, idx: Tensor, use_check
     return step(x, a, c, idx)
 
 
+def join_plan(grids: list[list[int]], width: int | None = None) -> list[tuple[list[int], list[int], list[int]]]:
+    """The calls :func:`run_join_when_due` makes: per call, its rows and their levels ``a -> c``.
+
+    Rows keep the order in which samples entered (longest chain first): a network's output
+    for a row can change in its last bits with the row's position in the batch, so this
+    order is part of what makes results reproducible.
+
+    Pure host bookkeeping, done once per purification so the loop over calls issues no
+    host-to-device copies (each would stall an accelerator's queue) and no syncs.
+    """
+    waiting = sorted((i for i, g in enumerate(grids) if len(g) > 1), key=lambda i: len(grids[i]), reverse=True)
+    if width is not None and width < 1:
+        raise ValueError(f"width must be at least 1, found {width}")
+    width = len(waiting) if width is None else width
+    active, position = waiting[:width], {i: 0 for i in waiting[:width]}
+    waiting, plan = waiting[width:], []
+    while active:
+        plan.append((list(active), [grids[i][position[i]] for i in active],
+                     [grids[i][position[i] + 1] for i in active]))
+        for i in active:
+            position[i] += 1
+        active = [i for i in active if position[i] < len(grids[i]) - 1]
+        while waiting and len(active) < width:
+            active.append(waiting.pop(0))
+            position[active[-1]] = 0
+    return plan
+
+
 def run_join_when_due(x: Tensor, grids: list[list[int]], step: StepFn, use_checkpoint: bool = False,
                       width: int | None = None) -> Tensor:
     """Run every sample's grid (no repeats), at most ``width`` rows per network call.
@@ -58,6 +86,10 @@ def run_join_when_due(x: Tensor, grids: list[list[int]], step: StepFn, use_check
     calls stay full until the queue drains. With ``width >= B`` (the default) every sample
     starts at once: ``max_i m_i`` calls, ``sum_i m_i`` evaluations.
 
+    Host work per call is a few tensor slices: the rows and levels of every call go to the
+    device in one copy (:func:`join_plan`), and a call on the whole batch skips the gather
+    and scatter.
+
     Args:
         x: ``[B, ...]`` states at each sample's first grid level.
         grids: per-sample descending levels without repeats, each ending at 0.
@@ -66,23 +98,20 @@ def run_join_when_due(x: Tensor, grids: list[list[int]], step: StepFn, use_check
             checkpointing) so memory does not grow with the number of steps.
         width: most rows per network call (``None``: all of them).
     """
-    waiting = sorted((i for i, g in enumerate(grids) if len(g) > 1), key=lambda i: len(grids[i]), reverse=True)
-    if width is not None and width < 1:
-        raise ValueError(f"width must be at least 1, found {width}")
-    width = len(waiting) if width is None else width
-    active, position = waiting[:width], {i: 0 for i in waiting[:width]}
-    waiting = waiting[width:]
-    while active:
-        idx = torch.tensor(active, device=x.device)
-        a = torch.tensor([grids[i][position[i]] for i in active], device=x.device)
-        c = torch.tensor([grids[i][position[i] + 1] for i in active], device=x.device)
-        x = x.index_copy(0, idx, _apply(step, x[idx], a, c, idx, use_checkpoint))
-        for i in active:
-            position[i] += 1
-        active = [i for i in active if position[i] < len(grids[i]) - 1]
-        while waiting and len(active) < width:
-            active.append(waiting.pop(0))
-            position[active[-1]] = 0
+    plan = join_plan(grids, width)
+    if not plan:
+        return x
+    flat = [v for rows, a, c in plan for v in (*rows, *a, *c)]
+    table = torch.tensor(flat, dtype=torch.int64, device=x.device)
+    offset = 0
+    for rows, _, _ in plan:
+        k = len(rows)
+        idx, a, c = table[offset:offset + k], table[offset + k:offset + 2 * k], table[offset + 2 * k:offset + 3 * k]
+        offset += 3 * k
+        if k == x.shape[0] and rows == list(range(k)):  # idx is 0..B-1: no gather or scatter
+            x = _apply(step, x, a, c, idx, use_checkpoint)
+        else:
+            x = x.index_copy(0, idx, _apply(step, x[idx], a, c, idx, use_checkpoint))
     return x
 
 
@@ -91,9 +120,9 @@ def run_common_length(x: Tensor, grids: list[list[int]], step: StepFn, use_check
     if not grids:
         return x
     idx = torch.arange(x.shape[0], device=x.device)
-    for k in range(len(grids[0]) - 1):
-        a = torch.tensor([g[k] for g in grids], device=x.device)
-        c = torch.tensor([g[k + 1] for g in grids], device=x.device)
+    levels = torch.tensor(grids, dtype=torch.int64, device=x.device).T  # [n + 1, B], one copy to the device
+    for k in range(levels.shape[0] - 1):
+        a, c = levels[k], levels[k + 1]
         moved = _apply(step, x, a.clamp_min(1), c, idx, use_checkpoint)
         keep = (a == c).reshape(-1, *([1] * (x.dim() - 1)))
         x = torch.where(keep, x, moved)
