@@ -1,4 +1,4 @@
-"""The feasible-set adaptive attack and the transfer attack (tiny random networks, a real MNIST classifier)."""
+"""The feasible-set adaptive attack and the transfer attack (tiny random networks, the MNIST classifier)."""
 
 import pytest
 import torch
@@ -36,10 +36,12 @@ def ssni_defense(classifier, x, kind="sigmoid"):
     torch.manual_seed(0)
     score_unet, purify_unet = unet(), unet()
     with torch.no_grad():
-        cal = Calibration.fit(score_norm(score_unet, VPSchedule(), x, SampleNoise.from_ids(5, range(len(x))), 2))
+        norms = score_norm(score_unet, VPSchedule(), x, SampleNoise.from_ids(5, range(len(x))), 2)
+    cal = Calibration.fit(norms)
     reweight = make_reweight(kind, cal) if kind != "callable" else \
         CallableReweight(lambda e, t: torch.sigmoid((e - cal.mean) / cal.std) * (t - 1))
-    return Defense(classifier, DiffPure(purify_unet, t_star=30, steps=3), SSNI(score_unet, reweight, n_levels=2))
+    ssni = SSNI(score_unet, reweight, n_levels=2)
+    return Defense(classifier, DiffPure(purify_unet, t_star=30, steps=3), ssni)
 
 
 def fresh_norms(defense, x, ids, draws=3):
@@ -101,7 +103,8 @@ def test_one_score_norm_pass_per_forward_and_held_out_draws(classifier, digits):
     defense.register_forward_hook(lambda *a: calls.__setitem__("defense", calls["defense"] + 1))
     adaptive = attack(steps=2, eot=2, shortlist=2, heldout_draws=3)
     adaptive(defense, x, y, ids)
-    assert calls["defense"] == (2 + 1) * 2 + (2 + 1) * 3  # gradient draws + shortlist and clean start, held out
+    # 3 gradient estimates of 2 draws, then 2 shortlisted iterates and the clean start on 3 held-out draws
+    assert calls["defense"] == (2 + 1) * 2 + (2 + 1) * 3
     assert calls["score"] == calls["defense"]
     assert defense.draw == (2 + 1) * 2 + 3  # the candidates share 3 held-out draws the gradient never used
 
@@ -125,7 +128,12 @@ def test_transfer_attack_crafts_at_the_clean_levels(classifier, digits, monkeypa
     x, y, ids = digits
     defense = ssni_defense(classifier, x)
     seen, purify = [], defense.purifier.purify
-    monkeypatch.setattr(defense.purifier, "purify", lambda x, t, *a, **kw: seen.append(t.clone()) or purify(x, t, *a, **kw))
+
+    def recording(x, t, *args, **kw):
+        seen.append(t.clone())
+        return purify(x, t, *args, **kw)
+
+    monkeypatch.setattr(defense.purifier, "purify", recording)
     calls = []
     defense.ssni.score_model.register_forward_hook(lambda *a: calls.append(1))
     transfer = TransferAttack(APGD(ThreatModel("linf", 0.3), steps=2, eot=1), level_draws=2)
@@ -142,14 +150,14 @@ def test_transfer_attack_crafts_at_the_clean_levels(classifier, digits, monkeypa
 
 def test_adaptive_and_transfer_are_registered(classifier, digits):
     defense = ssni_defense(classifier, digits[0])
-    cfg = from_dict({"attacks": [{"name": "adaptive", "score_target": "mu", "score_weight": 2.0, "loss": "margin"},
-                                 {"name": "transfer", "restarts": 2}]})
+    cfg = from_dict({"attacks": [{"name": "adaptive", "score_target": "mu", "score_weight": 2.0,
+                                  "loss": "margin"}, {"name": "transfer", "restarts": 2}]})
     adaptive, target = build_attack(cfg.attacks[0], defense, seed=3)
     assert isinstance(adaptive, AdaptiveAttack) and target is defense
     assert (adaptive.score_target, adaptive.penalty, adaptive.loss, adaptive.seed) == ("mu", 2.0, "margin", 3)
     transfer, target = build_attack(cfg.attacks[1], defense, seed=3)
-    assert isinstance(transfer, TransferAttack) and isinstance(transfer.attack, APGD) and transfer.attack.restarts == 2
-    with pytest.raises(ConfigError):
-        build_attack(from_dict({"attacks": [{"name": "transfer", "gradient": "surrogate"}]}).attacks[0], defense, 0)
-    with pytest.raises(ConfigError):
-        build_attack(from_dict({"attacks": [{"name": "adaptive", "score_target": "x"}]}).attacks[0], defense, 0)
+    assert isinstance(transfer, TransferAttack) and isinstance(transfer.attack, APGD)
+    assert transfer.attack.restarts == 2
+    for bad in ({"name": "transfer", "gradient": "surrogate"}, {"name": "adaptive", "score_target": "x"}):
+        with pytest.raises(ConfigError):
+            build_attack(from_dict({"attacks": [bad]}).attacks[0], defense, 0)

@@ -115,8 +115,8 @@ class AdaptiveAttack(APGD):
         super().__post_init__()
         if not self.penalty > 0 or self.tolerance < 0 or self.shortlist < 1 or self.heldout_draws < 1:
             raise ConfigError("the adaptive attack needs penalty > 0, tolerance >= 0, shortlist >= 1 and "
-                              f"heldout_draws >= 1, found {self.penalty}, {self.tolerance}, {self.shortlist}, "
-                              f"{self.heldout_draws}")
+                              f"heldout_draws >= 1, found {self.penalty}, {self.tolerance}, "
+                              f"{self.shortlist}, {self.heldout_draws}")
         if _number(self.score_target) is None and self.score_target not in TARGETS:
             raise ConfigError(f"adaptive attack: score_target = {self.score_target!r}; choose one of "
                               f"{list(TARGETS)} or a score norm (a number)")
@@ -199,7 +199,8 @@ class AdaptiveAttack(APGD):
             self._target, self._rows = None, []
         return self._select(model, y, ids)
 
-    def _heldout(self, model: Defense, x: Tensor, y: Tensor, ids: Tensor, first: int) -> tuple[Tensor, Tensor]:
+    def _heldout(self, model: Defense, x: Tensor, y: Tensor, ids: Tensor,
+                 first: int) -> tuple[Tensor, Tensor]:
         """``(score [B], score norms [draws, B])`` on held-out draws: share of misclassified draws,
         ties broken by the mean margin."""
         wrong, margin, norms = 0.0, 0.0, []
@@ -223,7 +224,8 @@ class AdaptiveAttack(APGD):
         rows = torch.arange(len(y), device=y.device)
         chosen = norms[best, :, rows].T  # [draws, B]
         reweight, top = model.ssni.reweight, model.ssni.schedule.num_levels
-        self.levels = torch.stack([torch.stack([reweight.levels(e, t, top)[0] for e in chosen]).float().mean(0)
-                                   for t in model.purifier.t_stars])
+        per_draw = [torch.stack([reweight.levels(e, t, top)[0] for e in chosen])
+                    for t in model.purifier.t_stars]  # R x [draws, B]
+        self.levels = torch.stack(per_draw).float().mean(1)  # [R, B]
         self.score_norms, self.feasible = chosen.mean(0), ok[best, rows]
         return self._xs[best, rows].detach()
