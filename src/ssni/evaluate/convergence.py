@@ -201,6 +201,9 @@ def plot_convergence(results: list[dict], path: Path) -> None:
         ax.errorbar(x, y, yerr=err, fmt=styles[axis], capsize=3, color=f"C{i % 10}",
                     label=f"{res['label']}, {attack}, {axis} " + ",".join(str(p[axis]) for p in line))
     ax.set_xscale("log", base=2)
+    ticks = sorted({p["gradient_evaluations"] for r in results for p in r["points"]})
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set(xlabel="budget: steps x EOT x restarts (gradient evaluations per sample)",
            ylabel="robust accuracy, worst of N (%)",
            title="Attack convergence (validation split, 95% Wilson)")
