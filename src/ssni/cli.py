@@ -144,6 +144,8 @@ def evaluate(
     sanity_n: int = typer.Option(16, min=2, help="samples used by --sanity"),
     device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (overrides evaluate.device)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="random-init weights, 1 attack step: plumbing check"),
+    plan: bool = typer.Option(False, "--plan", help="measure a few network calls, print the predicted wall time, "
+                              "peak memory and largest batch / eot_batch that fit, and exit (nothing is written)"),
 ) -> None:
     """Run an experiment sample by sample into OUT/results.sqlite (resumable, shardable).
 
@@ -164,6 +166,11 @@ def evaluate(
     cfg = load_config(config, overrides)
     if dry_run:
         cfg = shrink(cfg, n=limit or 2)
+    if plan:
+        from .evaluate.plan import format_plan, plan_run
+
+        typer.echo(format_plan(plan_run(cfg, weights_dir)))
+        return
     _init_distributed()
     run(cfg, out, weights_dir, progress=progress)
     if int(os.environ.get("RANK", 0)) == 0:

@@ -1,0 +1,248 @@
+"""``ssni evaluate --plan``: predicted wall time and peak memory of a configured run, before it starts.
+
+A few calls of the configured networks on the chosen device give the units (per row, at the
+row counts the run uses):
+
+- ``step``: one reverse step of the purifier (network + noise + step arithmetic), inference;
+- ``step_grad``: the same forward with autograd on, plus its backward to the input;
+- ``step_ck``: ``step_grad`` under activation checkpointing (the recomputed forward included);
+- ``classifier`` / ``classifier_grad``: the classifier's forward, and forward + backward;
+- memory: the bytes autograd saves for backward per row of one reverse step, counted exactly
+  with ``torch.autograd.graph.saved_tensors_hooks`` (device independent), the step's input
+  (what checkpointing keeps), the weights, and on CUDA also ``max_memory_allocated``.
+
+The run is then counted in those units, following :mod:`ssni.evaluate.runner`: a clean pass
+(one draw; score norm + purification + classifier per vote, and the score norm again for the
+levels the store records), every attack of the cascade on the clean-correct samples (iterations x
+EOT x votes x (score norm + reverse steps + classifier), forward and backward), and the re-score
+of each adversarial example on ``rescore_draws`` fresh draws. Reverse steps per sample are
+``sum_r min(n, t_r)``, with the levels SSNI picks on a probe batch of the evaluated images. The
+attacked fraction is the probe's clean accuracy, and every attack of the cascade is counted on all
+of it (an upper bound: later attacks only see samples still robust).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..defense import Defense
+from .config import AttackConfig, ExperimentConfig
+
+ITERATIONS = {"pgd": lambda a: a.steps, "bpda": lambda a: a.steps, "adaptive": lambda a: a.steps * a.restarts,
+              "apgd": lambda a: a.steps * a.restarts, "transfer": lambda a: a.steps * a.restarts,
+              "autoattack": lambda a: a.steps * a.restarts * (1 if a.version.startswith("apgd") else 2)}
+MEMORY_MARGIN = 0.8  # share of free device memory a plan lets a run use
+
+
+def _best(fn, repeats: int = 3) -> float:
+    """Best wall time of ``repeats`` calls after one warm-up (synchronising CUDA around each)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def saved_bytes(fn) -> int:
+    """Bytes autograd keeps for backward while ``fn()`` runs (distinct storages, counted once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+@dataclass
+class Units:
+    """Per-row seconds and bytes measured on the device (see the module docstring)."""
+
+    step: float
+    step_grad: float
+    step_ck: float
+    classifier: float
+    classifier_grad: float
+    step_saved_bytes: float
+    step_input_bytes: float
+    classifier_saved_bytes: float
+    weight_bytes: int
+    cuda_step_peak_bytes: float | None = None
+
+
+def _step_fn(model: Defense, x: Tensor, rows: int):
+    """``(inputs in model scale, one reverse step of them)`` for ``rows`` rows cycled from ``x``."""
+    from ..rng import SampleNoise
+
+    x_model = 2 * x[torch.arange(rows) % x.shape[0]] - 1
+    purifier, noise = model.purifier, SampleNoise.from_ids(0, range(rows))
+    a = torch.full((rows,), max(purifier.t_stars), device=x.device)
+    idx = torch.arange(rows, device=x.device)
+    return x_model, lambda z: purifier.reverse_step(z, a, (a - 1).clamp_min(0), idx, noise=noise, round_=0,
+                                                    x_orig=x_model)
+
+
+def measure_units(model: Defense, x: Tensor, rows: int, grad_rows: int, repeats: int = 3) -> Units:
+    """Time one reverse step and the classifier at ``rows`` rows (inference) and ``grad_rows`` rows
+    (forward + backward: the attack's rows, ``eot_batch x batch``)."""
+    from torch.utils.checkpoint import checkpoint
+
+    x_inf, step_inf = _step_fn(model, x, rows)
+    x_model, step = _step_fn(model, x, grad_rows)
+
+    def grad_of(fn):
+        def run():
+            z = x_model.detach().requires_grad_(True)
+            torch.autograd.grad(fn(z).square().sum(), z)
+        return run
+
+    with torch.no_grad():
+        t_step = _best(lambda: step_inf(x_inf), repeats)
+        t_cls = _best(lambda: model.classifier((x_inf + 1) / 2), repeats)
+    t_grad = _best(grad_of(step), repeats)
+    t_ck = _best(grad_of(lambda z: checkpoint(step, z, use_reentrant=False)), repeats)
+    t_cls_grad = _best(grad_of(lambda z: model.classifier((z + 1) / 2)), repeats)
+    z = x_model.detach().requires_grad_(True)
+    peak = None
+    if x.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(x.device)
+        before = torch.cuda.memory_allocated(x.device)
+        out = step(z)
+        peak = (torch.cuda.max_memory_allocated(x.device) - before) / grad_rows
+        del out
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    g = grad_rows
+    return Units(t_step / rows, t_grad / g, t_ck / g, t_cls / rows, t_cls_grad / g,
+                 saved_bytes(lambda: step(z)) / g, x_model[0].numel() * x_model.element_size(),
+                 saved_bytes(lambda: model.classifier((z + 1) / 2)) / g, weights, peak)
+
+
+def steps_per_sample(model: Defense, x: Tensor) -> tuple[float, float]:
+    """``(score-norm rows, reverse steps)`` per sample and vote: levels from SSNI on ``x`` (or ``t*``)."""
+    with torch.no_grad():
+        lv = model.levels(x, model._noise(x, None, 0, 0))
+    p = model.purifier
+    t = (lv.start if lv.start is not None else lv.t).float()
+    n = None if p.steps is None else p.steps + lv.extra_steps
+    reverse = t.sum(0) if n is None else t.clamp_max(n).sum(0)
+    return float(model.ssni.n_levels if model.ssni is not None else 0), float(reverse.mean())
+
+
+def attack_cost(a: AttackConfig, u: Units, score: float, reverse: float, votes: int,
+                checkpointed: bool) -> float:
+    """Seconds per attacked sample: iterations x EOT x votes x one forward + backward of the defense."""
+    steps = reverse
+    if a.gradient == "surrogate":
+        steps = reverse * min(1.0, a.surrogate_steps / max(reverse, 1.0))
+    chain = u.step_ck if checkpointed else u.step_grad
+    if a.name == "bpda" or a.gradient == "bpda":  # forward through the defense, backward through the classifier
+        per_draw = (score + reverse) * u.step + u.classifier_grad
+    else:
+        per_draw = score * u.step_grad + steps * chain + u.classifier_grad
+    return ITERATIONS.get(a.name, ITERATIONS["pgd"])(a) * a.eot * votes * per_draw
+
+
+def attack_row_bytes(u: Units, score: float, reverse: float, checkpointed: bool) -> float:
+    """Bytes per attacked row kept for one backward: the score-norm pass, the reverse chain (every
+    step's activations, or with checkpointing every step's input plus one step's activations),
+    the classifier."""
+    live_step = max(u.step_saved_bytes, u.cuda_step_peak_bytes or 0.0)
+    chain = reverse * u.step_input_bytes + live_step if checkpointed else reverse * u.step_saved_bytes
+    return score * u.step_saved_bytes + chain + u.classifier_saved_bytes
+
+
+def free_bytes(device: torch.device) -> tuple[int, str]:
+    """Memory a run may use on ``device`` and how it was read."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], "torch.cuda.mem_get_info (free)"
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024, "/proc/meminfo MemAvailable"
+    return 0, "unknown"
+
+
+def make_plan(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor, n: int, world: int = 1,
+              repeats: int = 3) -> dict:
+    """The prediction for ``n`` samples over ``world`` shards; ``x, y``: a probe of the evaluated images."""
+    per_shard = math.ceil(n / world)
+    batch = min(cfg.evaluate.batch_size, per_shard)
+    if not isinstance(model, Defense):
+        return {"n": n, "shards": world, "note": "no purifier: the classifier alone costs little"}
+    votes, ck = model.votes, model.purifier.checkpoint
+    eot_batch = max((a.eot_batch for a in cfg.attacks), default=1)
+    with torch.no_grad():
+        accuracy = float((model.predict(x, draw=0) == y).float().mean())
+    score, reverse = steps_per_sample(model, x)
+    u = measure_units(model, x, batch, eot_batch * batch, repeats)
+    one_pass = score * u.step + reverse * u.step + u.classifier
+    clean = votes * one_pass + score * u.step  # predict, then explain's score norm
+    attacked = per_shard * accuracy
+    attacks = [{"name": a.name, "seconds": attacked * (attack_cost(a, u, score, reverse, votes, ck)
+                                                       + a_rescore(cfg) * votes * one_pass)} for a in cfg.attacks]
+    row_bytes = attack_row_bytes(u, score, reverse, ck) * votes
+    free, how = free_bytes(x.device)
+    rows_fit = max(int((MEMORY_MARGIN * free - u.weight_bytes) // row_bytes), 0)
+    seconds = per_shard * clean + sum(a["seconds"] for a in attacks)
+    return {"n": n, "shards": world, "per_shard": per_shard, "batch": batch, "eot_batch": eot_batch,
+            "device": str(x.device), "checkpoint": ck, "votes": votes, "score_rows": score,
+            "reverse_steps": reverse, "probe_clean_accuracy": accuracy, "units": vars(u),
+            "clean_seconds": per_shard * clean, "attacks": attacks, "seconds": seconds,
+            "peak_bytes": u.weight_bytes + eot_batch * batch * row_bytes, "free_bytes": free,
+            "memory_method": f"autograd saved-tensor bytes per row; free memory from {how}",
+            "max_batch": rows_fit // eot_batch, "max_eot_batch": rows_fit // batch}
+
+
+def a_rescore(cfg: ExperimentConfig) -> int:
+    return cfg.evaluate.rescore_draws
+
+
+def format_plan(p: dict) -> str:
+    if "attacks" not in p:
+        return f"plan: {p['note']}"
+    gib = 2 ** 30
+    lines = [f"plan: {p['n']} samples, {p['shards']} shard(s) of {p['per_shard']}, batch {p['batch']}, "
+             f"eot_batch {p['eot_batch']}, on {p['device']} (checkpointing {'on' if p['checkpoint'] else 'off'}, "
+             f"votes {p['votes']})",
+             f"  per sample and draw: {p['score_rows']:.0f} score-norm rows + {p['reverse_steps']:.1f} reverse steps;"
+             f" probe clean accuracy {100 * p['probe_clean_accuracy']:.0f}% (attacked share)",
+             f"  clean pass            {p['clean_seconds']:9.1f} s"]
+    lines += [f"  attack {a['name']:<14} {a['seconds']:9.1f} s  (with re-scoring)" for a in p["attacks"]]
+    lines += [f"  predicted wall time   {p['seconds']:9.1f} s  ({p['seconds'] / 3600:.2f} h per shard)",
+              f"  predicted peak memory {p['peak_bytes'] / gib:9.2f} GiB of {p['free_bytes'] / gib:.1f} GiB free "
+              f"({p['memory_method']})",
+              f"  largest batch that fits at eot_batch {p['eot_batch']}: {p['max_batch']}; "
+              f"largest eot_batch at batch {p['batch']}: {p['max_eot_batch']}"]
+    return "\n".join(lines)
+
+
+def plan_run(cfg: ExperimentConfig, weights_dir: Path | None = None, world: int | None = None,
+             probe: int = 16) -> dict:
+    """Load the configured models as a run does, probe them on the first ``probe`` images, predict."""
+    import os
+
+    from ..checkpoints.registry import default_weights_dir
+    from .build import load_eval_data
+    from .runner import prepare_model
+
+    world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
+    model = prepare_model(cfg, Path(weights_dir or default_weights_dir()))
+    data = load_eval_data(cfg, min(probe, cfg.data.n))
+    x, y = data.images.to(cfg.evaluate.device), data.labels.to(cfg.evaluate.device)
+    return make_plan(cfg, model, x, y, cfg.data.n, world)

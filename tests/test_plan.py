@@ -1,0 +1,62 @@
+"""ssni evaluate --plan: the counts it predicts, the memory it measures, the join plan it relies on."""
+
+import torch
+
+from ssni import Calibration, Defense, DiffPure, SampleNoise, SSNI, VPSchedule, make_reweight, score_norm
+from ssni.evaluate.config import AttackConfig, ExperimentConfig
+from ssni.evaluate.plan import Units, attack_cost, attack_row_bytes, format_plan, make_plan, saved_bytes, \
+    steps_per_sample
+from ssni.purifiers.schedule import join_plan, unique_grid
+
+
+def units(**kw) -> Units:
+    base = dict(step=1.0, step_grad=3.0, step_ck=4.0, classifier=0.5, classifier_grad=1.5, step_saved_bytes=100.0,
+                step_input_bytes=10.0, classifier_saved_bytes=7.0, weight_bytes=0)
+    return Units(**{**base, **kw})
+
+
+def test_attack_cost_counts_iterations_eot_votes_and_recompute():
+    a = AttackConfig(name="pgd", steps=3, eot=2)
+    u = units()
+    # per draw: score rows x fwd+bwd + reverse steps x (fwd+bwd or checkpointed) + classifier fwd+bwd
+    assert attack_cost(a, u, score=4, reverse=10, votes=1, checkpointed=False) == 3 * 2 * (4 * 3 + 10 * 3 + 1.5)
+    assert attack_cost(a, u, score=4, reverse=10, votes=2, checkpointed=True) == 3 * 2 * 2 * (4 * 3 + 10 * 4 + 1.5)
+    apgd = AttackConfig(name="apgd", steps=3, eot=2, restarts=2)
+    assert attack_cost(apgd, u, 0, 10, 1, False) == 2 * attack_cost(a, u, 0, 10, 1, False)
+
+
+def test_checkpointing_keeps_step_inputs_only():
+    u = units()
+    assert attack_row_bytes(u, score=0, reverse=10, checkpointed=False) == 10 * 100 + 7
+    assert attack_row_bytes(u, score=0, reverse=10, checkpointed=True) == 10 * 10 + 100 + 7
+
+
+def test_saved_bytes_counts_what_autograd_keeps():
+    w = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(4, 8)
+    assert saved_bytes(lambda: (x @ w).sum()) == x.nbytes  # matmul keeps its non-parameter input
+    with torch.no_grad():
+        assert saved_bytes(lambda: (x @ w).sum()) == 0
+
+
+def test_join_plan_matches_the_scheduler_counts():
+    grids = [unique_grid(t, 10) for t in (300, 5, 0, 150)]
+    plan = join_plan(grids)
+    assert sum(len(rows) for rows, _, _ in plan) == sum(min(10, t) for t in (300, 5, 0, 150))
+    assert len(plan) == 10 and plan[0][0] == [0, 3, 1]  # longest chains first, t = 0 never runs
+    assert [len(r) for r, _, _ in join_plan(grids, width=2)] == [2] * 10 + [1] * 5  # 25 evaluations
+
+
+def test_plan_end_to_end_on_tiny_models(tiny_unet, tiny_classifier, images):
+    reference = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        cal = Calibration.fit(score_norm(tiny_unet, VPSchedule(), reference, SampleNoise.from_ids(5, range(8)), 3))
+    model = Defense(tiny_classifier, DiffPure(tiny_unet, t_star=20, steps=4, checkpoint=True),
+                    SSNI(tiny_unet, make_reweight("sigmoid", cal), n_levels=3)).eval()
+    score, reverse = steps_per_sample(model, images)
+    assert score == 3 and 0 < reverse <= 4
+    cfg = ExperimentConfig(attacks=(AttackConfig(steps=2, eot=2),))
+    y = torch.zeros(len(images), dtype=torch.long)
+    p = make_plan(cfg, model, images, y, n=10, world=2, repeats=1)
+    assert p["per_shard"] == 5 and p["batch"] == 5 and p["seconds"] > 0 and p["peak_bytes"] > 0
+    assert p["max_batch"] >= 1 and "predicted wall time" in format_plan(p)
