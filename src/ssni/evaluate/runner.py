@@ -211,13 +211,4 @@ def run_sanity(cfg: ExperimentConfig, weights_dir: Path | None = None, n: int = 
         m = min(len(data), 8)
         checks += cosine_checks(gradient_cosines(model, x[:m], y[:m], data.ids[:m], eot=pgd_like[0].eot,
                                                  surrogate_steps=steps), steps)
-    if isinstance(model, Defense):  # fidelity of every gradient mode to the exact one (informative entries)
-        from ..attacks.gradient_modes import cosine_checks, gradient_cosines
-        from .config import AttackConfig
-
-        pgd_like = [a for a in cfg.attacks if a.name in ("pgd", "apgd", "bpda", "adaptive")] or [AttackConfig()]
-        steps = next((a.surrogate_steps for a in pgd_like if a.gradient == "surrogate"), pgd_like[0].surrogate_steps)
-        m = min(len(data), 8)
-        checks += cosine_checks(gradient_cosines(model, x[:m], y[:m], data.ids[:m], eot=pgd_like[0].eot,
-                                                 surrogate_steps=steps), steps)
     return {"n": len(data), "checks": checks, "all_passed": all(c["passed"] for c in checks)}
