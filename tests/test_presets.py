@@ -58,7 +58,7 @@ def cifar_root(tmp_path):
 
 @pytest.mark.parametrize("name,diffusion", [("cifar10-wrn28-diffpure-ssni-n-linf", None),
                                             ("cifar10-wrn28-gdmp-ssni-l-l2", None),
-                                            ("cifar10-wrn28-gdmp-ssni-n-linf-repro", None),  # WRN-70-16 (267M) takes minutes here
+                                            ("cifar10-wrn28-gdmp-ssni-n-linf-repro", None),  # WRN-70-16: minutes
                                             ("cifar10-wrn28-diffpure-sde-ssni-n-l2", None),
                                             ("cifar10-wrn28-diffpure-ssni-n-linf", "cifar10-edm-uncond-vp")])
 def test_dry_run_on_random_init_published_architectures(name, diffusion, cifar_root, tmp_path):
