@@ -86,3 +86,18 @@ def test_defense_input_errors(tiny_unet, tiny_classifier, images):
         defense(images, sample_ids=torch.arange(3))
     with pytest.raises(ConfigError):
         Defense(tiny_classifier, DiffPure(tiny_unet), votes=0)
+
+
+def test_inputs_the_networks_cannot_take_get_clear_errors_and_float64_is_converted():
+    from ssni.checkpoints.registry import default_weights_dir, load_named
+    from ssni.errors import InputError
+
+    unet, cnn = load_named("mnist-unet", default_weights_dir()), load_named("mnist-cnn", default_weights_dir())
+    defense = Defense(cnn, DiffPure(unet, t_star=20, steps=2), image_size=28).eval()
+    x = torch.rand(2, 1, 28, 28)
+    with pytest.raises(InputError, match="expect 1 channel"):
+        defense(torch.rand(2, 3, 28, 28))
+    with pytest.raises(InputError, match="28x28"):
+        defense(torch.rand(2, 1, 32, 32))
+    with torch.no_grad():
+        assert torch.allclose(defense(x.double(), draw=0), defense(x, draw=0))

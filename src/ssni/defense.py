@@ -92,24 +92,33 @@ class Defense(nn.Module):
     takes_sample_ids = True
 
     def __init__(self, classifier: nn.Module, purifier: Purifier, ssni: SSNI | None = None,
-                 seed: int = 0, votes: int = 1, resolution: int | None = None):
+                 seed: int = 0, votes: int = 1, resolution: int | None = None, image_size: int | None = None):
         super().__init__()
         if votes < 1:
             raise ConfigError(f"votes must be >= 1, found {votes}")
         self.classifier, self.purifier, self.ssni = classifier, purifier, ssni
-        self.resolution = resolution
+        self.resolution, self.image_size = resolution, image_size
         self.seed, self.votes, self.draw = seed, votes, 0
         if isinstance(purifier.model, nn.Module):
             self.denoiser = purifier.model  # registered so .eval()/.to() reach it
+        first_conv = next((m for m in self.modules() if isinstance(m, nn.Conv2d)), None)
+        self.in_channels = None if first_conv is None else first_conv.in_channels
+
+    def check_input(self, x: Tensor) -> Tensor:
+        """``x`` checked against what the networks take (channels, and ``image_size`` when known);
+        float64 is converted to float32, the networks' precision, the only conversion made."""
+        size = None if self.image_size is None else (self.image_size, self.image_size)
+        x = check_images(x, self.in_channels, size)
+        return x.float() if x.dtype == torch.float64 else x
 
     def _noise(self, x: Tensor, sample_ids: Tensor | None, draw: int | Tensor | None, vote: int) -> SampleNoise:
-        ids = torch.arange(x.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids).cpu()
+        ids = torch.arange(x.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids)
         if ids.shape != (x.shape[0],):
             raise ConfigError(f"sample_ids must be [B] = [{x.shape[0]}], found {tuple(ids.shape)}")
         if draw is None:
             draw = self.reserve_draws(1)
         if isinstance(draw, Tensor):  # one draw per row: several draws of a sample in one batch (EOT)
-            return SampleNoise.from_ids(self.seed, ids, (draw.cpu().long() * self.votes + vote).tolist())
+            draw = draw.to(ids.device).long()  # seeds are derived on the ids' device: no host round trip
         return SampleNoise.from_ids(self.seed, ids, draw * self.votes + vote)
 
     def reserve_draws(self, count: int) -> int:
@@ -132,7 +141,7 @@ class Defense(nn.Module):
         (continuous batching; see :meth:`ssni.purifiers.base.Purifier.purify`); results do not
         depend on it.
         """
-        check_images(x)
+        x = self.check_input(x)
         noise = self._noise(x, sample_ids, draw, vote)
         x_diffusion = resize(x, self.resolution)
         lv = self.levels(x_diffusion, noise, width)
@@ -171,5 +180,6 @@ class Defense(nn.Module):
     @torch.no_grad()
     def explain(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | None = None) -> dict[str, Tensor]:
         """Score norms ``[B]`` (SSNI only) and levels ``[R, B]`` this defense would use."""
-        lv = self.levels(resize(check_images(x), self.resolution), self._noise(x, sample_ids, draw, 0))
+        x = self.check_input(x)
+        lv = self.levels(resize(x, self.resolution), self._noise(x, sample_ids, draw, 0))
         return {"score_norm": lv.score_norm, "t_star": lv.t}

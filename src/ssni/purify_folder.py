@@ -22,14 +22,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import _resize_crop
+from .data import IMAGE_FORMATS, _resize_crop
 from .defense import Defense
 from .errors import ConfigError, InputError, ResumeError
 from .evaluate.config import ExperimentConfig
 from .evaluate.runner import autocast, prepare_model
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-FORMATS = {"mnist-5k": ("L", 28), "fashion-mnist": ("L", 28), "cifar10": ("RGB", 32), "imagenet": ("RGB", 224)}
 COLUMNS = ["file", "score_norm", "t_star", "prediction"]
 
 
@@ -60,7 +59,7 @@ def read_images(source: Path, files: list[Path], dataset: str) -> torch.Tensor:
     a bad, non-square or far too small file names itself."""
     from PIL import Image, UnidentifiedImageError
 
-    mode, size = FORMATS[dataset]
+    mode, size = IMAGE_FORMATS[dataset]
     pixels = []
     for file in files:
         try:
@@ -132,8 +131,8 @@ def purify_folder(cfg: ExperimentConfig, source: Path, out: Path, weights_dir: P
     The prediction listed for a file is the classifier's on the image written (one purification,
     draw 0); a defense with ``votes > 1`` would vote over several.
     """
-    if cfg.data.dataset not in FORMATS:
-        raise ConfigError(f"unknown image format for dataset {cfg.data.dataset!r}; one of {sorted(FORMATS)}")
+    if cfg.data.dataset not in IMAGE_FORMATS:
+        raise ConfigError(f"unknown image format for dataset {cfg.data.dataset!r}; one of {sorted(IMAGE_FORMATS)}")
     if cfg.purifier.method == "none":
         raise ConfigError("the config has no purifier ([purifier] method = 'none')")
     source, out = Path(source).resolve(), Path(out).resolve()
@@ -168,4 +167,4 @@ def purify_folder(cfg: ExperimentConfig, source: Path, out: Path, weights_dir: P
     return out / "purify.csv"
 
 
-__all__ = ["FORMATS", "find_images", "image_id", "output_name", "purify_folder", "read_images"]
+__all__ = ["find_images", "image_id", "output_name", "purify_folder", "read_images"]

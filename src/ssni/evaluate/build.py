@@ -15,7 +15,7 @@ from ..attacks.gradient_modes import gradient_target
 from ..attacks.transfer import TransferAttack
 from ..checkpoints.public import PUBLIC, load_public
 from ..checkpoints.registry import load_manifest, load_named
-from ..data import ImageSet, load_split
+from ..data import IMAGE_FORMATS, ImageSet, load_split
 from ..defense import SSNI, Defense, resize
 from ..diffusion import VPSchedule
 from ..errors import CheckpointError, ConfigError
@@ -129,7 +129,9 @@ def build_model(cfg: ExperimentConfig, unet: nn.Module, classifier: nn.Module,
         s = cfg.ssni
         reweight = make_reweight(s.reweight, calibration, s.tau, s.bias, s.reference_compat)
         ssni = SSNI(unet, reweight, n_levels=s.n_levels, differentiable=s.differentiable)
-    defense = Defense(classifier, purifier, ssni, seed=cfg.evaluate.seed, votes=p.votes, resolution=p.resolution)
+    image_size = IMAGE_FORMATS.get(cfg.data.dataset, (None, None))[1]
+    defense = Defense(classifier, purifier, ssni, seed=cfg.evaluate.seed, votes=p.votes, resolution=p.resolution,
+                      image_size=image_size)
     return defense.eval()
 
 
