@@ -154,11 +154,16 @@ class CallableReweight(Reweight):
         return out.to(e.dtype)
 
 
+# The registry of reweightings: name -> (calibration, tau, bias, reference_compat) -> Reweight.
+REWEIGHTS: dict[str, Callable[..., Reweight]] = {
+    "sigmoid": lambda cal, tau, bias, compat: SigmoidReweight(cal, tau, bias, compat),  # SSNI-N
+    "linear": lambda cal, tau, bias, compat: LinearReweight(cal, bias, compat),  # SSNI-L (no temperature)
+}
+
+
 def make_reweight(kind: str, calibration: Calibration, tau: float | None = None, bias: int = 5,
                   reference_compat: bool = False) -> Reweight:
-    """``kind`` is ``"sigmoid"`` (SSNI-N) or ``"linear"`` (SSNI-L)."""
-    if kind == "sigmoid":
-        return SigmoidReweight(calibration, tau, bias, reference_compat)
-    if kind == "linear":
-        return LinearReweight(calibration, bias, reference_compat)
-    raise ConfigError(f"unknown reweighting {kind!r}; choose one of ['linear', 'sigmoid']")
+    """The reweighting registered as ``kind`` (``"sigmoid"``: SSNI-N, ``"linear"``: SSNI-L)."""
+    if kind not in REWEIGHTS:
+        raise ConfigError(f"unknown reweighting {kind!r}; choose one of {sorted(REWEIGHTS)}")
+    return REWEIGHTS[kind](calibration, tau, bias, reference_compat)

@@ -7,22 +7,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..attacks import PGD, ThreatModel
-from ..attacks.adaptive import AdaptiveAttack
-from ..attacks.apgd import APGD
-from ..attacks.autoattack import AutoAttackRand
+from ..attacks import ThreatModel
 from ..attacks.gradient_modes import gradient_target
-from ..attacks.transfer import TransferAttack
 from ..checkpoints.public import PUBLIC, load_public
 from ..checkpoints.registry import load_manifest, load_named
 from ..data import IMAGE_FORMATS, ImageSet, load_split
 from ..defense import SSNI, Defense, resize
 from ..diffusion import VPSchedule
 from ..errors import CheckpointError, ConfigError
-from ..purifiers import GDMP, GNS, DiffPure
 from ..reweight import Calibration, make_reweight
 from ..score_norm import dataset_score_norms
-from .config import CHOICES, AttackConfig, ExperimentConfig
+from .config import AttackConfig, ExperimentConfig
+from .registries import ATTACKS, PURIFIERS
 
 
 def load_models(cfg: ExperimentConfig, weights_dir: Path) -> tuple[nn.Module, nn.Module]:
@@ -118,10 +114,7 @@ def build_model(cfg: ExperimentConfig, unet: nn.Module, classifier: nn.Module,
     common = {"steps": p.steps or None, "eta": p.eta, "checkpoint": p.checkpoint, "solver": p.solver}
     if p.clip_x0 is not None:  # None keeps each method's reference default
         common["clip_x0"] = p.clip_x0
-    purifier = {"diffpure": lambda: DiffPure(unet, t_star=p.t_star, **common),
-                "gdmp": lambda: GDMP(unet, t_star=p.t_star, rounds=p.rounds, guide_scale=p.guide_scale,
-                                     guide_batch=p.guide_batch, reference_compat=p.reference_compat, **common),
-                "gns": lambda: GNS(unet, levels=p.levels, **common)}[p.method]()
+    purifier = PURIFIERS[p.method](unet, p, common)
     ssni = None
     if cfg.ssni.reweight != "none":
         if calibration is None:
@@ -152,18 +145,8 @@ def build_attack(a: AttackConfig, model: nn.Module, seed: int) -> tuple[object, 
         raise ConfigError(f"attack {a.name!r} cannot take gradient = {a.gradient!r}; use pgd with "
                           "gradient = 'exact' | 'surrogate' | 'bpda', adaptive with 'exact' | 'surrogate', "
                           "autoattack and transfer with 'exact'")
-    if a.name == "autoattack":
-        return AutoAttackRand(threat, version=a.version, seed=seed, steps=a.steps, eot=a.eot,
-                              restarts=a.restarts), model
-    if a.name not in ("pgd", "bpda", "adaptive", "apgd", "transfer"):
-        raise ConfigError(f"unknown attack {a.name!r}; choose one of {list(CHOICES[('attacks', 'name')])}")
-    target = gradient_target(model, mode, a.surrogate_steps)
+    if a.name not in ATTACKS:
+        raise ConfigError(f"unknown attack {a.name!r}; choose one of {sorted(ATTACKS)}")
     apgd = {"threat": threat, "steps": a.steps, "eot": a.eot, "seed": seed, "eot_batch": a.eot_batch,
             "loss": a.loss, "restarts": a.restarts, "targeted": a.targeted, "iterate": a.iterate}
-    if a.name == "adaptive":  # APGD on the feasible set e(x) <= score_target; score_weight is its penalty rho
-        return AdaptiveAttack(**apgd, score_target=a.score_target, penalty=a.score_weight), target
-    if a.name == "transfer":  # APGD against DiffPure at the clean inputs' SSNI levels
-        return TransferAttack(APGD(**apgd)), target
-    if a.name == "apgd":  # its own step schedule and random starts: step_size, sign_step, random_start unused
-        return APGD(**apgd), target
-    return PGD(**pgd), target
+    return ATTACKS[a.name](a, pgd, apgd), gradient_target(model, mode, a.surrogate_steps)

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .config_checks import check_cross, check_section
+from .registries import ATTACKS, PURIFIERS, REWEIGHTS, Names
 
 
 @dataclass(frozen=True)
@@ -136,10 +137,10 @@ class ExperimentConfig:
 
 
 SPEED_ONLY = {"evaluate": ("device", "batch_size", "compile"), "attacks": ("eot_batch",)}
-CHOICES = {("purifier", "method"): ("none", "diffpure", "gdmp", "gns"),
+CHOICES = {("purifier", "method"): Names(PURIFIERS, "none"),
            ("purifier", "solver"): ("ddpm", "sde"),
-           ("ssni", "reweight"): ("none", "sigmoid", "linear"),
-           ("attacks", "name"): ("pgd", "bpda", "adaptive", "autoattack", "apgd", "transfer"),
+           ("ssni", "reweight"): Names(REWEIGHTS, "none"),
+           ("attacks", "name"): Names(ATTACKS),
            ("attacks", "loss"): ("ce", "margin", "dlr"),
            ("attacks", "iterate"): ("best", "last"),
            ("attacks", "norm"): ("linf", "l2"),
