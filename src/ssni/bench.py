@@ -89,8 +89,7 @@ def purification(batch: int = 32, t_star: int = 300, steps: int = 300, repeats: 
         if diffusers_seconds is not None:
             results["diffusers_loop_seconds"] = diffusers_seconds
         x_t, levels = 2 * data.images - 1, t.clamp(1, 1000)
-        # the floor's unit: the best of 10 single calls at the full batch (one call is too noisy here)
-        results["seconds_per_evaluation"] = _timed(lambda: unet(x_t, levels), 10) / batch
+        results["seconds_per_evaluation"], results["unit_call_sizes"] = floor_unit(unet, x_t, levels, t, steps)
         results["ssni_seconds"] = _timed(lambda: ssni(data.images, (t_star,), noise), repeats)
         results.update(stream_images=len(stream), stream_floor_evaluations=sum(min(steps, int(ti)) for ti in stream_t),
                        stream_seconds=_timed(lambda: single.purify(stream.images, stream_t, stream_noise, width=batch),
@@ -107,6 +106,18 @@ def purification(batch: int = 32, t_star: int = 300, steps: int = 300, repeats: 
         **({"diffusers_over_join": results["diffusers_loop_seconds"] / join} if diffusers_seconds else {}),
         "ssni_overhead_fraction": results["ssni_seconds"] / join})
     return results
+
+
+def floor_unit(unet, x_t, levels, t, steps: int, sizes: int = 6, repeats: int = 5) -> tuple[float, list[int]]:
+    """The floor's unit: the best per-row time of one network call over the call sizes the join
+    scheduler uses on levels ``t`` (up to ``sizes`` of them, evenly spread, the largest included),
+    each the best of ``repeats`` calls. Per-row cost changes with the rows per call (cache, threads),
+    so a unit taken at one size alone can put a run below its own floor."""
+    from .purifiers.schedule import join_plan, unique_grid
+
+    used = sorted({len(rows) for rows, _, _ in join_plan([unique_grid(int(ti), steps) for ti in t])})
+    picked = sorted({used[round(i * (len(used) - 1) / max(sizes - 1, 1))] for i in range(sizes)} | {used[-1]})
+    return min(_timed(lambda: unet(x_t[:k], levels[:k]), repeats) / k for k in picked), picked
 
 
 def precision(batch: int = 16, t_star: int = 300, steps: int = 30, repeats: int = 3) -> dict:
@@ -212,35 +223,76 @@ from ssni.attacks import PGD, ThreatModel
 from ssni.checkpoints.registry import default_weights_dir, load_named
 from ssni.data import load_split
 from ssni.defense import Defense
+from ssni.evaluate.plan import measure_units
 from ssni.purifiers import DiffPure
 steps, use_checkpoint, n, eot_batch = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
 w = default_weights_dir()
 defense = Defense(load_named("mnist-cnn", w), DiffPure(load_named("mnist-unet", w), t_star=150, steps=steps,
                   checkpoint=use_checkpoint))
 data = load_split("mnist-5k", "test").head(n)
-start = time.perf_counter()
-PGD(ThreatModel("linf", 0.3), steps=2, step_size=0.05, eot=2, eot_batch=eot_batch)(defense, data.images,
-                                                                                   data.labels)
-print(json.dumps({"seconds_per_sample": (time.perf_counter() - start) / n,
+attack = PGD(ThreatModel("linf", 0.3), steps=2, step_size=0.05, eot=2, eot_batch=eot_batch)
+attack(defense, data.images[:1], data.labels[:1])  # warm-up
+best = float("inf")
+for _ in range(int(sys.argv[5])):
+    start = time.perf_counter()
+    attack(defense, data.images, data.labels)
+    best = min(best, time.perf_counter() - start)
+u = measure_units(defense, data.images, n * eot_batch, n * eot_batch)
+unit = u.step_ck if use_checkpoint else u.step_grad
+print(json.dumps({"seconds_per_sample": best / n, "floor_seconds_per_sample": 2 * 2 * (steps * unit + u.classifier_grad),
+                  "step_forward_backward_ms_per_row": 1e3 * u.step_grad, "step_checkpointed_ms_per_row": 1e3 * u.step_ck,
+                  "step_forward_ms_per_row": 1e3 * u.step,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
-ATTACK_SETTINGS = ((10, False, 1), (10, True, 1), (40, False, 1), (40, True, 1), (10, True, 2))
+ATTACK_SETTINGS = ((10, False, 1), (10, True, 1), (10, False, 2), (10, True, 2), (40, False, 1), (40, True, 1))
 
 
-def attack_cost(n: int = 16) -> list[dict]:
+def attack_cost(n: int = 16, repeats: int = 1, settings=ATTACK_SETTINGS) -> list[dict]:
     """PGD(2 steps) + EOT(2) through DiffPure, each setting in a fresh process for a clean peak RSS.
 
-    Settings: (reverse steps, activation checkpointing, EOT draws stacked per pass).
+    Settings: (reverse steps, activation checkpointing, EOT draws stacked per pass). The floor of
+    one sample is ``PGD steps x EOT x (reverse steps x u + classifier)``, ``u`` the per-row
+    forward + backward of one reverse step (+ its recomputed forward under checkpointing),
+    measured at the rows the attack's passes have (``n x eot_batch``).
     """
     rows = []
-    for steps, use_checkpoint, eot_batch in ATTACK_SETTINGS:
+    for steps, use_checkpoint, eot_batch in settings:
         done = subprocess.run([sys.executable, "-c", ATTACK_SCRIPT, str(steps), str(int(use_checkpoint)), str(n),
-                               str(eot_batch)], capture_output=True, text=True, check=True)
-        rows.append({"reverse_steps": steps, "checkpoint": use_checkpoint, "eot_batch": eot_batch, "n": n,
-                     **json.loads(done.stdout.strip().splitlines()[-1])})
+                               str(eot_batch), str(repeats)], capture_output=True, text=True, check=True)
+        row = {"reverse_steps": steps, "checkpoint": use_checkpoint, "eot_batch": eot_batch, "n": n,
+               **json.loads(done.stdout.strip().splitlines()[-1])}
+        row["over_floor"] = row["seconds_per_sample"] / row["floor_seconds_per_sample"]
+        rows.append(row)
     return rows
+
+
+class NullNet(torch.nn.Module):
+    """A network that does nothing (zeros): what is left of a purification is the host's work."""
+
+    def forward(self, x, t):
+        return torch.zeros_like(x)
+
+
+def host_overhead(shape=(1, 28, 28), batch: int = 40, steps: int = 10, t_star: int = 300, net=None,
+                  device: str = "cpu", repeats: int = 5) -> dict:
+    """Per reverse step: the scheduler's and step's work outside the network (noise, gathers, step
+    arithmetic; a network returning zeros) against one call of ``net`` at that batch."""
+    x = torch.rand(batch, *shape, device=device)
+    t = torch.randint(t_star // 2, t_star + 1, (batch,), generator=torch.Generator().manual_seed(0)).to(device)
+    noise = SampleNoise.from_ids(0, range(batch))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def timed(fn):
+        return _timed(lambda: (fn(), sync()), repeats)
+
+    with torch.inference_mode():
+        host = timed(lambda: DiffPure(NullNet(), t_star=t_star, steps=steps).purify(x, t, noise)) / steps
+        net_s = None if net is None else timed(lambda: net(2 * x - 1, t))
+    return {"shape": list(shape), "batch": batch, "steps": steps, "t_star": t_star, "device": device,
+            "host_seconds_per_step": host, "network_seconds_per_call": net_s,
+            "host_over_network": None if net_s is None else host / net_s}
 
 
 def machine() -> dict:
@@ -263,7 +315,9 @@ def run_bench(out: Path | None = None, quick: bool = True, compile_: bool = Fals
     results = {"machine": machine(), "purification": purification(batch=16 if quick else 32, repeats=1 if quick else 3,
                                                                   stream_batches=2 if quick else 4),
                "precision": precision(repeats=1 if quick else 3),
-               "attack": attack_cost(4 if quick else 32)}
+               "host": [host_overhead(batch=b, net=load_named("mnist-unet", default_weights_dir()),
+                                      repeats=3 if quick else 5) for b in (40, 100)],
+               "attack": attack_cost(4 if quick else 16, 1 if quick else 3)}
     if compile_:
         results["compile"] = compiled(batch=16 if quick else 32)
     if out is not None:
@@ -293,11 +347,17 @@ def format_bench(results: dict) -> str:
              *([f"torch.compile: purification x{results['compile']['eager_over_compiled']:.2f} faster than eager "
                 f"(first run {results['compile']['first_compiled_run_seconds']:.0f} s with compiling)"]
                if "compile" in results else []),
-             "attack: PGD (2 steps) + EOT 2 through DiffPure",
-             f"  {'reverse steps':>13} {'checkpoint':>10} {'EOT stacked':>11} {'s/sample':>9} {'peak RSS MB':>12}"]
+             *[f"host work per reverse step (network returning zeros), MNIST batch {h['batch']}: "
+               f"{1e3 * h['host_seconds_per_step']:.2f} ms = {100 * h['host_over_network']:.1f}% of one network call"
+               for h in results.get("host", [])],
+             "attack: PGD (2 steps) + EOT 2 through DiffPure; floor = 2 x 2 x (steps x fwd+bwd[+recompute] "
+             "+ classifier) per row",
+             f"  {'reverse steps':>13} {'checkpoint':>10} {'EOT stacked':>11} {'s/sample':>9} {'/ floor':>8} "
+             f"{'peak RSS MB':>12}"]
     for row in results["attack"]:
+        floor = f"x{row['over_floor']:.2f}" if "over_floor" in row else "-"
         lines.append(f"  {row['reverse_steps']:>13} {str(row['checkpoint']):>10} {row.get('eot_batch', 1):>11} "
-                     f"{row['seconds_per_sample']:>9.3f} {row['peak_rss_mb']:>12.0f}")
+                     f"{row['seconds_per_sample']:>9.3f} {floor:>8} {row['peak_rss_mb']:>12.0f}")
     return "\n".join(lines)
 
 
