@@ -40,3 +40,23 @@ def test_edm_adapter_matches_the_vp_oracle():
     adapter, vp = EDMAdapter(OracleEDM()), OracleGaussian(s=0.5)
     x_t, t = torch.randn(4, 1, 6, 6), torch.tensor([1, 50, 400, 900])
     assert torch.allclose(adapter(x_t, t), vp(x_t, t), atol=1e-4)
+
+
+def test_every_adapter_checks_levels_in_the_one_base():
+    import pytest
+    import torch
+
+    from ssni.denoisers.diffusers_unet import DiffusersEps
+    from ssni.denoisers.guided_diffusion import GuidedDiffusionEps
+    from ssni.denoisers.protocol import EDMAdapter, EpsAdapter
+    from ssni.denoisers.score_sde import ScoreSDEEps
+    from ssni.errors import InputError
+
+    for adapter in (DiffusersEps, GuidedDiffusionEps, EDMAdapter, ScoreSDEEps):
+        assert issubclass(adapter, EpsAdapter) and "forward" not in vars(adapter)  # one check, in the base
+    model = EDMAdapter(lambda x, sigma: torch.zeros_like(x))
+    x = torch.zeros(2, 1, 4, 4)
+    for bad in (torch.tensor([0, 3]), torch.tensor([3]), torch.tensor([1001, 3]), torch.tensor([[3, 3]])):
+        with pytest.raises(InputError):
+            model(x, bad)
+    assert model(x, torch.tensor([1, 1000])).shape == x.shape

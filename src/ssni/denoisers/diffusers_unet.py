@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from ..checkpoints.io import load_state_dict, match_state_dict
 from ..diffusion import VPSchedule
 from ..errors import CheckpointError
+from .protocol import EpsAdapter
 
 # google/ddpm-cifar10-32 (Ho et al., 2020, converted to diffusers): 35.7M parameters.
 DDPM_CIFAR10_CONFIG = {
@@ -34,14 +35,14 @@ DDPM_CIFAR10_CONFIG = {
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 
-class DiffusersEps(nn.Module):
+class DiffusersEps(EpsAdapter):
     """A diffusers ``UNet2DModel`` as an eps model: our level ``t`` (1..T) is diffusers' ``t - 1``."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+    def eps(self, x_t: Tensor, t: Tensor) -> Tensor:
         return self.unet(x_t, t - 1).sample
 
 

@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checkpoints.io import load_state_dict, match_state_dict
-from ..diffusion import VPSchedule
-from ..errors import ConfigError, InputError
+from ..errors import ConfigError
 from ..dictconfig import DictConfig
+from .protocol import EpsAdapter
 
 GROUPS = 32  # guided-diffusion normalises with 32 groups everywhere
 
@@ -288,15 +288,7 @@ class GuidedDiffusionUNet(nn.Module):
         return self.out(h)
 
 
-def _check_levels(t: Tensor, x_t: Tensor) -> Tensor:
-    """Validate protocol levels ``t: [B]`` in ``1..1000`` (a level 0 has no network input)."""
-    t = VPSchedule().check_levels(t, batch=x_t.shape[0])
-    if t.numel() and int(t.min()) < 1:
-        raise InputError("a published network is evaluated at levels 1..1000; level 0 is the clean image")
-    return t
-
-
-class GuidedDiffusionEps(nn.Module):
+class GuidedDiffusionEps(EpsAdapter):
     """Adapt a guided-diffusion UNet to the project protocol ``model(x_t, t) -> eps_hat``.
 
     Args:
@@ -312,8 +304,7 @@ class GuidedDiffusionEps(nn.Module):
         super().__init__()
         self.unet = unet
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        t = _check_levels(t, x_t)
+    def eps(self, x_t: Tensor, t: Tensor) -> Tensor:
         out = self.unet(x_t, t - 1)
         return out[:, : x_t.shape[1]]
 

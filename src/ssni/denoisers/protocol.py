@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion import VPSchedule, broadcast_to
+from ..errors import InputError
 
 
 class EpsModel(Protocol):
@@ -33,7 +34,27 @@ def eps_to_score(schedule: VPSchedule, t: Tensor, eps: Tensor) -> Tensor:
     return -eps / (1 - abar).sqrt()
 
 
-class EDMAdapter(nn.Module):
+class EpsAdapter(nn.Module):
+    """Base of every adapter from a published network to the protocol.
+
+    ``forward(x_t, t)`` checks the levels once, here, (a ``[B]`` integer tensor in ``1..T``: a
+    network has no input at level 0, the clean image) and calls :meth:`eps`, where a subclass
+    keeps only its format's quirk (label scaling, output channels, ``.sample``, sigma).
+    """
+
+    schedule: VPSchedule = VPSchedule()
+
+    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        t = self.schedule.check_levels(t, batch=x_t.shape[0])
+        if t.numel() and int(t.min()) < 1:
+            raise InputError("a published network is evaluated at levels 1..1000; level 0 is the clean image")
+        return self.eps(x_t, t)
+
+    def eps(self, x_t: Tensor, t: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class EDMAdapter(EpsAdapter):
     """Wrap an EDM-convention denoiser ``D(x, sigma) -> x0_hat`` as an :class:`EpsModel`.
 
     A VP state ``x_t = sqrt(abar) x0 + sqrt(1 - abar) eps`` is, after dividing by
@@ -46,7 +67,7 @@ class EDMAdapter(nn.Module):
         super().__init__()
         self.denoiser, self.schedule = denoiser, schedule
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+    def eps(self, x_t: Tensor, t: Tensor) -> Tensor:
         abar = self.schedule.abar(t, like=x_t)
         sigma = torch.sqrt((1 - abar) / abar)
         x_edm = x_t / broadcast_to(abar.sqrt(), x_t)

@@ -34,6 +34,7 @@ from ..checkpoints.io import load_state_dict, match_state_dict
 from ..diffusion import VPSchedule
 from ..errors import CheckpointError, ConfigError, InputError
 from ..dictconfig import DictConfig
+from .protocol import EpsAdapter
 
 _SUPPORTED = {"resblock_type": "biggan", "progressive": "none", "progressive_input": "none",
               "embedding_type": "positional", "fir": False, "scale_by_sigma": False}
@@ -253,15 +254,7 @@ class ScoreSDENet(nn.Module):
         return conv(F.silu(norm(h)))
 
 
-def _check_levels(t: Tensor, x_t: Tensor) -> Tensor:
-    """Validate protocol levels ``t: [B]`` in ``1..1000`` (a level 0 has no network input)."""
-    t = VPSchedule().check_levels(t, batch=x_t.shape[0])
-    if t.numel() and int(t.min()) < 1:
-        raise InputError("a published network is evaluated at levels 1..1000; level 0 is the clean image")
-    return t
-
-
-class ScoreSDEEps(nn.Module):
+class ScoreSDEEps(EpsAdapter):
     """Adapt a continuous-VP score_sde network to the protocol ``model(x_t, t) -> eps_hat``.
 
     Args:
@@ -295,8 +288,7 @@ class ScoreSDEEps(nn.Module):
         s = (-b0 + torch.sqrt(b0**2 - 2 * (b1 - b0) * log_abar)) / (b1 - b0)
         return s.clamp(max=1.0).float()  # levels 997..1000 map past 1 (up to 1.0034)
 
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        t = _check_levels(t, x_t)
+    def eps(self, x_t: Tensor, t: Tensor) -> Tensor:
         labels = 999.0 * self.continuous_time(t)
         return self.net(x_t, labels.to(x_t.device))
 
