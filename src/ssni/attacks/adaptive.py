@@ -33,6 +33,15 @@ the most misclassified held-out draws (ties: highest mean margin); when no candi
 is feasible on held-out draws, the best-scoring one. ``levels`` (``[R, B]``, mean over
 held-out draws), ``score_norms`` and ``feasible`` record what the defense does with
 each output.
+
+Measured on the MNIST demo (DiffPure t* = 300, 10 steps, SSNI-N; l_inf 0.3; 10 steps,
+EOT 2; 32 images, worst of 8 fresh draws): val 93.8% robust [79.9, 98.3], test 87.5%
+(PGD and APGD-DLR: 9.4% on both). The feasible set is nearly empty of useful points there:
+``e_target = mu + tau = 488.6`` while clean inputs average 473, and along the segment from
+a clean image to its PGD example ``e`` passes the target by ``l_inf = 0.015`` (e = 595,
+level 301 of 304); PGD's examples sit at e = 1440 and get the full level 304, yet fool.
+Sign descent on ``e`` alone can lower it (step 0.003: level 153 -> 36), so low-score-norm
+points exist, but not ones that also fool the classifier within 10 steps.
 """
 
 from __future__ import annotations
