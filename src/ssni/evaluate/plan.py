@@ -104,8 +104,11 @@ def measure_units(model: Defense, x: Tensor, rows: int, grad_rows: int, repeats:
     (forward + backward: the attack's rows, ``eot_batch x batch``)."""
     from torch.utils.checkpoint import checkpoint
 
-    x_inf, step_inf = _step_fn(model, x, rows)
-    x_model, step = _step_fn(model, x, grad_rows)
+    from ..defense import resize
+
+    x_inf, step_inf = _step_fn(model, resize(x, model.resolution), rows)
+    x_model, step = _step_fn(model, resize(x, model.resolution), grad_rows)
+    x_cls, x_cls_grad = x[torch.arange(rows) % x.shape[0]], x[torch.arange(grad_rows) % x.shape[0]]
 
     def grad_of(fn):
         def run():
@@ -115,10 +118,11 @@ def measure_units(model: Defense, x: Tensor, rows: int, grad_rows: int, repeats:
 
     with torch.no_grad():
         t_step = _best(lambda: step_inf(x_inf), repeats)
-        t_cls = _best(lambda: model.classifier((x_inf + 1) / 2), repeats)
+        t_cls = _best(lambda: model.classifier(x_cls), repeats)
     t_grad = _best(grad_of(step), repeats)
     t_ck = _best(grad_of(lambda z: checkpoint(step, z, use_reentrant=False)), repeats)
-    t_cls_grad = _best(grad_of(lambda z: model.classifier((z + 1) / 2)), repeats)
+    t_cls_grad = _best(lambda: torch.autograd.grad(model.classifier(x_cls_grad.requires_grad_(True)).sum(),
+                                                   x_cls_grad), repeats)
     z = x_model.detach().requires_grad_(True)
     peak = None
     if x.device.type == "cuda":
@@ -131,13 +135,15 @@ def measure_units(model: Defense, x: Tensor, rows: int, grad_rows: int, repeats:
     g = grad_rows
     return Units(t_step / rows, t_grad / g, t_ck / g, t_cls / rows, t_cls_grad / g,
                  saved_bytes(lambda: step(z)) / g, x_model[0].numel() * x_model.element_size(),
-                 saved_bytes(lambda: model.classifier((z + 1) / 2)) / g, weights, peak)
+                 saved_bytes(lambda: model.classifier(x_cls_grad)) / g, weights, peak)
 
 
 def steps_per_sample(model: Defense, x: Tensor) -> tuple[float, float]:
     """``(score-norm rows, reverse steps)`` per sample and vote: levels from SSNI on ``x`` (or ``t*``)."""
+    from ..defense import resize
+
     with torch.no_grad():
-        lv = model.levels(x, model._noise(x, None, 0, 0))
+        lv = model.levels(resize(x, model.resolution), model._noise(x, None, 0, 0))
     p = model.purifier
     t = (lv.start if lv.start is not None else lv.t).float()
     n = None if p.steps is None else p.steps + lv.extra_steps
@@ -178,7 +184,7 @@ def free_bytes(device: torch.device) -> tuple[int, str]:
     return 0, "unknown"
 
 
-def make_plan(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor, n: int, world: int = 1,
+def make_plan(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor | None, n: int, world: int = 1,
               repeats: int = 3) -> dict:
     """The prediction for ``n`` samples over ``world`` shards; ``x, y``: a probe of the evaluated images."""
     per_shard = math.ceil(n / world)
@@ -187,8 +193,8 @@ def make_plan(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor, n: 
         return {"n": n, "shards": world, "note": "no purifier: the classifier alone costs little"}
     votes, ck = model.votes, model.purifier.checkpoint
     eot_batch = max((a.eot_batch for a in cfg.attacks), default=1)
-    with torch.no_grad():
-        accuracy = float((model.predict(x, draw=0) == y).float().mean())
+    with torch.no_grad():  # no labels (a synthetic probe): every sample counts as attacked
+        accuracy = 1.0 if y is None else float((model.predict(x, draw=0) == y).float().mean())
     score, reverse = steps_per_sample(model, x)
     u = measure_units(model, x, batch, eot_batch * batch, repeats)
     one_pass = score * u.step + reverse * u.step + u.classifier
@@ -232,17 +238,53 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
+SHAPES = {"mnist-5k": (1, 28, 28), "cifar10": (3, 32, 32), "imagenet": (3, 224, 224)}
+
+
 def plan_run(cfg: ExperimentConfig, weights_dir: Path | None = None, world: int | None = None,
              probe: int = 16) -> dict:
-    """Load the configured models as a run does, probe them on the first ``probe`` images, predict."""
+    """Load the configured models as a run does, probe them on the first ``probe`` images, predict.
+
+    Without the dataset on this machine (or a shipped calibration) the probe is uniform noise
+    of the dataset's shape, SSNI is calibrated on it, and every sample counts as attacked: the
+    levels and the attacked share are then guesses, the units are measured all the same.
+    """
     import os
 
     from ..checkpoints.registry import default_weights_dir
-    from .build import load_eval_data
-    from .runner import prepare_model
+    from ..errors import SSNIError
+    from .build import build_model, calibrate, load_eval_data, load_models
+    from .runner import to_device
 
     world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
-    model = prepare_model(cfg, Path(weights_dir or default_weights_dir()))
-    data = load_eval_data(cfg, min(probe, cfg.data.n))
-    x, y = data.images.to(cfg.evaluate.device), data.labels.to(cfg.evaluate.device)
-    return make_plan(cfg, model, x, y, cfg.data.n, world)
+    weights_dir = Path(weights_dir or default_weights_dir())
+    unet, classifier = to_device(cfg, *load_models(cfg, weights_dir))
+    device = torch.device(cfg.evaluate.device)
+    try:
+        data = load_eval_data(cfg, min(probe, cfg.data.n))
+        x, y, synthetic = data.images.to(device), data.labels.to(device), False
+    except SSNIError:
+        shape = SHAPES.get(cfg.data.dataset, (3, 32, 32))
+        x = torch.rand(min(probe, cfg.data.n), *shape, generator=torch.Generator().manual_seed(0)).to(device)
+        y, synthetic = None, True
+    calibration = None
+    if cfg.ssni.reweight != "none":
+        try:
+            calibration = calibrate(cfg, unet, weights_dir)
+        except SSNIError:
+            calibration = _probe_calibration(cfg, unet, x)
+    model = build_model(cfg, unet, classifier, calibration)
+    plan = make_plan(cfg, model, x, y, cfg.data.n, world)
+    plan["synthetic_probe"] = synthetic
+    return plan
+
+
+def _probe_calibration(cfg: ExperimentConfig, unet: nn.Module, x: Tensor):
+    from ..defense import resize
+    from ..diffusion import VPSchedule
+    from ..reweight import Calibration
+    from ..score_norm import dataset_score_norms
+
+    images = resize(x, cfg.purifier.resolution)
+    norms = dataset_score_norms(unet, VPSchedule(), images, torch.arange(len(x)), 0, cfg.ssni.n_levels)
+    return Calibration.fit(norms, note="probe images (no dataset or calibration on this machine)")
