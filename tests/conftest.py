@@ -57,7 +57,7 @@ def noise_for(ids, run_seed: int = 0, draw: int = 0) -> SampleNoise:
 @pytest.fixture
 def tiny_weights(tmp_path, tiny_unet):
     """A weights folder: a tiny random UNet beside the shipped (real, trained) MNIST classifier."""
-    from ssni.checkpoints.io import save_weights
+    from ssni.weights_io import save_weights
     from ssni.checkpoints.registry import default_weights_dir, load_named, register
 
     folder = tmp_path / "weights"

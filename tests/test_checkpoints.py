@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from ssni.checkpoints.io import load_state_dict, match_state_dict, save_weights
+from ssni.weights_io import load_state_dict, match_state_dict, save_weights
 from ssni.checkpoints.registry import load_named, register
 from ssni.classifiers import SmallCNN, SmallCNNConfig
 from ssni.denoisers import UNet, UNetConfig
@@ -85,3 +85,13 @@ def test_shipped_manifest_entries_name_their_reproduction_command():
     for entry in manifest.values():
         assert entry["command"].startswith("ssni train") and "seed" in entry and len(entry["sha256"]) == 64
         assert json.dumps(entry["metrics"])
+
+
+@pytest.mark.parametrize("first", ["ssni.weights_io", "ssni.denoisers.score_sde", "ssni.checkpoints.public",
+                                   "ssni.checkpoints.edm_pickle", "ssni.evaluate.registries"])
+def test_every_module_imports_first_in_a_fresh_interpreter(first):
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", f"import {first}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-1500:]

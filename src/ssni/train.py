@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from .checkpoints.io import save_weights
+from .weights_io import save_weights
 from .checkpoints.registry import load_manifest, register
 from .classifiers.small_cnn import SmallCNN, SmallCNNConfig
 from .data import SPLIT_SEED, ImageSet, load_split

@@ -22,13 +22,16 @@ import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
+
+if TYPE_CHECKING:
+    from ..denoisers.edm import EDMConfig
 
 
 @dataclass
@@ -191,10 +194,20 @@ def read_edm_pickle(path: Path, key: str = "ema"):
     return state_dict_of(record, ""), edm_config_of(record)
 
 
+def read_edm_network(path: Path, allow_pickle: bool) -> tuple[dict[str, Tensor], EDMConfig]:
+    """``(state dict, config)`` of an EDM ``.pkl``, refused without the explicit opt-in: the file
+    embeds Python source code (none of it is run here, but a pickle is still a program)."""
+    if not allow_pickle:
+        raise CheckpointError(f"{path} is an EDM pickle, which embeds Python source code; it is read only "
+                              "with --allow-pickle (no code in it is run), or convert it once with "
+                              "`ssni convert` and load the .safetensors file it writes")
+    return read_edm_pickle(path)
+
+
 def convert_edm_pickle(source: Path, target: Path) -> str:
     """Write the EMA network of an EDM pickle as safetensors (config in its metadata); return its sha256."""
     from ..denoisers.edm import EDMDenoiser
-    from .io import match_state_dict, save_weights
+    from ..weights_io import match_state_dict, save_weights
 
     state, cfg = read_edm_pickle(source)
     denoiser = EDMDenoiser(cfg)
@@ -202,4 +215,4 @@ def convert_edm_pickle(source: Path, target: Path) -> str:
     return save_weights(target, denoiser, {"edm_config": cfg.to_dict(), "converted_from": source.name})
 
 
-__all__ = ["PersistentRecord", "convert_edm_pickle", "edm_config_of", "read_edm_pickle", "state_dict_of"]
+__all__ = ["PersistentRecord", "convert_edm_pickle", "read_edm_network", "edm_config_of", "read_edm_pickle", "state_dict_of"]

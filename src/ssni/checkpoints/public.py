@@ -30,7 +30,7 @@ from ..denoisers.guided_diffusion import (GuidedDiffusionConfig, GuidedDiffusion
 from ..denoisers.protocol import EDMAdapter
 from ..denoisers.score_sde import ScoreSDEEps, ScoreSDENet, load_score_sde
 from ..errors import CheckpointError
-from .io import file_sha256
+from ..weights_io import file_sha256
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from torch import nn
 from ..classifiers.small_cnn import SmallCNN, SmallCNNConfig
 from ..denoisers.unet import UNet, UNetConfig
 from ..errors import CheckpointError
-from .io import file_sha256, load_state_dict, match_state_dict
+from ..weights_io import file_sha256, load_state_dict, match_state_dict
 
 ARCHITECTURES = {
     "unet": (UNet, UNetConfig),

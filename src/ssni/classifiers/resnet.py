@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoints.io import load_state_dict, match_state_dict
+from ..weights_io import load_state_dict, match_state_dict
 from ..errors import CheckpointError, ConfigError
 from ..dictconfig import DictConfig
 
@@ -240,9 +240,9 @@ def prepare_state_dict(state: dict, module: nn.Module, source: str) -> dict[str,
 def load_into(module: nn.Module, path: str | Path, allow_pickle: bool = False) -> nn.Module:
     """Load a published checkpoint into ``module`` safely and strictly; return it in eval mode.
 
-    Reads with :func:`ssni.checkpoints.io.load_state_dict` (weights only unless
+    Reads with :func:`ssni.weights_io.load_state_dict` (weights only unless
     ``allow_pickle``), applies :func:`prepare_state_dict`, then
-    :func:`ssni.checkpoints.io.match_state_dict`.
+    :func:`ssni.weights_io.match_state_dict`.
 
     Raises:
         CheckpointError: the file is missing, unreadable, truncated or does not fit ``module``.

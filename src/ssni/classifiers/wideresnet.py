@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoints.io import load_state_dict, match_state_dict
+from ..weights_io import load_state_dict, match_state_dict
 from ..errors import CheckpointError, ConfigError, InputError
 from .resnet import load_into, prepare_state_dict
 from ..dictconfig import DictConfig

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from ..checkpoints.io import load_state_dict, match_state_dict
+from ..weights_io import load_state_dict, match_state_dict
 from ..diffusion import VPSchedule
 from ..errors import CheckpointError
 from .protocol import EpsAdapter

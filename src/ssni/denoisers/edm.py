@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoints.io import match_state_dict
+from ..weights_io import load_state_dict, match_state_dict
 from ..dictconfig import DictConfig
 from ..errors import CheckpointError, ConfigError
 
@@ -336,16 +336,11 @@ def load_edm(path: str | Path, allow_pickle: bool = False) -> EDMDenoiser:
     The original pickle is read only with ``allow_pickle=True``; even then no code inside
     it runs (see :func:`ssni.checkpoints.edm_pickle.read_edm_pickle`).
     """
-    from ..checkpoints.edm_pickle import read_edm_pickle  # avoid an import cycle
-    from ..checkpoints.io import load_state_dict
-
     path = Path(path)
     if path.suffix == ".pkl":
-        if not allow_pickle:
-            raise CheckpointError(f"{path} is an EDM pickle, which embeds Python source code; it is read only "
-                                  "with --allow-pickle (no code in it is run), or convert it once with "
-                                  "`ssni convert` and load the .safetensors file it writes")
-        state, cfg = read_edm_pickle(path)
+        from ..checkpoints.edm_pickle import read_edm_network  # the pickle branch lives with the pickle reader
+
+        state, cfg = read_edm_network(path, allow_pickle)
     else:
         state, cfg = load_state_dict(path), read_edm_config(path)
     if cfg.unet.label_dim:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..checkpoints.io import load_state_dict, match_state_dict
+from ..weights_io import load_state_dict, match_state_dict
 from ..errors import ConfigError
 from ..dictconfig import DictConfig
 from .protocol import EpsAdapter

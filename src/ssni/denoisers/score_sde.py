@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoints.io import load_state_dict, match_state_dict
+from ..weights_io import load_state_dict, match_state_dict
 from ..diffusion import VPSchedule
 from ..errors import CheckpointError, ConfigError, InputError
 from ..dictconfig import DictConfig
