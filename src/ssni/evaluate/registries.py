@@ -18,7 +18,7 @@ from ..attacks.apgd import APGD
 from ..attacks.autoattack import AutoAttackRand
 from ..attacks.transfer import TransferAttack
 from ..purifiers import GDMP, GNS, DiffPure
-from ..reweight import REWEIGHTS  # noqa: F401  (its registry lives with the reweightings)
+from ..reweight import REWEIGHTS  # its registry lives with the reweightings
 
 if TYPE_CHECKING:
     from .config import AttackConfig, PurifierConfig
@@ -55,3 +55,6 @@ class Names:
 
     def __iter__(self):
         return iter((*self.extra, *self.registry))
+
+
+__all__ = ["ATTACKS", "PURIFIERS", "REWEIGHTS", "Names"]
