@@ -7,8 +7,8 @@
 # (3) host work per reverse step (a network returning zeros); (4) PGD+EOT against its floor, stacked EOT and
 # checkpointing on/off; (5) `ssni evaluate --plan` for paper presets (random-init weights). See benchmarks/README.md.
 set -uo pipefail
-PY=python3
-if ! python3 -c "import torch, safetensors, tqdm" 2>/dev/null; then
+PY=${PY:-python3}  # the lent machine's python3 has CUDA torch, safetensors and tqdm and no network
+if ! "$PY" -c "import torch, safetensors, tqdm" 2>/dev/null; then
     python3 -m venv .venv-gpu && .venv-gpu/bin/pip install --quiet torch==2.13.0 -e ".[test]" && PY=.venv-gpu/bin/python
 fi
 RESULTS=${OUT:-benchmarks/results}
@@ -61,7 +61,7 @@ for name, net in nets.items():
     for b in batches:
         x, t = torch.rand(b, 3, 32, 32, device=dev), torch.randint(t_star // 5, t_star + 1, (b,), device=dev)
         noise, p = SampleNoise.from_ids(0, range(b)), DiffPure(net, t_star=t_star, steps=steps)
-        for precision in ("fp32", "bf16"):
+        for precision in ("fp32",) if smoke else ("fp32", "bf16"):
             with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16"):
                 s = best(lambda: p.purify(x, t, noise), 1)
                 call = best(lambda: net(2 * x - 1, t))
@@ -78,11 +78,11 @@ n, reverse = batches[0], 2 if smoke else 10
 x, y = torch.rand(n, 3, 32, 32, device=dev), torch.randint(0, 10, (n,), device=dev)
 attack_rows = []
 for ck in (False, True):
-    for eot_batch in (1, 4):
+    for eot_batch in (1,) if smoke else (1, 4):
         defense = Defense(classifier, DiffPure(ddpm, t_star=t_star, steps=reverse, checkpoint=ck)).eval()
         pgd = PGD(ThreatModel("linf", 8 / 255), steps=2, step_size=2 / 255, eot=4, eot_batch=eot_batch)
         s = best(lambda: pgd(defense, x, y), 1)
-        u = measure_units(defense, x, n * eot_batch, n * eot_batch, 2)
+        u = measure_units(defense, x, n * eot_batch, n * eot_batch, 1 if smoke else 3)
         floor = 2 * 4 * (reverse * (u.step_ck if ck else u.step_grad) + u.classifier_grad) * n
         attack_rows.append({"checkpoint": ck, "eot_batch": eot_batch, "n": n, "reverse_steps": reverse,
                             "seconds_per_sample": s / n, "over_floor": s / floor,

@@ -174,6 +174,17 @@ def attack_row_bytes(u: Units, score: float, reverse: float, checkpointed: bool)
     return score * u.step_saved_bytes + chain + u.classifier_saved_bytes
 
 
+def resident_bytes(device: torch.device) -> int:
+    """What the process holds now: CUDA memory allocated, or the CPU process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        import os
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_bytes(device: torch.device) -> tuple[int, str]:
     """Memory a run may use on ``device`` and how it was read."""
     if device.type == "cuda":
@@ -191,7 +202,7 @@ def make_plan(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor | No
     batch = min(cfg.evaluate.batch_size, per_shard)
     if not isinstance(model, Defense):
         return {"n": n, "shards": world, "note": "no purifier: the classifier alone costs little"}
-    votes, ck = model.votes, model.purifier.checkpoint
+    baseline, votes, ck = resident_bytes(x.device), model.votes, model.purifier.checkpoint
     eot_batch = max((a.eot_batch for a in cfg.attacks), default=1)
     with torch.no_grad():  # no labels (a synthetic probe): every sample counts as attacked
         accuracy = 1.0 if y is None else float((model.predict(x, draw=0) == y).float().mean())
@@ -204,14 +215,15 @@ def make_plan(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor | No
                                                        + a_rescore(cfg) * votes * one_pass)} for a in cfg.attacks]
     row_bytes = attack_row_bytes(u, score, reverse, ck) * votes
     free, how = free_bytes(x.device)
-    rows_fit = max(int((MEMORY_MARGIN * free - u.weight_bytes) // row_bytes), 0)
+    rows_fit = max(int(MEMORY_MARGIN * free // row_bytes), 0)  # free is read with the models loaded
     seconds = per_shard * clean + sum(a["seconds"] for a in attacks)
     return {"n": n, "shards": world, "per_shard": per_shard, "batch": batch, "eot_batch": eot_batch,
             "device": str(x.device), "checkpoint": ck, "votes": votes, "score_rows": score,
             "reverse_steps": reverse, "probe_clean_accuracy": accuracy, "units": vars(u),
             "clean_seconds": per_shard * clean, "attacks": attacks, "seconds": seconds,
-            "peak_bytes": u.weight_bytes + eot_batch * batch * row_bytes, "free_bytes": free,
-            "memory_method": f"autograd saved-tensor bytes per row; free memory from {how}",
+            "peak_bytes": baseline + eot_batch * batch * row_bytes, "free_bytes": free, "baseline_bytes": baseline,
+            "memory_method": f"models loaded ({'CUDA memory_allocated' if x.device.type == 'cuda' else 'process RSS'})"
+                             f" + autograd saved-tensor bytes per row; free memory from {how}",
             "max_batch": rows_fit // eot_batch, "max_eot_batch": rows_fit // batch}
 
 
