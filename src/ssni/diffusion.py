@@ -12,6 +12,7 @@ can sit at its own level.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,12 @@ class VPSchedule:
     @property
     def abar_table(self) -> Tensor:
         """``abar[t]`` for ``t = 0..T`` (float64, ``abar[0] = 1``)."""
-        return torch.cumprod(1.0 - self.betas, dim=0)
+        return self.abar_on(torch.device("cpu"))
+
+    def abar_on(self, device: torch.device) -> Tensor:
+        """:attr:`abar_table` on ``device``, computed and copied there once per schedule and device
+        (a copy per reverse step would wait for the GPU's queue)."""
+        return _abar_table(self.num_levels, self.beta_start, self.beta_end, torch.device(device))
 
     def check_levels(self, t: Tensor, batch: int | None = None) -> Tensor:
         """Validate integer levels ``t: [B]`` in ``0..T`` and return them as int64."""
@@ -64,7 +70,7 @@ class VPSchedule:
 
     def abar(self, t: Tensor, like: Tensor | None = None) -> Tensor:
         """``abar`` at integer levels ``t: [B]`` (dtype/device of ``like`` if given)."""
-        table = self.abar_table.to(t.device)[t.long()]
+        table = self.abar_on(t.device)[t.long()]
         return table.to(like.dtype) if like is not None else table.float()
 
     def abar_continuous(self, t: Tensor) -> Tensor:
@@ -127,3 +133,9 @@ def to_image_scale(x: Tensor) -> Tensor:
 
 
 __all__ = ["VPSchedule", "forward_jump", "broadcast_to", "to_model_scale", "to_image_scale"]
+
+
+@functools.lru_cache(maxsize=32)
+def _abar_table(num_levels: int, beta_start: float, beta_end: float, device: torch.device) -> Tensor:
+    betas = VPSchedule(num_levels, beta_start, beta_end).betas
+    return torch.cumprod(1.0 - betas, dim=0).to(device)
