@@ -113,3 +113,17 @@ def test_linear_reference_compat_walks_the_authors_shifted_grid(t, n, oracle):
                                                          noise_for([0]), start=start)
     expected = sorted(set(authors_linear_grid(t, n, 5)), reverse=True)  # repeats are exact no-ops
     assert visited + [0] == expected
+
+
+def test_a_calibration_file_of_random_bytes_is_a_config_error(tmp_path):
+    import pytest
+
+    from ssni.errors import ConfigError
+    from ssni.reweight import Calibration
+
+    (tmp_path / "cal.json").write_bytes(bytes([0x94, 0xFF, 0x00, 0x13]) * 16)
+    with pytest.raises(ConfigError, match="not a calibration file"):
+        Calibration.load(tmp_path / "cal.json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not a calibration file"):
+        Calibration.load(tmp_path / "list.json")

@@ -74,7 +74,7 @@ class Calibration:
         try:
             data = json.loads(Path(path).read_text())
             return cls(**data)
-        except (OSError, json.JSONDecodeError, TypeError) as err:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError) as err:
             raise ConfigError(f"{path} is not a calibration file written by Calibration.save ({err})") from err
 
 
