@@ -15,9 +15,9 @@ def cell(acc: dict) -> str:
 
 
 def table(results: list[dict]) -> str:
-    lines = ["| defense | attack | steps | EOT | restarts | worst of N | majority | single | any iterate "
-             "| seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| defense | attack | steps | EOT | restarts | clean | worst of N | majority | single "
+             "| any iterate | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for res in results:
         seen = set()
         for p in sorted(res["points"], key=lambda p: (p["attack"], p["eot"], p["steps"], p["restarts"])):
@@ -25,8 +25,9 @@ def table(results: list[dict]) -> str:
                 continue
             seen.add(p["folder"])
             lines.append(f"| {res['label']} | {p['attack']} | {p['steps']} | {p['eot']} | {p['restarts']} | "
-                         f"{cell(p['worst'])} | {cell(p['majority'])} | {cell(p['single'])} | "
-                         f"{cell(p['any_iterate'])} | {p['seconds']:.0f} |")
+                         f"{p['clean']['correct']}/{p['clean']['n']} | {cell(p['worst'])} | "
+                         f"{cell(p['majority'])} | {cell(p['single'])} | {cell(p['any_iterate'])} | "
+                         f"{p['seconds']:.0f} |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,15 @@
+#!/bin/bash
+# one run at a time, 1 thread
+cd /tmp/conv/tree; export PYTHONPATH=/tmp/conv/tree/src
+export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+C=configs/mnist-diffpure-ssni-n.toml
+L="${LADDER:-steps=10}"
+run() { local name=$1; shift; echo "=== $name start $(date -u +%T)"; /usr/bin/time -f "%e s wall" /work/main/.venv/bin/python -m ssni.cli converge --config $C --limit 32 --no-progress --ladder "$L" "$@"; echo "=== $name end $(date -u +%T)"; }
+for job in $JOBS; do
+  case $job in
+    n-pgd) run n-pgd --out /tmp/conv/ssni-n-pgd --attack pgd --label "DiffPure + SSNI-N" ;;
+    d-pgd) run d-pgd --out /tmp/conv/diffpure-pgd --attack pgd --set ssni.reweight=none --label "DiffPure" ;;
+    n-apgd) run n-apgd --out /tmp/conv/ssni-n-apgd --attack apgd --set attacks.0.loss=dlr --label "DiffPure + SSNI-N" ;;
+    d-apgd) run d-apgd --out /tmp/conv/diffpure-apgd --attack apgd --set attacks.0.loss=dlr --set ssni.reweight=none --label "DiffPure" ;;
+  esac
+done
