@@ -6,8 +6,9 @@ attack). From those ``N`` predictions each protocol gives a verdict, all kept
 side by side because the field disagrees on which one counts:
 
 - ``single``: the first fresh draw alone (the SSNI paper's protocol);
-- ``majority``: the label wins a strict majority of the ``N`` votes (a tie, or a
-  wrong class as frequent as the label, counts as broken);
+- ``majority``: the majority vote of the ``N`` predictions (their most frequent
+  class, as GNS classifies) is the label; a tie between the label and a wrong
+  class counts as broken. It is a plurality, so it can sit above ``single``;
 - ``worst``: every one of the ``N`` draws is correct (worst case over draws);
 - ``any_iterate``: no iterate of the attack was misclassified on the draws the
   attack itself saw, and the returned example survives the first fresh draw
