@@ -300,3 +300,8 @@ def test_out_that_is_a_file_is_an_input_error(tmp_path, config_file, tiny_weight
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="is a file"):
         evaluate(load_config(config_file), tmp_path / "file", tiny_weights, progress=False)
+
+
+def test_a_list_where_a_name_belongs_is_a_config_error_not_a_traceback():
+    with pytest.raises(ConfigError, match="method"):
+        from_dict({"purifier": {"method": ["diffpure"]}})

@@ -31,6 +31,9 @@ class Files(BaseHTTPRequestHandler):
         self.ranges.append(header or "")
         if header:
             start = int(header.split("=")[1].split("-")[0])
+            if start >= len(data):  # as real servers answer a range past the end
+                self.send_error(416)
+                return
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
@@ -115,3 +118,10 @@ def test_fetch_public_uses_the_registry_and_a_missing_file_names_the_command(ser
                                                                                              tmp_path)
     with pytest.raises(CheckpointError, match="no direct download"):
         fetch_public("cifar10-wrn-70-16", tmp_path, progress=False)
+
+
+def test_a_whole_part_file_left_by_a_crash_is_checked_and_renamed(server, tmp_path):
+    Files.files["/w.bin"] = PAYLOAD
+    (tmp_path / "w.bin.part").write_bytes(PAYLOAD)  # complete, but never renamed
+    path = download(f"{server}/w.bin", tmp_path / "w.bin", sha256=hashlib.sha256(PAYLOAD).hexdigest(), progress=False)
+    assert path.read_bytes() == PAYLOAD and not (tmp_path / "w.bin.part").exists()

@@ -231,7 +231,6 @@ def load_cifar10(root: Path, part: str) -> ImageSet:
 # Each dataset's image format as the models take it: PIL mode (channels) and square size.
 IMAGE_FORMATS = {"mnist-5k": ("L", 28), "fashion-mnist": ("L", 28), "cifar10": ("RGB", 32), "imagenet": ("RGB", 224)}
 SUBSETS = ("first", "paper")
-PAPER_SUBSET = {"cifar10": 512, "imagenet": 128}  # images the SSNI authors evaluate (CIFAR-10 test, ImageNet val)
 
 
 def paper_order(size: int, seed: int = 0) -> Tensor:

@@ -1,4 +1,4 @@
-"""Download a public file: resumable, atomic, hash-checked.
+"""Download a public file: resumable, atomic, hash-checked where a hash is known.
 
 ``download(url, target)`` writes ``target.part`` and continues it with an HTTP
 ``Range`` request after an interruption; only a complete file whose hash
@@ -46,6 +46,10 @@ def download(url: str, target: Path, *, sha256: str | None = None, md5: str | No
                 while chunk := response.read(CHUNK):
                     sink.write(chunk)
                     bar.update(len(chunk))
+    except urllib.error.HTTPError as err:
+        if err.code != 416:  # 416: the range starts at the end, the part file is already whole
+            raise CheckpointError(f"download of {url} failed ({err}); check the URL or try again later") from err
+        total = None
     except (urllib.error.URLError, OSError) as err:
         raise CheckpointError(f"download of {url} stopped ({err}); run the same command again to resume "
                               f"({part} keeps what arrived)") from err

@@ -159,10 +159,10 @@ def _build(cls, section: str, values: dict[str, Any]):
     unknown = sorted(set(values) - valid)
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in [{section}]; valid keys: {sorted(valid)}")
+    check_section(cls, section, values)  # types first: a list cannot be looked up among the choices
     for (sec, key), options in CHOICES.items():
         if sec == section and key in values and values[key] not in options:
             raise ConfigError(f"[{section}] {key} = {values[key]!r}; choose one of {list(options)}")
-    check_section(cls, section, values)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
     return cls(**values)
 
@@ -198,10 +198,6 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Experime
         else:
             data.setdefault(section, {})[key] = value
     return from_dict(data)
-
-
-def with_data(cfg: ExperimentConfig, **changes) -> ExperimentConfig:
-    return replace(cfg, data=replace(cfg.data, **changes))
 
 
 def dry_run(cfg: ExperimentConfig, n: int = 2) -> ExperimentConfig:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-FRESH = ("single", "majority", "worst")
 PROTOCOLS = {"single": "one evaluation on fresh randomness (the paper's protocol)",
              "majority": "majority vote over {n} fresh evaluations",
              "worst": "worst case over {n} fresh evaluations",
