@@ -81,5 +81,6 @@ def format_summary(summary: dict) -> str:
         flag = "ok    " if check["passed"] else "FAILED"
         lines.append(f"[{flag}] {check['check']}: {check['detail']}")
     if summary.get("sanity") and not summary["sanity"]["all_passed"]:
-        lines.append("!!! SANITY CHECKS FAILED: these robust accuracies may be inflated by gradient masking !!!")
+        lines.append("!!! SANITY CHECKS FAILED: these robust accuracies may be inflated "
+                     "(gradient masking or an attack that has not converged) !!!")
     return "\n".join(lines)
