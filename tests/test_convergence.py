@@ -43,28 +43,40 @@ def point(axis, value, correct, n=40):
             "worst": accuracy(correct, n)}
 
 
-def test_rule_picks_first_rung_whose_next_step_moves_less_than_half_width():
-    # 40 images: 20/40 has a 95% Wilson half-width of about 14.8 points, 4/40 about 9.6
+def test_rule_picks_first_rung_that_every_larger_rung_agrees_with():
+    # 40 images: 8/40 has a 95% Wilson half-width of about 5.3 samples, 12/40 about 5.9
     steps = [point("steps", 5, 20), point("steps", 10, 8), point("steps", 20, 6), point("steps", 40, 6)]
     eot = [point("eot", 1, 12), point("eot", 2, 10), point("eot", 4, 9)]
-    choice = conv.choose_budget(steps + eot)["pgd"]
-    assert choice["axes"]["steps"]["chosen"] == 10  # 5 -> 10 moves 30 points, 10 -> 20 moves 5
-    assert choice["axes"]["eot"]["chosen"] == 1  # 1 -> 2 moves 5 points < about 13
+    choice = conv.choose_budget(steps + eot, protocols=("worst",))["pgd"]
+    assert choice["axes"]["steps"]["chosen"] == 10  # 5 -> 10 moves 12 samples, 10 -> 20 and 40 move 2
+    assert choice["axes"]["eot"]["chosen"] == 1  # 1 -> 2 and 1 -> 4 move 2 and 3 < 5.9
     assert choice["budget"] == {"steps": 10, "eot": 1} and choice["converged"]
-    assert "chosen 10" in choice["axes"]["steps"]["reasoning"][-1]
 
 
 def test_rule_says_not_converged_when_every_step_still_moves():
     steps = [point("steps", 5, 30), point("steps", 10, 18), point("steps", 20, 6)]
     eot = [point("eot", 1, 12), point("eot", 2, 11)]
-    choice = conv.choose_budget(steps + eot)["pgd"]
+    choice = conv.choose_budget(steps + eot, protocols=("worst",))["pgd"]
     assert choice["axes"]["steps"]["chosen"] is None and choice["budget"] is None
     assert not choice["converged"] and choice["verdict"] == "not converged within the ladder (steps)"
 
 
-def test_rule_warns_about_a_later_drop():
-    out = conv.first_stable([5, 10, 20], [0.5, 0.48, 0.1], [0.15, 0.15, 0.1])
-    assert out["chosen"] == 5 and "warning" in out["reasoning"][-1]
+def test_rule_compares_against_the_largest_rung_not_only_the_next():
+    # 10 -> 20 moves 1 sample, but 40 moves 6: a slow slide is not convergence (16/40: half-width ~5.8)
+    out = conv.first_stable([10, 20, 40, 80], [16, 15, 10, 9], 40)
+    assert out["chosen"] == 40
+    assert "a larger rung moves beyond" in out["reasoning"][0]
+
+
+def test_rule_takes_the_largest_rung_any_protocol_needs():
+    from ssni.evaluate.summary import accuracy
+
+    points = [{**point("steps", s, w), "majority": accuracy(m, 40)}
+              for s, w, m in ((10, 2, 20), (20, 1, 6), (40, 0, 4))]
+    choice = conv.choose_budget(points)["pgd"]
+    assert conv.choose_budget(points, protocols=("worst",))["pgd"]["budget"] == {"steps": 10}
+    assert choice["budget"] == {"steps": 20}  # the majority still falls 20 -> 6 of 40 after 10 steps
+    assert any(line.startswith("majority at 10") for line in choice["axes"]["steps"]["reasoning"])
 
 
 def test_parse_ladder_and_points(cfg):

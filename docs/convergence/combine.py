@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ssni.evaluate.convergence import plot_convergence
+from ssni.evaluate.convergence import RULE, choose_budget, plot_convergence
 
 
 def cell(acc: dict) -> str:
@@ -34,6 +34,8 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     out, studies = Path(sys.argv[1]), [Path(s) for s in sys.argv[2:]]
     results = [json.loads((s / "convergence.json").read_text()) for s in studies]
+    for res in results:  # the choice under the current rule (a study may have been written by an older one)
+        res["rule"], res["choice"] = RULE, choose_budget(res["points"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "convergence.json").write_text(json.dumps({"studies": results}, indent=2) + "\n")
     plot_convergence(results, out / "convergence.png")

@@ -52,7 +52,7 @@ class DemoConfig:
     tau: float | None = None
     calibration_size: int = 1000
     eps: float = 0.3
-    pgd_steps: int = 10
+    pgd_steps: int = 20
     step_size: float = 0.05
     eot: int = 2
     batch_size: int = 100

@@ -17,6 +17,15 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
+def changed_beyond_noise(base: int, other: int, n: int) -> tuple[bool, float]:
+    """Did an accuracy move from ``base / n`` to ``other / n`` by at least the half-width of ``base``'s
+    95% Wilson interval? Returns the verdict and that half-width (as a fraction). This is the one
+    convergence criterion: the budget ladder (``ssni converge``) and ``--sanity`` both use it."""
+    low, high = wilson_interval(base, n)
+    half = (high - low) / 2
+    return abs(other - base) / n >= half, half
+
+
 def auroc(negatives: Tensor, positives: Tensor) -> float:
     """P(score of a positive > score of a negative), ties counted half (Mann-Whitney U)."""
     neg, pos = negatives.double().flatten(), positives.double().flatten()

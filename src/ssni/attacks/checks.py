@@ -6,8 +6,9 @@ probabilities), are its input gradients finite and non-zero, is it in eval mode
 
 ``sanity_checks`` (``ssni evaluate --sanity``), on a few samples:
 1. robust accuracy falls to about 0 when epsilon is large;
-2. twice the PGD steps neither raise robust accuracy (masking) nor lower it below
-   the 95% interval of the reference setting (the attack has not converged);
+2. twice the PGD steps neither raise robust accuracy (masking) nor lower it by the
+   half-width of the reference setting's 95% interval or more (the attack has not converged:
+   the criterion of the budget ladder, :func:`ssni.metrics.changed_beyond_noise`);
 3. the same for twice the EOT samples;
 4. the exact-gradient attack is at least as strong as BPDA;
 5. the loss rises over the iterations.
@@ -22,13 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..metrics import wilson_interval
+from ..metrics import changed_beyond_noise
 from .base import ThreatModel
 from .bpda import BPDA
 from .pgd import PGD, call_model
 
 SLACK = 1  # samples of tolerance for "does not raise" on a stochastic defense
-SCORING_DRAWS = 4  # robust = correct on every one of this many fresh draws (worst of N)
 
 
 def defense_checks(model: nn.Module, x: Tensor, y: Tensor) -> list[dict]:
@@ -52,34 +52,36 @@ def defense_checks(model: nn.Module, x: Tensor, y: Tensor) -> list[dict]:
     ]
 
 
-def _robust(model: nn.Module, attack: PGD, x: Tensor, y: Tensor, ids: Tensor) -> int:
-    """Samples still correct on every one of ``SCORING_DRAWS`` fresh draws after the attack."""
+def _robust(model: nn.Module, attack: PGD, x: Tensor, y: Tensor, ids: Tensor, draws: int) -> int:
+    """Samples still correct on every one of ``draws`` fresh draws after the attack (worst of N)."""
     x_adv = attack(model, x, y, sample_ids=ids)
     with torch.no_grad():
-        correct = torch.stack([call_model(model, x_adv, ids).argmax(1) == y for _ in range(SCORING_DRAWS)])
+        correct = torch.stack([call_model(model, x_adv, ids).argmax(1) == y for _ in range(draws)])
     return int(correct.all(0).sum())
 
 
 def _budget_check(what: str, base: int, doubled: int, n: int) -> dict:
-    """Doubling a budget must neither help the defense (beyond ``SLACK``) nor break samples beyond
-    the 95% interval of the reference budget's robust accuracy (then the attack has not converged)."""
-    low = wilson_interval(base, n)[0]
-    raised, dropped = doubled > base + SLACK, doubled / n < low
+    """Doubling a budget must neither help the defense (beyond ``SLACK``) nor lower robust accuracy
+    by the half-width of the reference budget's 95% interval or more (the attack has not converged)."""
+    dropped, half = changed_beyond_noise(base, doubled, n)
+    raised, dropped = doubled > base + SLACK, dropped and doubled < base
     verdict = "masking?" if raised else "NOT CONVERGED: use a larger budget" if dropped else "converged"
     return {"check": f"attack converged in {what}", "passed": not (raised or dropped),
-            "detail": f"{base}/{n} -> {doubled}/{n} with 2x {what} (interval low {low * n:.1f}/{n}): {verdict}"}
+            "detail": f"{base}/{n} -> {doubled}/{n} with 2x {what} (moves of {half * n:.1f} samples or more "
+                      f"count): {verdict}"}
 
 
-def sanity_checks(model: nn.Module, attack: PGD, x: Tensor, y: Tensor, ids: Tensor) -> list[dict]:
-    """Run the five gradient-masking checks with ``attack`` as the reference setting."""
-    base = _robust(model, attack, x, y, ids)
+def sanity_checks(model: nn.Module, attack: PGD, x: Tensor, y: Tensor, ids: Tensor, draws: int = 8) -> list[dict]:
+    """Run the five gradient-masking checks with ``attack`` as the reference setting; robust means
+    correct on every one of ``draws`` fresh draws (the run's ``rescore_draws``)."""
+    base = _robust(model, attack, x, y, ids, draws)
     trace = list(attack.loss_trace)
     big = replace(attack, threat=ThreatModel(attack.threat.norm, 1.0 if attack.threat.norm == "linf" else 30.0),
                   step_size=max(attack.step_size, 0.1), steps=max(attack.steps, 20))
-    results = {"large epsilon": _robust(model, big, x, y, ids),
-               "2x steps": _robust(model, replace(attack, steps=2 * attack.steps), x, y, ids),
-               "2x EOT": _robust(model, replace(attack, eot=2 * attack.eot), x, y, ids)}
-    bpda = _robust(BPDA(model), attack, x, y, ids) if hasattr(model, "purifier") else None
+    results = {"large epsilon": _robust(model, big, x, y, ids, draws),
+               "2x steps": _robust(model, replace(attack, steps=2 * attack.steps), x, y, ids, draws),
+               "2x EOT": _robust(model, replace(attack, eot=2 * attack.eot), x, y, ids, draws)}
+    bpda = _robust(BPDA(model), attack, x, y, ids, draws) if hasattr(model, "purifier") else None
     n = len(y)
     checks = [
         {"check": "robust accuracy ~0 at large epsilon", "passed": results["large epsilon"] <= max(1, n // 10),

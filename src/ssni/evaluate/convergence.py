@@ -7,12 +7,14 @@ sub-folder of the output (so an interrupted study resumes point by point) and is
 :func:`ssni.evaluate.summary.summarize` (single, majority, worst of N, any iterate, Wilson 95%
 intervals).
 
-Choice rule (issue 14). Along an axis with rungs ``v_0 < v_1 < ...`` and worst-of-N robust
-accuracies ``a_i`` with 95% interval half-widths ``h_i``, the axis is converged at the first rung
-``i`` with ``|a_i - a_{i+1}| < h_i`` (raising the budget to the next rung, a doubling on a doubling
-ladder, moves the headline by less than its own statistical uncertainty). The chosen budget takes
-each axis's converged rung; if an axis never satisfies the rule the study is "not converged within
-the ladder". The axes are measured at the base of the others (a cross, not a grid): the choice
+Choice rule (issue 14). Along an axis with rungs ``v_0 < v_1 < ...`` the axis is converged at the
+first rung ``i`` from which every larger rung measured moves robust accuracy by less than the half-width
+of rung ``i``'s 95% interval (:func:`ssni.metrics.changed_beyond_noise`, the criterion ``--sanity`` uses
+too): not only the next doubling but the largest budget tried must agree with it. The rule is applied
+to each protocol in ``RULE_PROTOCOLS`` (worst of N, the headline, and the majority of the same N draws,
+which converges more slowly) and the axis takes the largest rung any of them needs. The chosen budget
+takes each axis's converged rung; if an axis never satisfies the rule the study is "not converged
+within the ladder". The axes are measured at the base of the others (a cross, not a grid): the choice
 assumes the effects of steps and EOT do not interact much, which the README states.
 """
 
@@ -23,6 +25,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from ..metrics import changed_beyond_noise
 from .config import ExperimentConfig
 from .runner import evaluate
 from .store import RESULTS_FILE, Store
@@ -32,6 +35,10 @@ AXES = ("steps", "eot", "restarts")
 RESTART_ATTACKS = ("apgd", "autoattack")  # attacks whose restarts setting means something
 DEFAULT_LADDER = {"steps": (10, 20, 50, 100, 200), "eot": (1, 2, 4, 8, 16), "restarts": (1, 2, 4)}
 NOT_CONVERGED = "not converged within the ladder"
+RULE_PROTOCOLS = ("worst", "majority")  # the N-draw verdicts the choice rule must see converged
+RULE = ("per axis and protocol (worst of N, majority), the first rung from which every larger rung measured "
+        "changes robust accuracy by less than the 95% Wilson half-width at that rung; the axis takes the "
+        "largest rung any protocol needs")
 
 
 def parse_ladder(text: str) -> dict[str, tuple[int, ...]]:
@@ -104,43 +111,41 @@ def measure_point(cfg: ExperimentConfig, point: dict, out: Path, weights_dir: Pa
             "seconds": sum(r["seconds"] for r in rows), "wall_seconds_this_call": round(wall, 1)}
 
 
-def half_width(acc: dict) -> float:
-    return (acc["ci95"][1] - acc["ci95"][0]) / 2
-
-
-def first_stable(rungs: list[int], accs: list[float], half_widths: list[float]) -> dict:
-    """The choice rule on one axis: the first rung whose step to the next rung changes the accuracy
-    by less than that rung's interval half-width. Returns the rung (or ``None``) and the reasoning."""
-    lines, stable = [], []
-    for i in range(len(rungs) - 1):
-        change = abs(accs[i + 1] - accs[i])
-        stable.append(change < half_widths[i])
-        lines.append(f"{rungs[i]} -> {rungs[i + 1]}: worst-of-N {100 * accs[i]:.1f}% -> "
-                     f"{100 * accs[i + 1]:.1f}%, "
-                     f"change {100 * change:.1f} pts {'<' if stable[i] else '>='} half-width "
-                     f"{100 * half_widths[i]:.1f} pts")
-    first = stable.index(True) if True in stable else None
-    chosen = None if first is None else rungs[first]
+def first_stable(rungs: list[int], correct: list[int], n: int, protocol: str = "worst") -> dict:
+    """The choice rule on one axis and protocol: the first rung from which every larger rung moves the
+    accuracy (``correct`` of ``n``) by less than that rung's interval half-width. Returns the rung (or
+    ``None``) and the reasoning."""
+    lines, chosen = [], None
+    for i, (rung, base) in enumerate(zip(rungs[:-1], correct)):
+        moves = [(later, other, *changed_beyond_noise(base, other, n))
+                 for later, other in zip(rungs[i + 1:], correct[i + 1:])]
+        half = moves[0][3]
+        detail = ", ".join(f"{later}: {other}/{n}" for later, other, _, _ in moves)
+        stable = not any(moved for _, _, moved, _ in moves)
+        lines.append(f"{protocol} at {rung}: {base}/{n} (half-width {half * n:.1f} samples) vs {detail}: "
+                     + ("every larger rung within" if stable else "a larger rung moves beyond"))
+        if stable:
+            chosen = rung
+            break
     if chosen is None:
         lines.append(NOT_CONVERGED if len(rungs) > 1 else "one rung only: nothing to compare")
-    elif not all(stable[first:]):
-        later = lines[first + stable[first:].index(False)]
-        lines.append(f"chosen {chosen}; warning: a later step still moves more than the half-width ({later})")
-    else:
-        lines.append(f"chosen {chosen}")
     return {"chosen": chosen, "reasoning": lines}
 
 
-def choose_budget(points: list[dict], protocol: str = "worst") -> dict:
-    """Per attack, the choice rule on every axis it was measured on, and the budget it gives."""
+def choose_budget(points: list[dict], protocols: tuple[str, ...] = RULE_PROTOCOLS) -> dict:
+    """Per attack, the choice rule on every axis it was measured on and every protocol in ``protocols``
+    (an axis takes the largest rung any protocol needs), and the budget it gives."""
     out = {}
     for attack in dict.fromkeys(p["attack"] for p in points):
         axes, budget = {}, {}
         for axis in dict.fromkeys(p["axis"] for p in points if p["attack"] == attack):
             line = sorted((p for p in points if p["attack"] == attack and p["axis"] == axis),
                           key=lambda p: p[axis])
-            axes[axis] = first_stable([p[axis] for p in line], [p[protocol]["acc"] for p in line],
-                                      [half_width(p[protocol]) for p in line])
+            per_protocol = [first_stable([p[axis] for p in line], [p[protocol]["correct"] for p in line],
+                                         line[0][protocol]["n"], protocol) for protocol in protocols]
+            chosen = [c["chosen"] for c in per_protocol]
+            axes[axis] = {"chosen": None if None in chosen else max(chosen),
+                          "reasoning": [line for c in per_protocol for line in c["reasoning"]]}
             budget[axis] = axes[axis]["chosen"]
         converged = all(v is not None for v in budget.values())
         out[attack] = {"axes": axes, "budget": budget if converged else None, "converged": converged,
@@ -169,8 +174,7 @@ def run_convergence(cfg: ExperimentConfig, out: Path, attacks: list[str] | None 
     result = {"label": label or f"{cfg.purifier.method} + ssni {cfg.ssni.reweight}", "split": "val",
               "n": cfg.data.n, "draws": cfg.evaluate.rescore_draws, "config_hash_base": cfg.hash(),
               "base_attack": cfg.attacks[0].__dict__, "ladder": {k: list(v) for k, v in ladder.items()},
-              "rule": "per axis, the first rung at which moving to the next rung changes worst-of-N robust "
-                      "accuracy by less than the 95% Wilson half-width at that rung",
+              "rule": RULE,
               "points": points, "choice": choose_budget(points)}
     (out / "convergence.json").write_text(json.dumps(result, indent=2) + "\n")
     plot_convergence([result], out / "convergence.png")

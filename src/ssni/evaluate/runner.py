@@ -202,7 +202,7 @@ def run_sanity(cfg: ExperimentConfig, weights_dir: Path | None = None, n: int = 
     x, y = data.images.to(cfg.evaluate.device), data.labels.to(cfg.evaluate.device)
     checks = defense_checks(model, x, y)
     if isinstance(attack, PGD):
-        checks += sanity_checks(model, attack, x, y, data.ids)
+        checks += sanity_checks(model, attack, x, y, data.ids, cfg.evaluate.rescore_draws)
     if isinstance(model, Defense):  # fidelity of every gradient mode to the exact one (informative entries)
         from ..attacks.gradient_modes import cosine_checks, gradient_cosines
         from .config import AttackConfig
