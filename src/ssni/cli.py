@@ -261,19 +261,22 @@ def report(out: Path = typer.Argument(..., help="a folder written by ssni evalua
 @app.command()
 def models(weights_dir: Path = typer.Option(None, help="also list the models trained into this folder")) -> None:
     """List the shipped models and the public checkpoints (file, size, source, license). Example: ssni models"""
+    from .checkpoints.models import all_models
     from .checkpoints.public import PUBLIC
     from .checkpoints.registry import default_weights_dir, load_manifest
 
     folder = weights_dir or default_weights_dir()
-    typer.echo(f"trained by ssni (in {folder}):")
-    for name, entry in sorted(load_manifest(folder).items()):
-        metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(entry["metrics"].items()))
-        typer.echo(f"  {name:<28} {entry['arch']:<10} {entry['size_bytes'] / 1e6:6.2f} MB  {metrics}")
-        typer.echo(f"  {'':<28} reproduce: {entry['command']}")
-    typer.echo("public checkpoints (download into --weights-dir):")
-    for name, entry in PUBLIC.items():
-        typer.echo(f"  {name:<28} {entry.kind:<10} {entry.file}  {entry.size}")
-        typer.echo(f"  {'':<28} {entry.url}  [{entry.license}]")
+    manifest = load_manifest(folder)
+    typer.echo(f"name (source: shipped = trained by ssni, in {folder}; public = download into --weights-dir)")
+    for entry in all_models(folder):
+        typer.echo(f"  {entry.name:<28} {entry.source:<8} {entry.kind:<10} {entry.file}")
+        if entry.source == "shipped":
+            info = manifest[entry.name]
+            metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(info["metrics"].items()))
+            typer.echo(f"  {'':<28} {info['size_bytes'] / 1e6:.2f} MB, {metrics}; reproduce: {info['command']}")
+        else:
+            info = PUBLIC[entry.name]
+            typer.echo(f"  {'':<28} {info.size}; {info.url}  [{info.license}]")
 
 
 @app.command()

@@ -47,6 +47,7 @@ class PublicModel:
     sha256: str | None = None
     alternatives: tuple[str, ...] = ()  # other accepted file names (e.g. the unconverted original)
     download: str | None = None  # a direct URL `ssni fetch` can get (saved under its own base name)
+    locate: Callable[[], Path | None] | None = None  # where else the file may already be (an installed package)
 
 
 PUBLIC: dict[str, PublicModel] = {
@@ -116,18 +117,21 @@ PUBLIC: dict[str, PublicModel] = {
         "shipped inside the PyPI package pyautoattack 0.2.0 (pyautoattack/examples/model_test.pt)", "MIT",
         "plain state dict, legacy torch serialisation, [0, 1] inputs", 32,
         lambda path, pickle: load_autoattack_resnet18(path), autoattack_resnet18,
-        sha256="399f52da9f914c323fa5a6096d60f460a3449a59b64a6405200c1e629f8425a7"),
+        sha256="399f52da9f914c323fa5a6096d60f460a3449a59b64a6405200c1e629f8425a7",
+        locate=find_autoattack_checkpoint),
 }
 
 
 def public_path(name: str, weights_dir: Path | None) -> Path:
-    """Where the file of ``name`` is expected (the AutoAttack model is found in its package)."""
+    """Where the file of ``name`` is: in ``weights_dir`` under one of its names, else where the entry's
+    ``locate`` finds it (the AutoAttack model inside the installed ``pyautoattack``)."""
     entry = PUBLIC[name]
     for file in (entry.file, *entry.alternatives):
         if weights_dir is not None and (Path(weights_dir) / file).exists():
             return Path(weights_dir) / file
-    if name == "cifar10-resnet18-autoattack" and find_autoattack_checkpoint() is not None:
-        return find_autoattack_checkpoint()
+    found = entry.locate() if entry.locate is not None else None
+    if found is not None:
+        return found
     how = (f"run `ssni fetch {name} --weights-dir {weights_dir}`" if entry.download else
            f"download it from {entry.url} into that folder (see `ssni models`)")
     raise CheckpointError(f"{entry.file} for {name!r} not found in {weights_dir}; {how}")

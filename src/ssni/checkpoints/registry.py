@@ -23,6 +23,7 @@ ARCHITECTURES = {
     "unet": (UNet, UNetConfig),
     "small_cnn": (SmallCNN, SmallCNNConfig),
 }
+KINDS = {"unet": "diffusion", "small_cnn": "classifier"}  # what each architecture is used as
 MANIFEST = "manifest.json"
 
 

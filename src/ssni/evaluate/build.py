@@ -9,8 +9,8 @@ from torch import nn
 
 from ..attacks import ThreatModel
 from ..attacks.gradient_modes import gradient_target
-from ..checkpoints.public import PUBLIC, load_public
-from ..checkpoints.registry import load_manifest, load_named
+from ..checkpoints.models import find_model, load_model
+from ..checkpoints.registry import load_manifest
 from ..data import IMAGE_FORMATS, ImageSet, load_split
 from ..defense import SSNI, Defense, resize
 from ..diffusion import VPSchedule
@@ -24,36 +24,26 @@ from .registries import ATTACKS, PURIFIERS
 def load_models(cfg: ExperimentConfig, weights_dir: Path) -> tuple[nn.Module, nn.Module]:
     """``(diffusion model, classifier)`` named in ``cfg.models``, loaded strictly from ``weights_dir``.
 
-    A name is looked up in the folder's manifest (models trained by ``ssni train``), then in
-    the registry of public checkpoints (:mod:`ssni.checkpoints.public`). With
+    Names are resolved by the one model registry (:mod:`ssni.checkpoints.models`: the folder's
+    manifest, then the public checkpoints). With
     ``models.random_init`` the public architectures get random weights (dry runs).
     """
-    manifest = check_models(cfg, weights_dir)
-    diffusion, classifier = (_load_one(n, manifest, cfg, weights_dir) for n in (cfg.models.diffusion,
-                                                                               cfg.models.classifier))
-    return diffusion, classifier
+    check_models(cfg, weights_dir)
+    m = cfg.models
+    return tuple(load_model(name, weights_dir, random_init=m.random_init, allow_pickle=m.allow_pickle)
+                 for name in (m.diffusion, m.classifier))
 
 
-def check_models(cfg: ExperimentConfig, weights_dir: Path) -> dict:
+def check_models(cfg: ExperimentConfig, weights_dir: Path) -> None:
     """Raise a :class:`CheckpointError` that says how to get them if the named models are unknown."""
-    manifest = load_manifest(weights_dir)
     names = (cfg.models.diffusion, cfg.models.classifier)
-    missing = [n for n in names if n not in manifest and n not in PUBLIC]
+    missing = [n for n in names if find_model(n, weights_dir) is None]
     if missing:
         ds = cfg.data.dataset
         raise CheckpointError(f"{weights_dir} has no {' or '.join(missing)} and no public model has that name "
                               f"(`ssni models` lists them); train them with "
                               f"`ssni train score --dataset {ds} --name {names[0]}` and "
                               f"`ssni train classifier --dataset {ds} --name {names[1]}`")
-    return manifest
-
-
-def _load_one(name: str, manifest: dict, cfg: ExperimentConfig, weights_dir: Path) -> nn.Module:
-    if name in manifest:
-        return load_named(name, weights_dir)
-    if cfg.models.random_init:
-        return PUBLIC[name].build().eval()
-    return load_public(name, weights_dir, cfg.models.allow_pickle)
 
 
 def load_eval_data(cfg: ExperimentConfig, n: int | None = None) -> ImageSet:
