@@ -34,6 +34,11 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     out, studies = Path(sys.argv[1]), [Path(s) for s in sys.argv[2:]]
     results = [json.loads((s / "convergence.json").read_text()) for s in studies]
+    measured = {}  # a budget point measured by two studies (same defense) is shown once
+    for res in results:
+        defense = res["label"].split(", base")[0]
+        res["points"] = [p for p in res["points"] if measured.setdefault((defense, p["folder"], p["axis"]), res["label"])
+                         == res["label"]]
     for res in results:  # the choice under the current rule (a study may have been written by an older one)
         res["rule"], res["choice"] = RULE, choose_budget(res["points"])
     out.mkdir(parents=True, exist_ok=True)

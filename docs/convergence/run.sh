@@ -13,3 +13,14 @@ for job in $JOBS; do
     d-apgd) run d-apgd --out /tmp/conv/diffpure-apgd --attack apgd --set attacks.0.loss=dlr --set ssni.reweight=none --label "DiffPure" ;;
   esac
 done
+
+# Round 2 (the demo budget raised to 20 steps): the same studies as a cross through steps 20 / EOT 2,
+# i.e. the EOT axis measured again at 20 steps; budget points already measured are reused from their folders.
+#   L="steps=5,10,20,40 eot=1,2,4"
+#   ssni converge --config $C --limit 32 --no-progress --ladder "$L" --set attacks.0.steps=20 \
+#       --out /tmp/conv/ssni-n-pgd20 --attack pgd --label "DiffPure + SSNI-N"
+#   ssni converge --config $C --limit 32 --no-progress --ladder "$L" --set attacks.0.steps=20 \
+#       --set ssni.reweight=none --out /tmp/conv/diffpure-pgd20 --attack pgd --label "DiffPure"
+# then: python docs/convergence/combine.py docs/convergence /tmp/conv/ssni-n-pgd20 /tmp/conv/diffpure-pgd20 \
+#   /tmp/conv/ssni-n-pgd /tmp/conv/diffpure-pgd /tmp/conv/ssni-n-apgd /tmp/conv/diffpure-apgd
+# (the first-round pgd studies relabelled "..., base steps 10": their EOT axis at 10 steps is kept)

@@ -181,27 +181,40 @@ def run_convergence(cfg: ExperimentConfig, out: Path, attacks: list[str] | None 
     return result
 
 
-def plot_convergence(results: list[dict], path: Path) -> None:
-    """Worst-of-N robust accuracy with its 95% interval against the budget (gradient evaluations per
-    sample and restart: steps x EOT x restarts, log scale), one line per defense/attack/axis."""
+def plot_convergence(results: list[dict], path: Path, protocols: tuple[str, ...] = RULE_PROTOCOLS) -> None:
+    """Robust accuracy (one panel per protocol the rule reads: worst of N, majority) with its 95%
+    interval against the budget (gradient evaluations per sample and restart: steps x EOT x restarts,
+    log scale), one line per defense/attack/axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, axes = plt.subplots(1, len(protocols), figsize=(6.5 * len(protocols), 4.8), sharey=True)
+    for ax, protocol in zip(list(axes) if len(protocols) > 1 else [axes], protocols):
+        _plot_protocol(ax, results, protocol)
+    axes_list = list(axes) if len(protocols) > 1 else [axes]
+    axes_list[0].set_ylabel("robust accuracy (%)")
+    axes_list[-1].legend(fontsize=6)
+    fig.suptitle("Attack convergence (validation split, 95% Wilson)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_protocol(ax, results: list[dict], protocol: str) -> None:
     styles = {"steps": "o-", "eot": "s--", "restarts": "^:"}
-    for i, (res, attack, axis) in enumerate((r, a, x) for r in results
-                                            for a in dict.fromkeys(p["attack"] for p in r["points"])
-                                            for x in dict.fromkeys(p["axis"] for p in r["points"])):
+    lines = [(r, a, x) for r in results for a in dict.fromkeys(p["attack"] for p in r["points"])
+             for x in dict.fromkeys(p["axis"] for p in r["points"])]
+    for i, (res, attack, axis) in enumerate(lines):
         line = sorted((p for p in res["points"] if p["attack"] == attack and p["axis"] == axis),
                       key=lambda p: p["gradient_evaluations"])
         if not line:
             continue
         x = [p["gradient_evaluations"] * (1 + 0.03 * i) for p in line]  # a small shift keeps bars apart
-        y = [100 * p["worst"]["acc"] for p in line]
-        err = [[100 * (p["worst"]["acc"] - p["worst"]["ci95"][0]) for p in line],
-               [100 * (p["worst"]["ci95"][1] - p["worst"]["acc"]) for p in line]]
+        y = [100 * p[protocol]["acc"] for p in line]
+        err = [[100 * (p[protocol]["acc"] - p[protocol]["ci95"][0]) for p in line],
+               [100 * (p[protocol]["ci95"][1] - p[protocol]["acc"]) for p in line]]
         ax.errorbar(x, y, yerr=err, fmt=styles[axis], capsize=3, color=f"C{i % 10}",
                     label=f"{res['label']}, {attack}, {axis} " + ",".join(str(p[axis]) for p in line))
     ax.set_xscale("log", base=2)
@@ -209,9 +222,4 @@ def plot_convergence(results: list[dict], path: Path) -> None:
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.minorticks_off()
     ax.set(xlabel="budget: steps x EOT x restarts (gradient evaluations per sample)",
-           ylabel="robust accuracy, worst of N (%)",
-           title="Attack convergence (validation split, 95% Wilson)")
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+           title="worst of N (headline)" if protocol == "worst" else protocol)
