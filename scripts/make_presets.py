@@ -21,17 +21,19 @@ Three families per setting:
 Each purifier runs as its authors run it: DiffPure and GNS do not clip x0, GDMP clips it;
 GDMP guides toward the original input with the reference's per-image strength (scale 60000 over
 its batch of 100) and ensembles 10 purifications (votes), GNS votes over 10.
+The keys every purifier shares go in ``[purifier]``, each method's own in ``[purifier.<method>]``.
 """
 
 from pathlib import Path
 
-DIFFPURE = {"linf": 'method = "diffpure"\nt_star = 100\nsteps = 100\nclip_x0 = false',
-            "l2": 'method = "diffpure"\nt_star = 75\nsteps = 75\nclip_x0 = false'}
-DIFFPURE_SDE = {"linf": 'method = "diffpure"\nsolver = "sde"\nt_star = 100\nsteps = 0  # dt = 1/1000\nclip_x0 = false',
-                "l2": 'method = "diffpure"\nsolver = "sde"\nt_star = 75\nsteps = 0  # dt = 1/1000\nclip_x0 = false'}
-GDMP = ('method = "gdmp"\nt_star = 36\nrounds = 4\nguide_scale = 60000.0\nguide_batch = 100\nsteps = 0  # unit DDPM steps\n'
-        'clip_x0 = true\nvotes = 10')
-GNS = 'method = "gns"\nlevels = [30, 30, 30, 30, 50, 50, 125, 125]\nsteps = 0  # full denoising\nclip_x0 = false\nvotes = 10'
+# (method, shared [purifier] keys, the method's own [purifier.<method>] keys)
+DIFFPURE = {"linf": ("diffpure", "steps = 100\nclip_x0 = false", "t_star = 100"),
+            "l2": ("diffpure", "steps = 75\nclip_x0 = false", "t_star = 75")}
+DIFFPURE_SDE = {"linf": ("diffpure", 'solver = "sde"\nsteps = 0  # dt = 1/1000\nclip_x0 = false', "t_star = 100"),
+                "l2": ("diffpure", 'solver = "sde"\nsteps = 0  # dt = 1/1000\nclip_x0 = false', "t_star = 75")}
+GDMP = ("gdmp", "steps = 0  # unit DDPM steps\nclip_x0 = true\nvotes = 10",
+        "t_star = 36\nrounds = 4\nguide_scale = 60000.0\nguide_batch = 100")
+GNS = ("gns", "steps = 0  # full denoising\nclip_x0 = false\nvotes = 10", "levels = [30, 30, 30, 30, 50, 50, 125, 125]")
 METHODS = {"diffpure": DIFFPURE, "gdmp": {"linf": GDMP, "l2": GDMP}, "gns": {"linf": GNS, "l2": GNS},
            "diffpure-sde": DIFFPURE_SDE}
 THREATS = {"linf": ("linf", 8 / 255), "l2": ("l2", 0.5)}
@@ -39,19 +41,20 @@ CLASSIFIERS = {"wrn28": "cifar10-wrn-28-10", "wrn70": "cifar10-wrn-70-16"}
 TAGS = {"none": "base", "linear": "ssni-l", "sigmoid": "ssni-n"}
 
 
-def surrogate_steps(purifier: str, data: str) -> int:
+def surrogate_steps(method: str, data: str) -> int:
     """The authors' surrogate chain: 20 steps on CIFAR-10 (SSNI's README), 10 on ImageNet (its t = 200 example);
     GNS's reference merges rounds, which one per-round count cannot express: 5 is the nearest."""
-    if 'method = "gns"' in purifier:
+    if method == "gns":
         return 5
     return 10 if "imagenet" in data else 20
 
 
 def preset(title, data, models, purifier, ssni, n_levels, norm, eps, repro):
-    gradient = (f'gradient = "surrogate"\nsurrogate_steps = {surrogate_steps(purifier, data)}' if repro
+    method, shared, own = purifier
+    gradient = (f'gradient = "surrogate"\nsurrogate_steps = {surrogate_steps(method, data)}' if repro
                 else 'gradient = "exact"')
-    if repro and purifier.startswith('method = "gdmp"'):
-        purifier += "\nreference_compat = true"
+    if repro and method == "gdmp":
+        own += "\nreference_compat = true"
     return f"""# {title}
 # {"The paper's attack as it was run (20-step surrogate gradients, one-draw headline)" if repro else
    "Our protocol: exact gradients through the whole defense, worst of 8 fresh draws as the headline"}.
@@ -63,7 +66,11 @@ def preset(title, data, models, purifier, ssni, n_levels, norm, eps, repro):
 {models}
 
 [purifier]
-{purifier}
+method = "{method}"
+{shared}
+
+[purifier.{method}]
+{own}
 
 [ssni]
 reweight = "{ssni}"
@@ -122,8 +129,8 @@ def main() -> None:
     for solver in ("", "-sde"):
         for ssni, tag in TAGS.items():
             name = f"imagenet-resnet50-diffpure{solver}-{tag}-linf"
-            purifier = ('method = "diffpure"\nt_star = 150\nresolution = 256\nclip_x0 = false\n'
-                        + ('solver = "sde"\nsteps = 0  # dt = 1/1000' if solver else "steps = 150"))
+            purifier = ("diffpure", "resolution = 256\nclip_x0 = false\n"
+                        + ('solver = "sde"\nsteps = 0  # dt = 1/1000' if solver else "steps = 150"), "t_star = 150")
             write(out, name, f"{name}: DiffPure{solver} {tag} on ResNet-50, linf 4/255", imagenet_data, models,
                   purifier, ssni, 50, "linf", 4 / 255)
 

@@ -42,7 +42,8 @@ def test_preset_parses(path):
     assert purifier.solver == ("sde" if "-sde-" in path.stem else "ddpm")
     assert purifier.clip_x0 == (purifier.method == "gdmp")  # as each reference does
     assert purifier.votes == (10 if purifier.method in ("gdmp", "gns") else 1)
-    assert purifier.reference_compat == (repro and purifier.method == "gdmp")
+    assert getattr(purifier.settings, "reference_compat", False) == (repro and purifier.method == "gdmp")
+    assert f"[purifier.{purifier.method}]" in path.read_text()  # the method's own keys in its own table
 
 
 @pytest.fixture

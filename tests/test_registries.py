@@ -1,19 +1,15 @@
 """One registry per kind: every entry builds from a config and runs; a new entry is one registry line."""
 
-import json
-from dataclasses import dataclass, replace
+from dataclasses import asdict, fields, replace
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from ssni.cli import app
 from ssni.errors import ConfigError
 from ssni.evaluate import load_config
 from ssni.evaluate.build import build_attack, build_model, calibrate, load_models
-from ssni.evaluate.config import AttackConfig, from_dict
-from ssni.evaluate.registries import ATTACKS, PURIFIERS
-from ssni.purifiers import DiffPure
+from ssni.evaluate.config import AttackConfig, PurifierConfig, from_dict
+from ssni.evaluate.registries import ATTACKS, PURIFIERS, SHARED_ATTACK_KEYS
 from ssni.reweight import REWEIGHTS
 
 CONFIG = """
@@ -43,21 +39,41 @@ def config_file(tmp_path):
     return tmp_path / "exp.toml"
 
 
-def _defense(config_file, tiny_weights, **purifier):
+def _defense(config_file, tiny_weights, purifier: PurifierConfig | None = None):
     cfg = load_config(config_file)
-    cfg = replace(cfg, purifier=replace(cfg.purifier, **purifier))
+    cfg = replace(cfg, purifier=purifier or cfg.purifier)
     unet, classifier = load_models(cfg, tiny_weights)
     return cfg, build_model(cfg, unet, classifier, calibrate(cfg, unet, tiny_weights))
 
 
 @pytest.mark.parametrize("method", sorted(PURIFIERS))
-def test_every_registered_purifier_builds_and_purifies_mixed_levels(method, config_file, tiny_weights):
-    cfg, defense = _defense(config_file, tiny_weights, method=method, rounds=2, levels=(5, 10))
+def test_every_registered_purifier_builds_with_its_settings_and_purifies_mixed_levels(method, config_file,
+                                                                                     tiny_weights):
+    settings = PURIFIERS[method].settings()  # the entry's defaults
+    cfg, defense = _defense(config_file, tiny_weights, PurifierConfig(method=method, steps=2))
+    assert cfg.purifier.settings == settings
+    for name, value in asdict(settings).items():  # the builder received every setting
+        assert getattr(defense.purifier, name) == value
     x = torch.rand(3, 1, 28, 28)
     with torch.no_grad():
         logits = defense(x, draw=0)
     assert logits.shape == (3, 10) and torch.isfinite(logits).all()
     assert defense.explain(x, draw=0)["t_star"].shape[-1] == 3
+
+
+@pytest.mark.parametrize("method", sorted(PURIFIERS))
+def test_every_purifier_table_round_trips_and_its_keys_belong_to_it_alone(method):
+    entry = PURIFIERS[method]
+    settings = entry.settings()
+    assert entry.settings.__dataclass_params__.frozen  # a config cannot change under a running evaluation
+    cfg = from_dict({"purifier": {"method": method, method: asdict(settings)}})
+    assert cfg.purifier.settings == settings and from_dict(cfg.to_dict()) == cfg
+    for other in sorted(set(PURIFIERS) - {method}):
+        with pytest.raises(ConfigError, match=rf"\[purifier\.{other}\] is given but method = '{method}'"):
+            from_dict({"purifier": {"method": method, other: {}}})
+        for key in sorted({f.name for f in fields(PURIFIERS[other].settings)} - {f.name for f in fields(settings)}):
+            with pytest.raises(ConfigError, match=rf"{key} does not apply to method = '{method}'.*{other}"):
+                from_dict({"purifier": {"method": method, key: getattr(PURIFIERS[other].settings(), key)}})
 
 
 @pytest.mark.parametrize("kind", sorted(REWEIGHTS))
@@ -72,29 +88,24 @@ def test_every_registered_attack_builds_from_its_config(name, config_file, tiny_
     assert callable(attack) and isinstance(target, torch.nn.Module)
 
 
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_every_attack_accepts_the_keys_it_reads_and_refuses_the_others(name):
+    defaults = asdict(AttackConfig(name=name))
+    reads = SHARED_ATTACK_KEYS | ATTACKS[name].keys
+    cfg = from_dict({"attacks": [{k: v for k, v in defaults.items() if k in reads}]})
+    assert cfg.attacks[0] == AttackConfig(name=name) and from_dict(cfg.to_dict()) == cfg
+    for key in sorted(set(defaults) - reads):
+        with pytest.raises(ConfigError, match=rf"name = '{name}' does not use {key} \(read by"):
+            from_dict({"attacks": [{"name": name, key: defaults[key]}]})
+
+
+def test_every_attack_key_is_read_by_some_attack():
+    read = set(SHARED_ATTACK_KEYS).union(*(entry.keys for entry in ATTACKS.values()))
+    assert read == {f.name for f in fields(AttackConfig)}
+
+
 def test_unregistered_names_are_errors_that_list_the_registered_ones():
     with pytest.raises(ConfigError, match="choose one of"):
         from_dict({"purifier": {"method": "diffpur"}})
     with pytest.raises(ConfigError, match="apgd"):
         from_dict({"attacks": [{"name": "fgsm"}]})
-
-
-@dataclass
-class HalfwayDiffPure(DiffPure):
-    """A new purifier written by a user: DiffPure that stops halfway (scratch, for this test)."""
-
-    def default_levels(self, batch: int):
-        return super().default_levels(batch) // 2
-
-
-def test_a_new_purifier_is_one_registry_line_and_runs_through_ssni_evaluate(config_file, tiny_weights, tmp_path,
-                                                                         monkeypatch):
-    monkeypatch.setitem(PURIFIERS, "halfway", lambda unet, p, common: HalfwayDiffPure(unet, t_star=p.t_star, **common))
-    out = tmp_path / "run"
-    result = CliRunner().invoke(app, ["evaluate", "--config", str(config_file), "--out", str(out), "--no-progress",
-                                      "--weights-dir", str(tiny_weights), "--set", "purifier.method=halfway",
-                                      "--set", "ssni.reweight=none"])
-    assert result.exit_code == 0, result.output
-    assert "robust, worst" in result.output
-    assert '"method": "halfway"' in (out / "config.json").read_text()
-    assert json.loads((out / "summary.json").read_text())["t_mean"] == 10  # the new purifier's own levels

@@ -26,7 +26,7 @@ from .data import load_split
 from .diffusion import VPSchedule, forward_jump, to_image_scale, to_model_scale
 from .evaluate.build import build_model, calibrate, check_models
 from .evaluate.config import (AttackConfig, DataConfig, EvaluateConfig, ExperimentConfig, ModelsConfig,
-                              PurifierConfig, SSNIConfig)
+                              SSNIConfig, purifier_config)
 from .evaluate.runner import evaluate
 from .evaluate.store import Store
 from .evaluate.summary import summarize
@@ -71,18 +71,19 @@ def method_configs(cfg: DemoConfig) -> dict[str, ExperimentConfig]:
     base = ExperimentConfig(
         data=DataConfig(cfg.dataset, cfg.split, cfg.n_test),
         models=ModelsConfig(f"{prefix}-unet", f"{prefix}-cnn"),
-        purifier=PurifierConfig(method="diffpure", t_star=cfg.t_star, steps=cfg.steps),
         ssni=SSNIConfig(n_levels=cfg.n_levels, bias=cfg.bias, tau=cfg.tau, calibration_size=cfg.calibration_size),
         attacks=(AttackConfig("pgd", "linf", cfg.eps, cfg.pgd_steps, cfg.step_size, cfg.eot),),
         evaluate=EvaluateConfig(seed=cfg.seed, batch_size=cfg.batch_size, rescore="worst",
                                 rescore_draws=cfg.rescore_draws))
 
-    def variant(method: str = "diffpure", reweight: str = "none", **purifier) -> ExperimentConfig:
-        return replace(base, purifier=replace(base.purifier, method=method, **purifier),
+    def variant(method: str, reweight: str = "none", **purifier) -> ExperimentConfig:
+        return replace(base, purifier=purifier_config(method, **{"steps": cfg.steps, **purifier}),
                        ssni=replace(base.ssni, reweight=reweight))
 
-    methods = {"undefended": variant("none"), "DiffPure": variant(),
-               "DiffPure + SSNI-L": variant(reweight="linear"), "DiffPure + SSNI-N": variant(reweight="sigmoid")}
+    diffpure = {"t_star": cfg.t_star}
+    methods = {"undefended": variant("none"), "DiffPure": variant("diffpure", **diffpure),
+               "DiffPure + SSNI-L": variant("diffpure", "linear", **diffpure),
+               "DiffPure + SSNI-N": variant("diffpure", "sigmoid", **diffpure)}
     if cfg.all_methods:
         gdmp = {"t_star": cfg.t_star // 2, "rounds": 2, "steps": cfg.steps // 2}
         gns = {"levels": (cfg.t_star // 3, cfg.t_star // 2, cfg.t_star), "steps": cfg.steps // 2,

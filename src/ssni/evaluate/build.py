@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -104,7 +105,7 @@ def build_model(cfg: ExperimentConfig, unet: nn.Module, classifier: nn.Module,
     common = {"steps": p.steps or None, "eta": p.eta, "checkpoint": p.checkpoint, "solver": p.solver}
     if p.clip_x0 is not None:  # None keeps each method's reference default
         common["clip_x0"] = p.clip_x0
-    purifier = PURIFIERS[p.method](unet, p, common)
+    purifier = PURIFIERS[p.method].build(unet, **asdict(p.settings), **common)
     ssni = None
     if cfg.ssni.reweight != "none":
         if calibration is None:
@@ -139,4 +140,4 @@ def build_attack(a: AttackConfig, model: nn.Module, seed: int) -> tuple[object, 
         raise ConfigError(f"unknown attack {a.name!r}; choose one of {sorted(ATTACKS)}")
     apgd = {"threat": threat, "steps": a.steps, "eot": a.eot, "seed": seed, "eot_batch": a.eot_batch,
             "loss": a.loss, "restarts": a.restarts, "targeted": a.targeted, "iterate": a.iterate}
-    return ATTACKS[a.name](a, pgd, apgd), gradient_target(model, mode, a.surrogate_steps)
+    return ATTACKS[a.name].build(a, pgd, apgd), gradient_target(model, mode, a.surrogate_steps)

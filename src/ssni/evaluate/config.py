@@ -2,7 +2,11 @@
 
 A config file has the tables ``[data]``, ``[models]``, ``[purifier]``, ``[ssni]``,
 ``[evaluate]`` and an array ``[[attacks]]``. Unknown keys are errors that list
-the valid ones. The hash of the resolved config is stored with every result, and
+the valid ones. ``[purifier]`` holds the keys every purifier shares; each method's own
+settings (its registry entry's dataclass) go in the sub-table ``[purifier.<method>]``, or flat
+in ``[purifier]`` (older configs): both land in one settings object, and a key of another
+method, or a sub-table of another method, is an error. An ``[[attacks]]`` key the named
+attack does not read is an error too (:data:`ssni.evaluate.registries.ATTACKS`). The hash of the resolved config is stored with every result, and
 a run only resumes from a store with the same hash.
 """
 
@@ -16,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .config_checks import check_cross, check_section
-from .registries import ATTACKS, PURIFIERS, REWEIGHTS, Names
+from .config_checks import check_attack_keys, check_cross, check_section, misplaced_purifier_key
+from .registries import ATTACKS, PURIFIERS, REWEIGHTS, SHARED_ATTACK_KEYS, Names
 
 
 @dataclass(frozen=True)
@@ -40,20 +44,27 @@ class ModelsConfig:
 
 @dataclass(frozen=True)
 class PurifierConfig:
-    method: str = "diffpure"  # none | diffpure | gdmp | gns
-    t_star: int = 150
+    """The ``[purifier]`` keys every purifier shares, plus ``settings``: the method's own frozen
+    dataclass (``PURIFIERS[method].settings``, its ``[purifier.<method>]`` table; ``None`` gives
+    its defaults; ``method = "none"`` has none)."""
+
+    method: str = "diffpure"  # none | a PURIFIERS name (diffpure | gdmp | gns)
     steps: int = 10  # reverse grid length n per round; 0 = unit steps (full DDPM)
     eta: float = 1.0
-    rounds: int = 4
-    levels: tuple[int, ...] = (30, 30, 30, 30, 50, 50, 125, 125)
-    guide_scale: float = 60000.0
-    guide_batch: int = 100  # GDMP: the reference's batch its MSE is averaged over (per-sample: scale / batch)
     clip_x0: bool | None = None  # None: the method's reference default (DiffPure, GNS: off; GDMP: on)
     solver: str = "ddpm"  # ddpm | sde (reverse VP-SDE, Euler-Maruyama: DiffPure's own; not for gdmp)
-    reference_compat: bool = False  # GDMP: the reference code's level-37 jump and beta step variance
     votes: int = 1
     checkpoint: bool = True
     resolution: int | None = None  # the diffusion model's size (ImageNet: 224 -> 256 -> 224)
+    settings: Any = None
+
+    def __post_init__(self):
+        entry = PURIFIERS.get(self.method)
+        if entry is not None and self.settings is None:
+            object.__setattr__(self, "settings", entry.settings())
+        elif not (isinstance(self.settings, entry.settings) if entry else self.settings is None):
+            raise ConfigError(f"purifier settings {self.settings!r} do not belong to method {self.method!r}; "
+                              f"expected {entry.settings.__name__ if entry else 'none'}")
 
 
 @dataclass(frozen=True)
@@ -118,7 +129,15 @@ class ExperimentConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The config as :func:`from_dict` reads it: the purifier's settings under its method's
+        name, each attack with the keys it reads only."""
+        data = asdict(self)
+        settings = data["purifier"].pop("settings")
+        if settings is not None:
+            data["purifier"][self.purifier.method] = settings
+        data["attacks"] = [{k: v for k, v in a.items() if k in SHARED_ATTACK_KEYS | ATTACKS[a["name"]].keys}
+                           for a in data["attacks"]]
+        return data
 
     def hash(self) -> str:
         """sha256 of the canonical JSON of the resolved config (first 16 hex digits).
@@ -132,7 +151,7 @@ class ExperimentConfig:
             data["evaluate"].pop(key)
         for attack in data["attacks"]:
             for key in SPEED_ONLY["attacks"]:
-                attack.pop(key)
+                attack.pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -151,11 +170,12 @@ CHOICES = {("purifier", "method"): Names(PURIFIERS, "none"),
            ("evaluate", "rescore"): ("single", "majority", "worst", "any_iterate"),
            ("evaluate", "precision"): ("fp32", "bf16")}
 SECTIONS = {"data": DataConfig, "models": ModelsConfig, "purifier": PurifierConfig, "ssni": SSNIConfig,
-            "evaluate": EvaluateConfig}
+            "evaluate": EvaluateConfig}  # [purifier] is read by _purifier (shared keys + its method's table)
 
 
-def _build(cls, section: str, values: dict[str, Any]):
-    valid = {f.name for f in fields(cls)}
+def _build(cls, section: str, values: dict[str, Any], **given):
+    """``cls(**values, **given)`` after the key, type, range and choice checks of ``values``."""
+    valid = {f.name for f in fields(cls)} - set(given)
     unknown = sorted(set(values) - valid)
     if unknown:
         raise ConfigError(f"unknown key(s) {unknown} in [{section}]; valid keys: {sorted(valid)}")
@@ -164,23 +184,75 @@ def _build(cls, section: str, values: dict[str, Any]):
         if sec == section and key in values and values[key] not in options:
             raise ConfigError(f"[{section}] {key} = {values[key]!r}; choose one of {list(options)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-    return cls(**values)
+    return cls(**values, **given)
+
+
+def _purifier(values: dict[str, Any]) -> PurifierConfig:
+    """``[purifier]``: its shared keys, then the method's settings from ``[purifier.<method>]``
+    and from flat keys of that method (one settings object; a key given both ways is an error)."""
+    shared = {k: v for k, v in values.items() if k in _SHARED_PURIFIER_KEYS}
+    method = _build(PurifierConfig, "purifier", shared, settings=None).method  # checks method first
+    own = _method_values(method, {k: v for k, v in values.items() if k not in shared})
+    entry = PURIFIERS.get(method)
+    settings = _build(entry.settings, f"purifier.{method}", own) if entry else None
+    return _build(PurifierConfig, "purifier", shared, settings=settings)
+
+
+_SHARED_PURIFIER_KEYS = frozenset(f.name for f in fields(PurifierConfig)) - {"settings"}
+
+
+def _method_values(method: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The method's own keys among ``[purifier]``'s other keys: its sub-table merged with its flat keys."""
+    table = values.pop(method) if method in PURIFIERS and isinstance(values.get(method), dict) else {}
+    for key, value in values.items():
+        if key in PURIFIERS and isinstance(value, dict):
+            raise ConfigError(f"[purifier.{key}] is given but method = {method!r}: it holds {key}'s settings; "
+                              f"set method = {key!r} or remove the table")
+    for where, keys in ((f"[purifier.{method}]", table), ("[purifier]", values)):
+        for key in keys:
+            err = misplaced_purifier_key(key, method, where)
+            if err is not None:
+                raise err
+    own = {f.name for f in fields(PURIFIERS[method].settings)} if method in PURIFIERS else set()
+    unknown = sorted(set(values) - own)
+    if unknown:
+        table_text = f", or a [purifier.{method}] table of {sorted(own)}" if own else ""
+        raise ConfigError(f"unknown key(s) {unknown} in [purifier]; valid keys: "
+                          f"{sorted(_SHARED_PURIFIER_KEYS | own)}{table_text}")
+    twice = sorted(set(values) & set(table))
+    if twice:
+        raise ConfigError(f"{twice} given both in [purifier] and in [purifier.{method}]; give each once")
+    return {**table, **values}
+
+
+def purifier_config(method: str, **values: Any) -> PurifierConfig:
+    """A checked :class:`PurifierConfig` from flat keyword values, e.g.
+    ``purifier_config("gdmp", t_star=75, rounds=2, steps=5)`` (shared and method keys mixed)."""
+    return _purifier({"method": method, **values})
 
 
 def from_dict(data: dict[str, Any]) -> ExperimentConfig:
     unknown = sorted(set(data) - set(SECTIONS) - {"attacks"})
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; valid: {sorted([*SECTIONS, 'attacks'])}")
-    parts = {name: _build(cls, name, data.get(name, {})) for name, cls in SECTIONS.items()}
+    parts = {name: _build(cls, name, data.get(name, {})) for name, cls in SECTIONS.items() if name != "purifier"}
     check_cross(data.get("attacks", [{}]))
-    attacks = tuple(_build(AttackConfig, "attacks", a) for a in data.get("attacks", [{}]))
+    attacks = tuple(_attack(k, a) for k, a in enumerate(data.get("attacks", [{}])))
     if not attacks:
         raise ConfigError("[[attacks]] is empty; give at least one attack")
-    return ExperimentConfig(attacks=attacks, **parts)
+    return ExperimentConfig(purifier=_purifier(data.get("purifier", {})), attacks=attacks, **parts)
+
+
+def _attack(k: int, values: dict[str, Any]) -> AttackConfig:
+    attack = _build(AttackConfig, "attacks", values)
+    check_attack_keys(k, values)
+    return attack
 
 
 def load_config(path: Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read a TOML preset and apply ``{"section.key": value}`` overrides."""
+    """Read a TOML preset and apply ``{"section.key": value}`` overrides (``purifier.gdmp.rounds``
+    reaches a sub-table, ``attacks.K.key`` the K-th ``[[attacks]]`` entry). A flat method key
+    (``purifier.t_star``) replaces the value of the ``[purifier.<method>]`` table that holds it."""
     try:
         data = tomllib.loads(Path(path).read_text())
     except OSError as err:
@@ -188,16 +260,28 @@ def load_config(path: Path, overrides: dict[str, Any] | None = None) -> Experime
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from err
     for dotted, value in (overrides or {}).items():
-        section, key = dotted.split(".", 1)
-        if section == "attacks":  # attacks.K.key addresses the K-th [[attacks]] entry
-            index, _, key = key.partition(".")
-            attacks = data.setdefault("attacks", [{}])
-            if not index.isdigit() or int(index) >= len(attacks) or not key:
-                raise ConfigError(f"override {dotted!r}: use attacks.K.key with K < {len(attacks)}")
-            attacks[int(index)][key] = value
-        else:
-            data.setdefault(section, {})[key] = value
+        _override(data, dotted, value)
     return from_dict(data)
+
+
+def _override(data: dict[str, Any], dotted: str, value: Any) -> None:
+    section, *path = dotted.split(".")
+    if not path or not all(path):
+        raise ConfigError(f"override {dotted!r}: use section.key=value (e.g. purifier.steps=5)")
+    if section == "attacks":  # attacks.K.key addresses the K-th [[attacks]] entry
+        attacks = data.setdefault("attacks", [{}])
+        if len(path) != 2 or not path[0].isdigit() or int(path[0]) >= len(attacks):
+            raise ConfigError(f"override {dotted!r}: use attacks.K.key with K < {len(attacks)}")
+        attacks[int(path[0])][path[1]] = value
+        return
+    table = data.setdefault(section, {})
+    if section == "purifier" and len(path) == 1:  # a flat key replaces it where the file gives it
+        table = next((t for t in table.values() if isinstance(t, dict) and path[0] in t), table)
+    for part in path[:-1]:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"override {dotted!r}: {part} is a value, not a table")
+    table[path[-1]] = value
 
 
 def dry_run(cfg: ExperimentConfig, n: int = 2) -> ExperimentConfig:

@@ -2,8 +2,9 @@
 
 A wrong value fails with one :class:`ConfigError` that names the key, the value
 found and what is allowed, e.g. ``[data] n = -5: expected an integer >= 1``. The
-types come from the config dataclasses' annotations; the ranges live in
-:data:`RANGES` (inclusive bounds, ``None`` for unbounded).
+types come from the config dataclasses' annotations; the ranges (inclusive bounds,
+``None`` for unbounded) live in :data:`RANGES` for the shared sections and in the field
+metadata ``range`` of each purifier's settings dataclass, so a new purifier brings its own.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from dataclasses import fields
 from typing import Any
 
 from ..errors import ConfigError
+from .registries import ATTACKS, PURIFIERS, SHARED_ATTACK_KEYS
 
 RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("data", "n"): (1, None), ("data", "subset_seed"): (0, 2**32 - 1),
-    ("purifier", "t_star"): (1, 1000), ("purifier", "steps"): (0, 1000), ("purifier", "eta"): (0, 1),
-    ("purifier", "rounds"): (1, 100), ("purifier", "levels"): (1, 1000), ("purifier", "guide_scale"): (0, None),
-    ("purifier", "guide_batch"): (1, None), ("purifier", "votes"): (1, None), ("purifier", "resolution"): (8, 4096),
+    ("purifier", "steps"): (0, 1000), ("purifier", "eta"): (0, 1),
+    ("purifier", "votes"): (1, None), ("purifier", "resolution"): (8, 4096),
     ("ssni", "n_levels"): (1, 1000), ("ssni", "bias"): (0, 1000), ("ssni", "tau"): (1e-12, None),
     ("ssni", "calibration_size"): (1, None), ("ssni", "calibration_seed"): (0, None),
     ("attacks", "eps"): (0, None), ("attacks", "steps"): (0, None), ("attacks", "step_size"): (1e-12, None),
@@ -35,7 +36,8 @@ def check_section(cls: type, section: str, values: dict[str, Any]) -> None:
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
         if f.name in values:
-            _check_value(section, f.name, values[f.name], hints[f.name])
+            bounds = f.metadata.get("range", RANGES.get((section, f.name), (None, None)))
+            _check_value(f"[{section}] {f.name} = {values[f.name]!r}", values[f.name], hints[f.name], bounds)
 
 
 def check_cross(attacks: list[dict[str, Any]]) -> None:
@@ -46,8 +48,7 @@ def check_cross(attacks: list[dict[str, Any]]) -> None:
                               "(pixels are in [0, 1]); did you mean 8/255 = 0.0314?")
 
 
-def _check_value(section: str, key: str, value: Any, hint: Any) -> None:
-    where = f"[{section}] {key} = {value!r}"
+def _check_value(where: str, value: Any, hint: Any, bounds: tuple) -> None:
     args = typing.get_args(hint)
     optional = type(None) in args
     if value is None:
@@ -59,12 +60,12 @@ def _check_value(section: str, key: str, value: Any, hint: Any) -> None:
         if not isinstance(value, (list, tuple)) or not value or not all(_is(v, int) for v in value):
             raise ConfigError(f"{where}: expected a non-empty list of integers")
         for v in value:
-            _check_range(where, section, key, v, "integers")
+            _check_range(where, bounds, v, "integers")
         return
     if not _is(value, base):
         raise ConfigError(f"{where}: expected {_TYPE_NAMES.get(base, base)}"
-                          f"{' or nothing' if optional else ''}{_range_text(section, key)}")
-    _check_range(where, section, key, value, _TYPE_NAMES.get(base, "a value"))
+                          f"{' or nothing' if optional else ''}{_range_text(bounds)}")
+    _check_range(where, bounds, value, _TYPE_NAMES.get(base, "a value"))
 
 
 def _is(value: Any, kind: type) -> bool:
@@ -75,16 +76,40 @@ def _is(value: Any, kind: type) -> bool:
     return isinstance(value, kind)
 
 
-def _check_range(where: str, section: str, key: str, value: Any, kind: str) -> None:
-    low, high = RANGES.get((section, key), (None, None))
+def _check_range(where: str, bounds: tuple, value: Any, kind: str) -> None:
+    low, high = bounds
     if (low is not None and value < low) or (high is not None and value > high):
-        raise ConfigError(f"{where}: expected {kind}{_range_text(section, key)}")
+        raise ConfigError(f"{where}: expected {kind}{_range_text(bounds)}")
 
 
-def _range_text(section: str, key: str) -> str:
-    low, high = RANGES.get((section, key), (None, None))
+def _range_text(bounds: tuple) -> str:
+    low, high = bounds
     if low is not None and high is not None:
         return f" in [{low}, {high}]"
     if low is not None:
         return f" >= {low}"
     return f" <= {high}" if high is not None else ""
+
+
+def check_attack_keys(k: int, attack: dict[str, Any]) -> None:
+    """An ``[[attacks]]`` key given for an attack that does not read it (``ATTACKS[name].keys``).
+
+    Runs after the entry's names and types are checked, so ``name`` is registered."""
+    name = attack.get("name", "pgd")
+    reads = SHARED_ATTACK_KEYS | ATTACKS[name].keys
+    unused = sorted(set(attack) - reads)
+    if unused:
+        users = {key: ", ".join(sorted(n for n, e in ATTACKS.items() if key in e.keys)) for key in unused}
+        raise ConfigError(f"[[attacks]] #{k} name = {name!r} does not use "
+                          + "; ".join(f"{key} (read by {users[key]})" for key in unused)
+                          + f"; remove {'them' if len(unused) > 1 else 'it'}. {name} reads {sorted(reads)}")
+
+
+def misplaced_purifier_key(key: str, method: str, where: str) -> ConfigError | None:
+    """The error for a key of another purifier's settings table given for ``method``, else ``None``."""
+    owners = [name for name, entry in PURIFIERS.items() if key in {f.name for f in fields(entry.settings)}]
+    if not owners or method in owners:
+        return None
+    tables = " or ".join(f"[purifier.{name}]" for name in owners)
+    return ConfigError(f"{where} {key} does not apply to method = {method!r}: it is a setting of "
+                       f"{', '.join(owners)} and belongs in {tables} (with that method)")

@@ -1,46 +1,72 @@
-"""One registry per kind: a name maps to the function that builds it from its config section.
+"""One registry per kind: a name maps to what builds it and the config it reads.
 
 Adding a purifier, a reweighting or an attack is its own module plus one line here:
-the values a config accepts (``CHOICES`` in :mod:`ssni.evaluate.config`) are read from
-these dicts, the builders look names up instead of branching on them, and tests
-parametrized over the registries cover a new entry. Models have their own data
-registries (:data:`ssni.checkpoints.public.PUBLIC` and the weights manifest).
+the values a config accepts (``CHOICES`` in :mod:`ssni.evaluate.config`), the keys of each
+method's ``[purifier.<name>]`` table and the ``[[attacks]]`` keys each attack reads are taken
+from these entries, the builders look names up instead of branching on them, and tests
+parametrized over the registries cover a new entry. Models have their own data registries
+(:data:`ssni.checkpoints.public.PUBLIC` and the weights manifest).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ..attacks import PGD
 from ..attacks.adaptive import AdaptiveAttack
 from ..attacks.apgd import APGD
 from ..attacks.autoattack import AutoAttackRand
 from ..attacks.transfer import TransferAttack
-from ..purifiers import GDMP, GNS, DiffPure
+from ..purifiers import GDMP, GNS, DiffPure, DiffPureSettings, GDMPSettings, GNSSettings
 from ..reweight import REWEIGHTS  # its registry lives with the reweightings
 
 if TYPE_CHECKING:
-    from .config import AttackConfig, PurifierConfig
+    from .config import AttackConfig
 
-# (diffusion network, [purifier] section, settings every purifier shares) -> Purifier
-PURIFIERS: dict[str, Callable[[Any, PurifierConfig, dict], Any]] = {
-    "diffpure": lambda unet, p, common: DiffPure(unet, t_star=p.t_star, **common),
-    "gdmp": lambda unet, p, common: GDMP(unet, t_star=p.t_star, rounds=p.rounds, guide_scale=p.guide_scale,
-                                         guide_batch=p.guide_batch, reference_compat=p.reference_compat, **common),
-    "gns": lambda unet, p, common: GNS(unet, levels=p.levels, **common),
+
+class PurifierEntry(NamedTuple):
+    """A purifier's frozen settings dataclass (its ``[purifier.<name>]`` table) and its builder,
+    called as ``build(diffusion network, **settings fields, **shared [purifier] settings)``; a
+    purifier class whose fields carry the settings' names is its own builder."""
+
+    settings: type
+    build: Callable[..., Any]
+
+
+PURIFIERS: dict[str, PurifierEntry] = {
+    "diffpure": PurifierEntry(DiffPureSettings, DiffPure),
+    "gdmp": PurifierEntry(GDMPSettings, GDMP),
+    "gns": PurifierEntry(GNSSettings, GNS),
 }
 
-# ([[attacks]] entry, PGD settings, APGD settings) -> attack; the gradient mode picks what it differentiates
-ATTACKS: dict[str, Callable[[AttackConfig, dict, dict], Any]] = {
-    "pgd": lambda a, pgd, apgd: PGD(**pgd),
-    "bpda": lambda a, pgd, apgd: PGD(**pgd),  # PGD with gradient = "bpda"
-    "apgd": lambda a, pgd, apgd: APGD(**apgd),  # its own step schedule: step_size, sign_step unused
+
+class AttackEntry(NamedTuple):
+    """An attack's builder ``build(entry, PGD settings, APGD settings)`` and the ``[[attacks]]`` keys
+    it reads besides :data:`SHARED_ATTACK_KEYS`; a key it does not read is an error in a config."""
+
+    build: Callable[[AttackConfig, dict, dict], Any]
+    keys: frozenset[str]
+
+
+SHARED_ATTACK_KEYS = frozenset({"name", "norm", "eps", "steps", "eot", "gradient"})
+_PGD = frozenset({"step_size", "random_start", "sign_step", "eot_batch"})
+_APGD = frozenset({"loss", "restarts", "targeted", "iterate", "eot_batch"})  # its own step schedule
+_SURROGATE = frozenset({"surrogate_steps"})  # attacks that may take gradient = "surrogate"
+
+# the gradient mode (build.build_attack) picks what an attack differentiates
+ATTACKS: dict[str, AttackEntry] = {
+    "pgd": AttackEntry(lambda a, pgd, apgd: PGD(**pgd), _PGD | _SURROGATE),
+    "bpda": AttackEntry(lambda a, pgd, apgd: PGD(**pgd), _PGD),  # PGD with gradient = "bpda"
+    "apgd": AttackEntry(lambda a, pgd, apgd: APGD(**apgd), _APGD | _SURROGATE),
     # APGD on the feasible set e(x) <= score_target; score_weight is its penalty
-    "adaptive": lambda a, pgd, apgd: AdaptiveAttack(**apgd, score_target=a.score_target, penalty=a.score_weight),
-    "transfer": lambda a, pgd, apgd: TransferAttack(APGD(**apgd)),  # against DiffPure at the clean levels
-    "autoattack": lambda a, pgd, apgd: AutoAttackRand(pgd["threat"], version=a.version, seed=pgd["seed"],
-                                                      steps=a.steps, eot=a.eot, restarts=a.restarts),
+    "adaptive": AttackEntry(lambda a, pgd, apgd: AdaptiveAttack(**apgd, score_target=a.score_target,
+                                                                penalty=a.score_weight),
+                            _APGD | _SURROGATE | {"score_target", "score_weight"}),
+    "transfer": AttackEntry(lambda a, pgd, apgd: TransferAttack(APGD(**apgd)), _APGD),  # vs DiffPure at clean levels
+    "autoattack": AttackEntry(lambda a, pgd, apgd: AutoAttackRand(pgd["threat"], version=a.version, seed=pgd["seed"],
+                                                                  steps=a.steps, eot=a.eot, restarts=a.restarts),
+                              frozenset({"version", "restarts"})),
 }
 
 
@@ -57,4 +83,4 @@ class Names:
         return iter((*self.extra, *self.registry))
 
 
-__all__ = ["ATTACKS", "PURIFIERS", "REWEIGHTS", "Names"]
+__all__ = ["ATTACKS", "PURIFIERS", "REWEIGHTS", "SHARED_ATTACK_KEYS", "AttackEntry", "Names", "PurifierEntry"]

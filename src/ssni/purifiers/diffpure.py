@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .base import Purifier, check_positive_levels
+
+
+@dataclass(frozen=True)
+class DiffPureSettings:
+    """DiffPure's own config table ``[purifier.diffpure]``: the constant level ``t*`` it jumps to.
+
+    Field metadata ``range`` holds the inclusive bounds the config checks enforce.
+    """
+
+    t_star: int = field(default=150, metadata={"range": (1, 1000)})
 
 
 @dataclass

@@ -27,7 +27,7 @@ Defaults on CIFAR-10: ``t* = 36`` per round, 4 rounds, unit steps, ``x0`` clippe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -36,6 +36,20 @@ from ..diffusion import broadcast_to, forward_jump
 from ..errors import ConfigError
 from ..rng import SampleNoise
 from .base import Purifier, check_positive_levels
+
+
+@dataclass(frozen=True)
+class GDMPSettings:
+    """GDMP's own config table ``[purifier.gdmp]`` (the fields of :class:`GDMP` of the same names).
+
+    The config's ``t_star`` default (150) is the MNIST demo's scale, not the CIFAR-10 36 of the class.
+    """
+
+    t_star: int = field(default=150, metadata={"range": (1, 1000)})
+    rounds: int = field(default=4, metadata={"range": (1, 100)})
+    guide_scale: float = field(default=60000.0, metadata={"range": (0, None)})
+    guide_batch: int = field(default=100, metadata={"range": (1, None)})  # the reference's batch (see above)
+    reference_compat: bool = False  # the reference code's level-37 jump and beta step variance
 
 
 @dataclass

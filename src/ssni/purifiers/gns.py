@@ -7,9 +7,16 @@ a majority vote over several purifications (``Defense(votes=10)``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .base import Purifier, check_positive_levels
+
+
+@dataclass(frozen=True)
+class GNSSettings:
+    """GNS's own config table ``[purifier.gns]``: the level of every round (each in [1, 1000])."""
+
+    levels: tuple[int, ...] = field(default=(30, 30, 30, 30, 50, 50, 125, 125), metadata={"range": (1, 1000)})
 
 
 @dataclass
