@@ -60,3 +60,19 @@ def test_every_adapter_checks_levels_in_the_one_base():
         with pytest.raises(InputError):
             model(x, bad)
     assert model(x, torch.tensor([1, 1000])).shape == x.shape
+
+
+def test_a_valid_level_check_reads_back_from_the_device_once(monkeypatch):
+    """On a GPU every read-back of a tensor (``int()``, ``bool()``) stalls the stream: a valid
+    level tensor costs one (was three per network call)."""
+    import torch
+
+    from ssni.denoisers.protocol import EDMAdapter
+
+    reads = []
+    original = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda self: reads.append(1) or original(self))
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda self: reads.append(1) or self.item())
+    model = EDMAdapter(lambda x, sigma: torch.zeros_like(x))
+    model(torch.zeros(2, 1, 4, 4), torch.tensor([1, 1000]))
+    assert len(reads) == 1

@@ -51,8 +51,9 @@ class VPSchedule:
         (a copy per reverse step would wait for the GPU's queue)."""
         return _abar_table(self.num_levels, self.beta_start, self.beta_end, torch.device(device))
 
-    def check_levels(self, t: Tensor, batch: int | None = None) -> Tensor:
-        """Validate integer levels ``t: [B]`` in ``0..T`` and return them as int64."""
+    def check_levels(self, t: Tensor, batch: int | None = None, low: int = 0) -> Tensor:
+        """Validate integer levels ``t: [B]`` in ``low..T`` and return them as int64 (one host sync
+        for a valid integer tensor: the range is read back only when it is wrong)."""
         if not isinstance(t, Tensor):
             raise InputError(f"noise levels must be a [B] tensor, found {type(t).__name__}; "
                              "wrap them with torch.as_tensor")
@@ -63,9 +64,10 @@ class VPSchedule:
         if t.is_floating_point() and not torch.equal(t, t.round()):
             raise InputError("noise levels must be integers; round them first")
         t = t.long()
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) > self.num_levels):
-            raise InputError(f"noise levels must lie in [0, {self.num_levels}], found "
-                             f"[{int(t.min())}, {int(t.max())}]")
+        if t.numel() and bool(((t < low) | (t > self.num_levels)).any()):
+            why = " (a published network has no input at level 0, the clean image)" if low > 0 else ""
+            raise InputError(f"noise levels must lie in [{low}, {self.num_levels}], found "
+                             f"[{int(t.min())}, {int(t.max())}]{why}")
         return t
 
     def abar(self, t: Tensor, like: Tensor | None = None) -> Tensor:

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from ..diffusion import VPSchedule, broadcast_to
-from ..errors import InputError
 
 
 class EpsModel(Protocol):
@@ -45,10 +44,7 @@ class EpsAdapter(nn.Module):
     schedule: VPSchedule = VPSchedule()
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        t = self.schedule.check_levels(t, batch=x_t.shape[0])
-        if t.numel() and int(t.min()) < 1:
-            raise InputError("a published network is evaluated at levels 1..1000; level 0 is the clean image")
-        return self.eps(x_t, t)
+        return self.eps(x_t, self.schedule.check_levels(t, batch=x_t.shape[0], low=1))
 
     def eps(self, x_t: Tensor, t: Tensor) -> Tensor:
         raise NotImplementedError
