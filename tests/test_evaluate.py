@@ -231,8 +231,10 @@ def test_shipped_presets_parse():
 
 
 def test_overrides_reach_sections_and_attack_entries(config_file):
-    cfg = load_config(config_file, {"data.n": 3, "attacks.1.name": "adaptive", "attacks.0.eot": 4})
-    assert cfg.data.n == 3 and cfg.attacks[1].name == "adaptive" and cfg.attacks[0].eot == 4
+    cfg = load_config(config_file, {"data.n": 3, "attacks.1.name": "pgd", "attacks.0.eot": 4})
+    assert cfg.data.n == 3 and cfg.attacks[1].name == "pgd" and cfg.attacks[0].eot == 4
+    with pytest.raises(ConfigError, match="'adaptive' does not use step_size"):  # a key the attack would ignore
+        load_config(config_file, {"attacks.1.name": "adaptive"})
     with pytest.raises(ConfigError, match="attacks.K.key"):
         load_config(config_file, {"attacks.5.name": "pgd"})
 

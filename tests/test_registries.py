@@ -1,6 +1,7 @@
 """One registry per kind: every entry builds from a config and runs; a new entry is one registry line."""
 
 from dataclasses import asdict, fields, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +63,13 @@ def test_every_registered_purifier_builds_with_its_settings_and_purifies_mixed_l
 
 
 @pytest.mark.parametrize("method", sorted(PURIFIERS))
+def test_the_readme_lists_every_purifier_table_with_its_keys(method):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    line = next(line for line in readme.replace("\n", " ").split("; ") if f"`[purifier.{method}]`" in line)
+    assert all(f"`{f.name}`" in line for f in fields(PURIFIERS[method].settings))
+
+
+@pytest.mark.parametrize("method", sorted(PURIFIERS))
 def test_every_purifier_table_round_trips_and_its_keys_belong_to_it_alone(method):
     entry = PURIFIERS[method]
     settings = entry.settings()
@@ -91,7 +99,7 @@ def test_every_registered_attack_builds_from_its_config(name, config_file, tiny_
 @pytest.mark.parametrize("name", sorted(ATTACKS))
 def test_every_attack_accepts_the_keys_it_reads_and_refuses_the_others(name):
     defaults = asdict(AttackConfig(name=name))
-    reads = SHARED_ATTACK_KEYS | ATTACKS[name].keys
+    reads = ATTACKS[name].reads
     cfg = from_dict({"attacks": [{k: v for k, v in defaults.items() if k in reads}]})
     assert cfg.attacks[0] == AttackConfig(name=name) and from_dict(cfg.to_dict()) == cfg
     for key in sorted(set(defaults) - reads):
@@ -100,8 +108,19 @@ def test_every_attack_accepts_the_keys_it_reads_and_refuses_the_others(name):
 
 
 def test_every_attack_key_is_read_by_some_attack():
-    read = set(SHARED_ATTACK_KEYS).union(*(entry.keys for entry in ATTACKS.values()))
+    read = SHARED_ATTACK_KEYS.union(*(entry.reads for entry in ATTACKS.values()))
     assert read == {f.name for f in fields(AttackConfig)}
+
+
+@pytest.mark.parametrize("name", sorted(ATTACKS))
+def test_every_attack_takes_the_gradient_modes_of_its_entry_and_refuses_the_others(name):
+    for mode in ("exact", "surrogate", "bpda"):
+        values = {"name": name, "gradient": mode}
+        if mode in ATTACKS[name].gradients:
+            assert from_dict({"attacks": [values]}).attacks[0].gradient == mode
+        else:
+            with pytest.raises(ConfigError, match=f"attack '{name}' cannot take gradient = '{mode}'"):
+                from_dict({"attacks": [values]})
 
 
 def test_unregistered_names_are_errors_that_list_the_registered_ones():

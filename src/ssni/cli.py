@@ -222,7 +222,8 @@ def purify(
     config: Path = typer.Option(None, "--config", help="experiment TOML naming the models, purifier and SSNI "
                                 "(default: configs/mnist-diffpure-ssni-n.toml, the demo's defense)"),
     weights_dir: Path = typer.Option(None, help="folder with manifest.json or public checkpoints"),
-    set_: list[str] = typer.Option([], "--set", help="override a config value: --set purifier.t_star=200"),
+    set_: list[str] = typer.Option([], "--set", help="override a config value: "
+                                   "--set purifier.diffpure.t_star=200"),
     width: int = typer.Option(32, min=1, help="rows per network call (continuous batching)"),
     chunk: int = typer.Option(256, min=1, help="images read and score-normed at once"),
     device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (overrides evaluate.device)"),

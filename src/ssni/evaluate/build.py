@@ -19,6 +19,7 @@ from ..errors import CheckpointError, ConfigError
 from ..reweight import Calibration, make_reweight
 from ..score_norm import dataset_score_norms
 from .config import AttackConfig, ExperimentConfig
+from .config_checks import check_gradient
 from .registries import ATTACKS, PURIFIERS
 
 
@@ -130,14 +131,10 @@ def build_attack(a: AttackConfig, model: nn.Module, seed: int) -> tuple[object, 
     threat = ThreatModel(a.norm, a.eps)
     pgd = {"threat": threat, "steps": a.steps, "step_size": a.step_size, "eot": a.eot,
            "random_start": a.random_start, "sign_step": a.sign_step, "seed": seed, "eot_batch": a.eot_batch}
-    mode = "bpda" if a.name == "bpda" else a.gradient
-    if (a.name == "bpda" and a.gradient not in ("exact", "bpda")) or (a.name == "adaptive" and mode == "bpda") \
-            or (a.name in ("autoattack", "transfer") and mode != "exact"):
-        raise ConfigError(f"attack {a.name!r} cannot take gradient = {a.gradient!r}; use pgd with "
-                          "gradient = 'exact' | 'surrogate' | 'bpda', adaptive with 'exact' | 'surrogate', "
-                          "autoattack and transfer with 'exact'")
     if a.name not in ATTACKS:
         raise ConfigError(f"unknown attack {a.name!r}; choose one of {sorted(ATTACKS)}")
+    check_gradient(a.name, a.gradient)
+    mode = "bpda" if a.name == "bpda" else a.gradient
     apgd = {"threat": threat, "steps": a.steps, "eot": a.eot, "seed": seed, "eot_batch": a.eot_batch,
             "loss": a.loss, "restarts": a.restarts, "targeted": a.targeted, "iterate": a.iterate}
     return ATTACKS[a.name].build(a, pgd, apgd), gradient_target(model, mode, a.surrogate_steps)

@@ -6,8 +6,9 @@ the valid ones. ``[purifier]`` holds the keys every purifier shares; each method
 settings (its registry entry's dataclass) go in the sub-table ``[purifier.<method>]``, or flat
 in ``[purifier]`` (older configs): both land in one settings object, and a key of another
 method, or a sub-table of another method, is an error. An ``[[attacks]]`` key the named
-attack does not read is an error too (:data:`ssni.evaluate.registries.ATTACKS`). The hash of the resolved config is stored with every result, and
-a run only resumes from a store with the same hash.
+attack does not read is an error too (:data:`ssni.evaluate.registries.ATTACKS`). The hash
+of the resolved config is stored with every result, and a run only resumes from a store with
+the same hash.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .config_checks import check_attack_keys, check_cross, check_section, misplaced_purifier_key
-from .registries import ATTACKS, PURIFIERS, REWEIGHTS, SHARED_ATTACK_KEYS, Names
+from .config_checks import check_attack, check_cross, check_section, misplaced_purifier_key
+from .registries import ATTACKS, PURIFIERS, REWEIGHTS, Names
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,7 @@ class ExperimentConfig:
         settings = data["purifier"].pop("settings")
         if settings is not None:
             data["purifier"][self.purifier.method] = settings
-        data["attacks"] = [{k: v for k, v in a.items() if k in SHARED_ATTACK_KEYS | ATTACKS[a["name"]].keys}
-                           for a in data["attacks"]]
+        data["attacks"] = [{k: v for k, v in a.items() if k in ATTACKS[a["name"]].reads} for a in data["attacks"]]
         return data
 
     def hash(self) -> str:
@@ -245,7 +245,7 @@ def from_dict(data: dict[str, Any]) -> ExperimentConfig:
 
 def _attack(k: int, values: dict[str, Any]) -> AttackConfig:
     attack = _build(AttackConfig, "attacks", values)
-    check_attack_keys(k, values)
+    check_attack(k, values)
     return attack
 
 

@@ -15,7 +15,7 @@ from dataclasses import fields
 from typing import Any
 
 from ..errors import ConfigError
-from .registries import ATTACKS, PURIFIERS, SHARED_ATTACK_KEYS
+from .registries import ATTACKS, PURIFIERS
 
 RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("data", "n"): (1, None), ("data", "subset_seed"): (0, 2**32 - 1),
@@ -91,18 +91,26 @@ def _range_text(bounds: tuple) -> str:
     return f" <= {high}" if high is not None else ""
 
 
-def check_attack_keys(k: int, attack: dict[str, Any]) -> None:
-    """An ``[[attacks]]`` key given for an attack that does not read it (``ATTACKS[name].keys``).
-
-    Runs after the entry's names and types are checked, so ``name`` is registered."""
+def check_attack(k: int, attack: dict[str, Any]) -> None:
+    """An ``[[attacks]]`` key given for an attack that does not read it (``ATTACKS[name].reads``), or
+    a gradient mode it does not take. Runs after the entry's names and types are checked."""
     name = attack.get("name", "pgd")
-    reads = SHARED_ATTACK_KEYS | ATTACKS[name].keys
+    reads = ATTACKS[name].reads
     unused = sorted(set(attack) - reads)
     if unused:
-        users = {key: ", ".join(sorted(n for n, e in ATTACKS.items() if key in e.keys)) for key in unused}
+        users = {key: ", ".join(sorted(n for n, e in ATTACKS.items() if key in e.reads)) for key in unused}
         raise ConfigError(f"[[attacks]] #{k} name = {name!r} does not use "
                           + "; ".join(f"{key} (read by {users[key]})" for key in unused)
                           + f"; remove {'them' if len(unused) > 1 else 'it'}. {name} reads {sorted(reads)}")
+    check_gradient(name, attack.get("gradient", "exact"))
+
+
+def check_gradient(name: str, gradient: str) -> None:
+    """The gradient modes an attack takes are its registry entry's ``gradients``."""
+    if gradient not in ATTACKS[name].gradients:
+        raise ConfigError(f"attack {name!r} cannot take gradient = {gradient!r}; it takes "
+                          f"{' | '.join(ATTACKS[name].gradients)} ("
+                          + ", ".join(f"{n}: {' | '.join(e.gradients)}" for n, e in ATTACKS.items()) + ")")
 
 
 def misplaced_purifier_key(key: str, method: str, where: str) -> ConfigError | None:

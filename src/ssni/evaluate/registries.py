@@ -42,27 +42,35 @@ PURIFIERS: dict[str, PurifierEntry] = {
 
 
 class AttackEntry(NamedTuple):
-    """An attack's builder ``build(entry, PGD settings, APGD settings)`` and the ``[[attacks]]`` keys
-    it reads besides :data:`SHARED_ATTACK_KEYS`; a key it does not read is an error in a config."""
+    """An attack's builder ``build(entry, PGD settings, APGD settings)``, the ``[[attacks]]`` keys it
+    reads besides :data:`SHARED_ATTACK_KEYS` (a key it does not read is an error in a config) and
+    the ``gradient`` modes it takes (``surrogate`` brings the key ``surrogate_steps``)."""
 
     build: Callable[[AttackConfig, dict, dict], Any]
     keys: frozenset[str]
+    gradients: tuple[str, ...] = ("exact",)
+
+    @property
+    def reads(self) -> frozenset[str]:
+        """Every ``[[attacks]]`` key this attack reads."""
+        surrogate = {"surrogate_steps"} if "surrogate" in self.gradients else set()
+        return SHARED_ATTACK_KEYS | self.keys | surrogate
 
 
 SHARED_ATTACK_KEYS = frozenset({"name", "norm", "eps", "steps", "eot", "gradient"})
 _PGD = frozenset({"step_size", "random_start", "sign_step", "eot_batch"})
 _APGD = frozenset({"loss", "restarts", "targeted", "iterate", "eot_batch"})  # its own step schedule
-_SURROGATE = frozenset({"surrogate_steps"})  # attacks that may take gradient = "surrogate"
+_ANY = ("exact", "surrogate", "bpda")
 
 # the gradient mode (build.build_attack) picks what an attack differentiates
 ATTACKS: dict[str, AttackEntry] = {
-    "pgd": AttackEntry(lambda a, pgd, apgd: PGD(**pgd), _PGD | _SURROGATE),
-    "bpda": AttackEntry(lambda a, pgd, apgd: PGD(**pgd), _PGD),  # PGD with gradient = "bpda"
-    "apgd": AttackEntry(lambda a, pgd, apgd: APGD(**apgd), _APGD | _SURROGATE),
+    "pgd": AttackEntry(lambda a, pgd, apgd: PGD(**pgd), _PGD, _ANY),
+    "bpda": AttackEntry(lambda a, pgd, apgd: PGD(**pgd), _PGD, ("exact", "bpda")),  # PGD with gradient = "bpda"
+    "apgd": AttackEntry(lambda a, pgd, apgd: APGD(**apgd), _APGD, _ANY),
     # APGD on the feasible set e(x) <= score_target; score_weight is its penalty
     "adaptive": AttackEntry(lambda a, pgd, apgd: AdaptiveAttack(**apgd, score_target=a.score_target,
                                                                 penalty=a.score_weight),
-                            _APGD | _SURROGATE | {"score_target", "score_weight"}),
+                            _APGD | {"score_target", "score_weight"}, ("exact", "surrogate")),
     "transfer": AttackEntry(lambda a, pgd, apgd: TransferAttack(APGD(**apgd)), _APGD),  # vs DiffPure at clean levels
     "autoattack": AttackEntry(lambda a, pgd, apgd: AutoAttackRand(pgd["threat"], version=a.version, seed=pgd["seed"],
                                                                   steps=a.steps, eot=a.eot, restarts=a.restarts),
