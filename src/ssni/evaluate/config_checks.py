@@ -119,5 +119,6 @@ def misplaced_purifier_key(key: str, method: str, where: str) -> ConfigError | N
     if not owners or method in owners:
         return None
     tables = " or ".join(f"[purifier.{name}]" for name in owners)
+    with_method = f"method = {owners[0]!r}" if len(owners) == 1 else "that method"
     return ConfigError(f"{where} {key} does not apply to method = {method!r}: it is a setting of "
-                       f"{', '.join(owners)} and belongs in {tables} (with that method)")
+                       f"{', '.join(owners)} and belongs in {tables} with {with_method}")
