@@ -25,6 +25,36 @@ def test_attack_cost_counts_iterations_eot_votes_and_recompute():
     assert attack_cost(apgd, u, 0, 10, 1, False) == 2 * attack_cost(a, u, 0, 10, 1, False)
 
 
+def test_attack_cost_counts_targets_and_surrogate_steps_per_round():
+    u = units()
+    untargeted = AttackConfig(name="apgd", steps=3, eot=1)
+    targeted = AttackConfig(name="apgd", steps=3, eot=1, targeted=True)
+    assert attack_cost(targeted, u, 0, 10, 1, False) == 9 * attack_cost(untargeted, u, 0, 10, 1, False)
+    surrogate = AttackConfig(name="pgd", steps=1, eot=1, gradient="surrogate", surrogate_steps=5)
+    # 4 rounds of up to 5 surrogate steps: 20 of the chain's 30 steps are differentiated
+    assert attack_cost(surrogate, u, 0, 30, 1, False, rounds=4) == 20 * 3 + 1.5
+    assert attack_cost(surrogate, u, 0, 12, 1, False, rounds=4) == 12 * 3 + 1.5  # never more than the chain
+
+
+def test_plan_run_refuses_a_config_mistake_and_probes_missing_data_in_its_shape(tmp_path):
+    import pytest
+
+    from ssni.errors import ConfigError
+    from ssni.evaluate.config import load_config
+    from ssni.evaluate.plan import plan_run
+
+    path = tmp_path / "exp.toml"
+    path.write_text('[data]\ndataset = "mnist-5k"\nsplit = "train"\nn = 2\n[purifier]\nmethod = "diffpure"\n'
+                    '[ssni]\nreweight = "sigmoid"\ncalibration_split = "train"\n[[attacks]]\nname = "pgd"\nsteps = 1\n')
+    with pytest.raises(ConfigError, match="calibration_split"):  # was swallowed: a probe calibration was used
+        plan_run(load_config(path), probe=2)
+    path.write_text('[data]\ndataset = "fashion-mnist"\nroot = "%s"\nn = 2\n[models]\ndiffusion = "mnist-unet"\n'
+                    'classifier = "mnist-cnn"\n[purifier]\nmethod = "diffpure"\nsteps = 2\n[[attacks]]\nname = "pgd"\n'
+                    'steps = 1\neot = 1\n' % (tmp_path / "absent"))
+    plan = plan_run(load_config(path), probe=2)  # no Fashion-MNIST here: a [2, 1, 28, 28] noise probe
+    assert plan["synthetic_probe"] and plan["seconds"] > 0
+
+
 def test_checkpointing_keeps_step_inputs_only():
     u = units()
     assert attack_row_bytes(u, score=0, reverse=10, checkpointed=False) == 10 * 100 + 7

@@ -9,8 +9,8 @@ for job in $JOBS; do
   case $job in
     n-pgd) run n-pgd --out /tmp/conv/ssni-n-pgd --attack pgd --label "DiffPure + SSNI-N" ;;
     d-pgd) run d-pgd --out /tmp/conv/diffpure-pgd --attack pgd --set ssni.reweight=none --label "DiffPure" ;;
-    n-apgd) run n-apgd --out /tmp/conv/ssni-n-apgd --attack apgd --set attacks.0.loss=dlr --label "DiffPure + SSNI-N" ;;
-    d-apgd) run d-apgd --out /tmp/conv/diffpure-apgd --attack apgd --set attacks.0.loss=dlr --set ssni.reweight=none --label "DiffPure" ;;
+    n-apgd) run n-apgd --out /tmp/conv/ssni-n-apgd --attack apgd --label "DiffPure + SSNI-N" ;;
+    d-apgd) run d-apgd --out /tmp/conv/diffpure-apgd --attack apgd --set ssni.reweight=none --label "DiffPure" ;;
   esac
 done
 

@@ -27,12 +27,12 @@ from pathlib import Path
 
 from ..metrics import changed_beyond_noise
 from .config import ExperimentConfig
+from .registries import ATTACKS
 from .runner import evaluate
 from .store import RESULTS_FILE, Store
 from .summary import summarize
 
 AXES = ("steps", "eot", "restarts")
-RESTART_ATTACKS = ("apgd", "autoattack")  # attacks whose restarts setting means something
 DEFAULT_LADDER = {"steps": (10, 20, 50, 100, 200), "eot": (1, 2, 4, 8, 16), "restarts": (1, 2, 4)}
 NOT_CONVERGED = "not converged within the ladder"
 RULE_PROTOCOLS = ("worst", "majority")  # the N-draw verdicts the choice rule must see converged
@@ -67,7 +67,7 @@ def budget_points(cfg: ExperimentConfig, attack: str, ladder: dict[str, tuple[in
     base = cfg.attacks[0]
     points = []
     for axis, rungs in ladder.items():
-        if axis == "restarts" and attack not in RESTART_ATTACKS:
+        if axis not in ATTACKS[attack].reads:  # e.g. restarts of PGD
             continue
         for value in rungs:
             budget = {"steps": base.steps, "eot": base.eot, "restarts": base.restarts, axis: value}

@@ -31,12 +31,15 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..attacks.apgd import APGD
+from ..data import IMAGE_FORMATS
 from ..defense import Defense
 from .config import AttackConfig, ExperimentConfig
 
 ITERATIONS = {"pgd": lambda a: a.steps, "bpda": lambda a: a.steps, "adaptive": lambda a: a.steps * a.restarts,
               "apgd": lambda a: a.steps * a.restarts, "transfer": lambda a: a.steps * a.restarts,
               "autoattack": lambda a: a.steps * a.restarts * (1 if a.version.startswith("apgd") else 2)}
+TARGETED_RUNS = APGD.target_classes  # a targeted APGD runs once per likely other class
 MEMORY_MARGIN = 0.8  # share of free device memory a plan lets a run use
 
 
@@ -151,17 +154,17 @@ def steps_per_sample(model: Defense, x: Tensor) -> tuple[float, float]:
 
 
 def attack_cost(a: AttackConfig, u: Units, score: float, reverse: float, votes: int,
-                checkpointed: bool) -> float:
-    """Seconds per attacked sample: iterations x EOT x votes x one forward + backward of the defense."""
-    steps = reverse
-    if a.gradient == "surrogate":
-        steps = reverse * min(1.0, a.surrogate_steps / max(reverse, 1.0))
+                checkpointed: bool, rounds: int = 1) -> float:
+    """Seconds per attacked sample: iterations (x targets when targeted) x EOT x votes x one forward
+    + backward of the defense. A surrogate chain has at most ``surrogate_steps`` steps per round."""
+    steps = min(reverse, a.surrogate_steps * rounds) if a.gradient == "surrogate" else reverse
     chain = u.step_ck if checkpointed else u.step_grad
     if a.name == "bpda" or a.gradient == "bpda":  # forward through the defense, backward through the classifier
         per_draw = (score + reverse) * u.step + u.classifier_grad
     else:
         per_draw = score * u.step_grad + steps * chain + u.classifier_grad
-    return ITERATIONS.get(a.name, ITERATIONS["pgd"])(a) * a.eot * votes * per_draw
+    runs = TARGETED_RUNS if a.targeted else 1
+    return ITERATIONS.get(a.name, ITERATIONS["pgd"])(a) * runs * a.eot * votes * per_draw
 
 
 def attack_row_bytes(u: Units, score: float, reverse: float, checkpointed: bool) -> float:
@@ -210,7 +213,8 @@ def make_plan(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor | No
     one_pass = score * u.step + reverse * u.step + u.classifier
     clean = votes * one_pass + score * u.step  # predict, then explain's score norm
     attacked = per_shard * accuracy
-    attacks = [{"name": a.name, "seconds": attacked * (attack_cost(a, u, score, reverse, votes, ck)
+    rounds = len(model.purifier.t_stars)
+    attacks = [{"name": a.name, "seconds": attacked * (attack_cost(a, u, score, reverse, votes, ck, rounds)
                                                        + a_rescore(cfg) * votes * one_pass)} for a in cfg.attacks]
     row_bytes = attack_row_bytes(u, score, reverse, ck) * votes
     free, how = free_bytes(x.device)
@@ -249,9 +253,6 @@ def format_plan(p: dict) -> str:
     return "\n".join(lines)
 
 
-SHAPES = {"mnist-5k": (1, 28, 28), "cifar10": (3, 32, 32), "imagenet": (3, 224, 224)}
-
-
 def plan_run(cfg: ExperimentConfig, weights_dir: Path | None = None, world: int | None = None,
              probe: int = 16) -> dict:
     """Load the configured models as a run does, probe them on the first ``probe`` images, predict.
@@ -263,7 +264,7 @@ def plan_run(cfg: ExperimentConfig, weights_dir: Path | None = None, world: int 
     import os
 
     from ..checkpoints.registry import default_weights_dir
-    from ..errors import SSNIError
+    from ..errors import InputError
     from .build import build_model, calibrate, load_eval_data, load_models
     from .runner import to_device
 
@@ -274,15 +275,16 @@ def plan_run(cfg: ExperimentConfig, weights_dir: Path | None = None, world: int 
     try:
         data = load_eval_data(cfg, min(probe, cfg.data.n))
         x, y, synthetic = data.images.to(device), data.labels.to(device), False
-    except SSNIError:
-        shape = SHAPES.get(cfg.data.dataset, (3, 32, 32))
+    except InputError:  # the data is not on this machine (a config mistake is raised, not guessed around)
+        mode, size = IMAGE_FORMATS[cfg.data.dataset]
+        shape = (1 if mode == "L" else 3, size, size)
         x = torch.rand(min(probe, cfg.data.n), *shape, generator=torch.Generator().manual_seed(0)).to(device)
         y, synthetic = None, True
     calibration = None
     if cfg.ssni.reweight != "none":
         try:
             calibration = calibrate(cfg, unet, weights_dir)
-        except SSNIError:
+        except InputError:  # no calibration images here; calibration_split == data.split still fails
             calibration = _probe_calibration(cfg, unet, x)
     model = build_model(cfg, unet, classifier, calibration)
     plan = make_plan(cfg, model, x, y, cfg.data.n, world)
