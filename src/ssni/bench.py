@@ -222,46 +222,51 @@ import json, resource, sys, time, torch
 from ssni.attacks import PGD, ThreatModel
 from ssni.checkpoints.registry import default_weights_dir, load_named
 from ssni.data import load_split
-from ssni.defense import Defense
-from ssni.evaluate.plan import measure_units
+from ssni.defense import SSNI, Defense
+from ssni.evaluate.config import AttackConfig
+from ssni.evaluate.plan import attack_cost, measure_units, steps_per_sample
 from ssni.purifiers import DiffPure
-steps, use_checkpoint, n, eot_batch = int(sys.argv[1]), sys.argv[2] == "1", int(sys.argv[3]), int(sys.argv[4])
+from ssni.reweight import Calibration, make_reweight
+steps, use_checkpoint, n, eot_batch, repeats, with_ssni = (int(v) for v in sys.argv[1:7])
 w = default_weights_dir()
-defense = Defense(load_named("mnist-cnn", w), DiffPure(load_named("mnist-unet", w), t_star=150, steps=steps,
-                  checkpoint=use_checkpoint))
+unet = load_named("mnist-unet", w)
+ssni = SSNI(unet, make_reweight("sigmoid", Calibration.load(w / "mnist-unet.calibration.json")), n_levels=10)
+defense = Defense(load_named("mnist-cnn", w), DiffPure(unet, t_star=300 if with_ssni else 150, steps=steps,
+                  checkpoint=bool(use_checkpoint)), ssni if with_ssni else None).eval()
 data = load_split("mnist-5k", "test").head(n)
 attack = PGD(ThreatModel("linf", 0.3), steps=2, step_size=0.05, eot=2, eot_batch=eot_batch)
 attack(defense, data.images[:1], data.labels[:1])  # warm-up
 best = float("inf")
-for _ in range(int(sys.argv[5])):
+for _ in range(repeats):
     start = time.perf_counter()
-    attack(defense, data.images, data.labels)
+    attack(defense, data.images, data.labels, sample_ids=data.ids)
     best = min(best, time.perf_counter() - start)
 u = measure_units(defense, data.images, n * eot_batch, n * eot_batch)
-unit = u.step_ck if use_checkpoint else u.step_grad
-print(json.dumps({"seconds_per_sample": best / n, "floor_seconds_per_sample": 2 * 2 * (steps * unit + u.classifier_grad),
-                  "step_forward_backward_ms_per_row": 1e3 * u.step_grad, "step_checkpointed_ms_per_row": 1e3 * u.step_ck,
-                  "step_forward_ms_per_row": 1e3 * u.step,
+score, reverse = steps_per_sample(defense, data.images)
+floor = attack_cost(AttackConfig("pgd", steps=2, eot=2), u, score, reverse, 1, bool(use_checkpoint))
+print(json.dumps({"seconds_per_sample": best / n, "floor_seconds_per_sample": floor, "score_rows": score,
+                  "reverse_steps_per_sample": reverse, "step_forward_backward_ms_per_row": 1e3 * u.step_grad,
+                  "step_checkpointed_ms_per_row": 1e3 * u.step_ck, "step_forward_ms_per_row": 1e3 * u.step,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
-
-ATTACK_SETTINGS = ((10, False, 1), (10, True, 1), (10, False, 2), (10, True, 2), (40, False, 1), (40, True, 1))
+# (reverse steps, activation checkpointing, EOT draws stacked per pass, SSNI-N at t* = 300 = the demo's defense)
+ATTACK_SETTINGS = ((10, False, 1, True), (10, True, 1, True), (10, False, 1, False), (10, True, 1, False),
+                   (10, False, 2, False), (10, True, 2, False), (40, False, 1, False), (40, True, 1, False))
 
 
 def attack_cost(n: int = 16, repeats: int = 1, settings=ATTACK_SETTINGS) -> list[dict]:
-    """PGD(2 steps) + EOT(2) through DiffPure, each setting in a fresh process for a clean peak RSS.
-
-    Settings: (reverse steps, activation checkpointing, EOT draws stacked per pass). The floor of
-    one sample is ``PGD steps x EOT x (reverse steps x u + classifier)``, ``u`` the per-row
-    forward + backward of one reverse step (+ its recomputed forward under checkpointing),
-    measured at the rows the attack's passes have (``n x eot_batch``).
-    """
+    """PGD(2 steps) + EOT(2) through DiffPure (t* = 150), or through the demo's DiffPure (t* = 300)
+    + SSNI-N, each setting in a fresh process for a clean peak RSS. The floor is the one ``--plan``
+    predicts (:func:`ssni.evaluate.plan.attack_cost`): PGD steps x EOT x (score-norm rows + the
+    samples' reverse steps) x one forward + backward per row (+ the recomputed forward under
+    checkpointing) + the classifier, with units measured at the rows the attack's passes have."""
     rows = []
-    for steps, use_checkpoint, eot_batch in settings:
-        done = subprocess.run([sys.executable, "-c", ATTACK_SCRIPT, str(steps), str(int(use_checkpoint)), str(n),
-                               str(eot_batch), str(repeats)], capture_output=True, text=True, check=True)
-        row = {"reverse_steps": steps, "checkpoint": use_checkpoint, "eot_batch": eot_batch, "n": n,
+    for steps, use_checkpoint, eot_batch, with_ssni in settings:
+        args = [str(v) for v in (steps, int(use_checkpoint), n, eot_batch, repeats, int(with_ssni))]
+        done = subprocess.run([sys.executable, "-c", ATTACK_SCRIPT, *args], capture_output=True, text=True, check=True)
+        row = {"defense": "DiffPure t*=300 + SSNI-N (demo)" if with_ssni else "DiffPure t*=150",
+               "reverse_steps": steps, "checkpoint": use_checkpoint, "eot_batch": eot_batch, "n": n,
                **json.loads(done.stdout.strip().splitlines()[-1])}
         row["over_floor"] = row["seconds_per_sample"] / row["floor_seconds_per_sample"]
         rows.append(row)
@@ -350,13 +355,14 @@ def format_bench(results: dict) -> str:
              *[f"host work per reverse step (network returning zeros), MNIST batch {h['batch']}: "
                f"{1e3 * h['host_seconds_per_step']:.2f} ms = {100 * h['host_over_network']:.1f}% of one network call"
                for h in results.get("host", [])],
-             "attack: PGD (2 steps) + EOT 2 through DiffPure; floor = 2 x 2 x (steps x fwd+bwd[+recompute] "
-             "+ classifier) per row",
-             f"  {'reverse steps':>13} {'checkpoint':>10} {'EOT stacked':>11} {'s/sample':>9} {'/ floor':>8} "
-             f"{'peak RSS MB':>12}"]
+             "attack: PGD (2 steps) + EOT 2; floor = 2 x 2 x ((score rows + reverse steps) x fwd+bwd[+recompute] "
+             "+ classifier) per sample (the --plan model)",
+             f"  {'defense':<32} {'reverse steps':>13} {'checkpoint':>10} {'EOT stacked':>11} {'s/sample':>9} "
+             f"{'/ floor':>8} {'peak RSS MB':>12}"]
     for row in results["attack"]:
         floor = f"x{row['over_floor']:.2f}" if "over_floor" in row else "-"
-        lines.append(f"  {row['reverse_steps']:>13} {str(row['checkpoint']):>10} {row.get('eot_batch', 1):>11} "
+        lines.append(f"  {row.get('defense', 'DiffPure t*=150'):<32} {row['reverse_steps']:>13} "
+                     f"{str(row['checkpoint']):>10} {row.get('eot_batch', 1):>11} "
                      f"{row['seconds_per_sample']:>9.3f} {floor:>8} {row['peak_rss_mb']:>12.0f}")
     return "\n".join(lines)
 
