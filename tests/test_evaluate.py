@@ -16,7 +16,7 @@ from ssni.evaluate.config import AttackConfig, from_dict
 from ssni.evaluate.runner import evaluate, worst_candidate
 from ssni.evaluate.scoring import fresh_verdicts, robust_under
 from ssni.evaluate.store import Store
-from ssni.evaluate.summary import summarize
+from ssni.evaluate.summary import format_summary, summarize
 
 CONFIG = """
 [data]
@@ -175,6 +175,30 @@ def test_summary_reports_protocol_and_intervals(tmp_path, config_file, tiny_weig
     for row in rows:  # every attack result keeps its raw fresh predictions
         for result in row["attacks"].values():
             assert len(result["preds"]) == 3 and isinstance(result["fooled_during"], bool)
+
+
+def test_the_levels_adversarial_examples_get_are_recorded(tmp_path, config_file, tiny_weights):
+    from ssni.evaluate.runner import RESCORE_DRAW, prepare_model
+
+    cfg = load_config(config_file)
+    evaluate(cfg, tmp_path / "run", tiny_weights, progress=False)
+    rows = rows_of(tmp_path / "run", cfg)
+    store = Store(tmp_path / "run" / "results.sqlite", cfg.hash(), json.dumps(cfg.to_dict(), sort_keys=True))
+    images = store.adversarial("0:pgd")
+    store.close()
+    attacked = [r for r in rows if "0:pgd" in r["attacks"]]
+    assert attacked and set(images) == {r["sample_id"] for r in attacked}
+    model = prepare_model(cfg, tiny_weights)
+    ids = torch.tensor([r["sample_id"] for r in attacked])
+    with torch.no_grad():  # the level SSNI gives the stored example on the first fresh draw
+        info = model.explain(torch.stack([images[int(i)] for i in ids]), sample_ids=ids, draw=RESCORE_DRAW)
+    assert [r["attacks"]["0:pgd"]["t_star"] for r in attacked] == info["t_star"].T.tolist()
+    assert [r["attacks"]["0:pgd"]["score_norm"] for r in attacked] == pytest.approx(info["score_norm"].tolist(),
+                                                                                       rel=1e-5)
+    s = summarize([{**r, "seconds": 0.1} for r in rows], cfg)
+    levels = [r["attacks"]["0:pgd"]["t_star"][-1] for r in attacked]
+    assert s["after_each_attack"][0]["t_adv_mean"] == pytest.approx(sum(levels) / len(levels))
+    assert "adversarial inputs get t*" in format_summary(s)
 
 
 def test_fresh_verdicts_single_majority_worst():

@@ -117,7 +117,8 @@ def run_demo(cfg: DemoConfig, out: Path, weights_dir: Path | None = None, progre
                      "clean_acc": s["clean"]["acc"], "robust_acc": s["robust"]["acc"],
                      "clean_ci95": s["clean"]["ci95"], "robust_ci95": s["robust"]["ci95"],
                      "robust_by_protocol": s["robust_by_protocol"], "robust_vs_draws": s["robust_vs_draws"],
-                     "t_mean": s["t_mean"], "t_std": s["t_std"], "seconds": s["seconds_per_sample"] * s["n"]})
+                     "t_mean": s["t_mean"], "t_std": s["t_std"], "t_adv_mean": s["after_each_attack"][0]["t_adv_mean"],
+                     "seconds": s["seconds_per_sample"] * s["n"]})
         if progress:
             tqdm.write(f"{name}: clean {rows[-1]['clean_acc']:.3f}, robust (worst of {cfg.rescore_draws}) "
                        f"{rows[-1]['robust_acc']:.3f}")

@@ -114,13 +114,9 @@ def run_batch(cfg: ExperimentConfig, model: nn.Module, attacks: list, x: Tensor,
         x_adv = attack(target, x[sel], y[sel], sample_ids=ids[sel])
         x_adv, preds = worst_candidate(model, getattr(attack, "candidates", None) or [x_adv], y[sel], ids[sel],
                                        cfg.evaluate.rescore_draws)
-        verdicts = fresh_verdicts(preds, y[sel])
-        # iterates judged on a surrogate chain say nothing about the defense that is scored
-        during = None if a_cfg.gradient == "surrogate" else getattr(attack, "fooled_any_iterate", None)
+        entries, verdicts = score_attack(model, a_cfg, attack, x_adv, preds, y[sel], ids[sel])
         for j, i in enumerate(sel.tolist()):
-            per_attack[i][f"{k}:{a_cfg.name}"] = {
-                "preds": preds[:, j].tolist(), **{p: bool(v[j]) for p, v in verdicts.items()},
-                "fooled_during": None if during is None else bool(during[j])}
+            per_attack[i][f"{k}:{a_cfg.name}"] = entries[j]
             images[(int(ids[i]), f"{k}:{a_cfg.name}")] = x_adv[j]
         attackable[sel] &= still_attackable(verdicts)
     seconds = (time.time() - start) / len(ids)
@@ -131,6 +127,26 @@ def run_batch(cfg: ExperimentConfig, model: nn.Module, attacks: list, x: Tensor,
     for row, robust in zip(rows, robust_under(rows, keys, cfg.evaluate.rescore)):
         row["robust"] = int(robust)  # under the headline protocol; summaries recompute every protocol
     return rows, images
+
+
+def score_attack(model: nn.Module, a_cfg, attack, x_adv: Tensor, preds: Tensor, y: Tensor,
+                 ids: Tensor) -> tuple[list[dict], dict[str, Tensor]]:
+    """Per attacked sample: the raw fresh predictions, every protocol's verdict, whether an iterate
+    fooled the attack's own draws, and (a :class:`Defense`) the score norm and levels the adversarial
+    example gets on the first fresh draw (SSNI: does the attack lower the noise?)."""
+    verdicts = fresh_verdicts(preds, y)
+    # iterates judged on a surrogate chain say nothing about the defense that is scored
+    during = None if a_cfg.gradient == "surrogate" else getattr(attack, "fooled_any_iterate", None)
+    norms, levels = None, None
+    if isinstance(model, Defense):
+        with torch.no_grad():
+            info = model.explain(x_adv, sample_ids=ids, draw=RESCORE_DRAW)
+        norms, levels = info["score_norm"], info["t_star"]
+    entries = [{"preds": preds[:, j].tolist(), **{p: bool(v[j]) for p, v in verdicts.items()},
+                "fooled_during": None if during is None else bool(during[j]),
+                "score_norm": None if norms is None else float(norms[j]),
+                "t_star": [] if levels is None else levels[:, j].tolist()} for j in range(len(y))]
+    return entries, verdicts
 
 
 def evaluate(cfg: ExperimentConfig, out: Path, weights_dir: Path | None = None, progress: bool = True,

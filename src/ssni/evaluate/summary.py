@@ -40,8 +40,8 @@ def summarize(rows: list[dict], cfg: ExperimentConfig) -> dict:
     n, draws, headline = len(rows), cfg.evaluate.rescore_draws, cfg.evaluate.rescore
     keys = [f"{k}:{a.name}" for k, a in enumerate(cfg.attacks)]
     per_attack = [{"attack": a.name, "settings": a.__dict__,
-                   **accuracy(sum(robust_under(rows, keys[:k + 1], headline)), n)}
-                  for k, a in enumerate(cfg.attacks)]
+                   **accuracy(sum(robust_under(rows, keys[:k + 1], headline)), n),
+                   **adversarial_levels(rows, keys[k])} for k, a in enumerate(cfg.attacks)]
     levels = [t for r in rows for t in r["t_star"][-1:]]
     norms = [r["score_norm"] for r in rows if r["score_norm"] is not None]
     by_protocol = robust_by_protocol(rows, keys, draws)
@@ -54,6 +54,14 @@ def summarize(rows: list[dict], cfg: ExperimentConfig) -> dict:
             "t_std": statistics.pstdev(levels) if len(levels) > 1 else 0.0,
             "score_norm_mean": statistics.fmean(norms) if norms else None,
             "seconds_per_sample": statistics.fmean(r["seconds"] for r in rows) if rows else 0.0}
+
+
+def adversarial_levels(rows: list[dict], key: str) -> dict:
+    """Mean and std of the last round's level that the adversarial examples of attack ``key`` get
+    (first fresh draw; rows stored before levels were recorded have none)."""
+    levels = [t for r in rows for t in r["attacks"].get(key, {}).get("t_star", [])[-1:]]
+    return {"t_adv_mean": statistics.fmean(levels) if levels else None,
+            "t_adv_std": statistics.pstdev(levels) if len(levels) > 1 else None}
 
 
 def write_summary(summary: dict, out: Path) -> None:
@@ -71,7 +79,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"INCOMPLETE: {summary['n']} of {summary['n_planned']} samples evaluated so far")
     lines.append(f"clean accuracy          {pct(summary['clean'])}")
     for step in summary["after_each_attack"]:
-        lines.append(f"after {step['attack']:<17} {pct(step)}")
+        adv = "" if step.get("t_adv_mean") is None else f"  (adversarial inputs get t* {step['t_adv_mean']:.1f})"
+        lines.append(f"after {step['attack']:<17} {pct(step)}{adv}")
     for protocol, acc in summary["robust_by_protocol"].items():
         mark = " <- headline" if protocol == summary["headline"] else ""
         lines.append(f"robust, {protocol:<15} {pct(acc)}  ({acc['protocol']}){mark}")
