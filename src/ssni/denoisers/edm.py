@@ -209,6 +209,71 @@ class _FourierEmbedding(nn.Module):
         return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
+def _encoder(cfg: SongUNetConfig, emb: int) -> tuple[nn.ModuleDict, int]:
+    """SongUNet's encoder, highest resolution first, and its output channels.
+
+    Module names (and their insertion order) are the published state dict's.
+    """
+    enc = nn.ModuleDict()
+    cout = caux = cfg.in_channels
+    for level, mult in enumerate(cfg.channel_mult):
+        res = cfg.img_resolution >> level
+        if level == 0:
+            enc[f"{res}x{res}_conv"] = _Conv(cout, cfg.model_channels, 3)
+            cout = cfg.model_channels
+        else:
+            caux = _encoder_down(enc, cfg, emb, res, cout, caux)
+        for idx in range(cfg.num_blocks):
+            cin, cout = cout, cfg.model_channels * mult
+            enc[f"{res}x{res}_block{idx}"] = _Block(cin, cout, emb, cfg,
+                                                    attention=res in cfg.attn_resolutions)
+    return enc, cout
+
+
+def _encoder_down(enc: nn.ModuleDict, cfg: SongUNetConfig, emb: int, res: int, cout: int, caux: int) -> int:
+    """Add the downsampling block into resolution ``res`` and the encoder's auxiliary path
+    (NCSN++'s ``skip`` or ``residual`` input pyramid); returns the auxiliary path's channels."""
+    enc[f"{res}x{res}_down"] = _Block(cout, cout, emb, cfg, down=True)
+    if cfg.encoder_type == "skip":
+        enc[f"{res}x{res}_aux_down"] = _Conv(caux, caux, 0, down=True, resample_filter=cfg.resample_filter)
+        enc[f"{res}x{res}_aux_skip"] = _Conv(caux, cout, 1)
+    if cfg.encoder_type == "residual":
+        enc[f"{res}x{res}_aux_residual"] = _Conv(caux, cout, 3, down=True, fused=True,
+                                                 resample_filter=cfg.resample_filter)
+        caux = cout
+    return caux
+
+
+def _decoder(cfg: SongUNetConfig, emb: int, cout: int, skips: list[int]) -> nn.ModuleDict:
+    """SongUNet's decoder, lowest resolution first; ``skips`` are the encoder outputs' channels
+    (consumed from the end, as the forward pass pops them)."""
+    dec = nn.ModuleDict()
+    for level, mult in reversed(list(enumerate(cfg.channel_mult))):
+        res = cfg.img_resolution >> level
+        if level == len(cfg.channel_mult) - 1:
+            dec[f"{res}x{res}_in0"] = _Block(cout, cout, emb, cfg, attention=True)
+            dec[f"{res}x{res}_in1"] = _Block(cout, cout, emb, cfg)
+        else:
+            dec[f"{res}x{res}_up"] = _Block(cout, cout, emb, cfg, up=True)
+        for idx in range(cfg.num_blocks + 1):
+            cin, cout = cout + skips.pop(), cfg.model_channels * mult
+            dec[f"{res}x{res}_block{idx}"] = _Block(
+                cin, cout, emb, cfg, attention=idx == cfg.num_blocks and res in cfg.attn_resolutions)
+        if cfg.decoder_type == "skip" or level == 0:
+            _decoder_head(dec, cfg, res, level, cout)
+    return dec
+
+
+def _decoder_head(dec: nn.ModuleDict, cfg: SongUNetConfig, res: int, level: int, cout: int) -> None:
+    """Add the output head at resolution ``res`` (every resolution for a ``skip`` decoder, whose
+    lower-resolution outputs are upsampled and summed; the last one otherwise)."""
+    if cfg.decoder_type == "skip" and level < len(cfg.channel_mult) - 1:
+        dec[f"{res}x{res}_aux_up"] = _Conv(cfg.out_channels, cfg.out_channels, 0, up=True,
+                                           resample_filter=cfg.resample_filter)
+    dec[f"{res}x{res}_aux_norm"] = _GroupNorm(cout)
+    dec[f"{res}x{res}_aux_conv"] = _Conv(cout, cfg.out_channels, 3, init_scale=1e-5)
+
+
 class SongUNet(nn.Module):
     """EDM's re-implementation of DDPM++/NCSN++: ``F(x, noise_labels, class_labels)``."""
 
@@ -217,54 +282,16 @@ class SongUNet(nn.Module):
         self.cfg = cfg
         emb = cfg.model_channels * cfg.channel_mult_emb
         noise = cfg.model_channels * cfg.channel_mult_noise
+        # Built in the published order: parameter initialisation draws from the global RNG in this order.
         self.map_noise = (_PositionalEmbedding(noise) if cfg.embedding_type == "positional"
                           else _FourierEmbedding(noise))
         self.map_label = _Linear(cfg.label_dim, noise) if cfg.label_dim else None
         self.map_augment = _Linear(cfg.augment_dim, noise, bias=False) if cfg.augment_dim else None
         self.map_layer0 = _Linear(noise, emb)
         self.map_layer1 = _Linear(emb, emb)
-
-        self.enc = nn.ModuleDict()
-        cout = caux = cfg.in_channels
-        for level, mult in enumerate(cfg.channel_mult):
-            res = cfg.img_resolution >> level
-            if level == 0:
-                self.enc[f"{res}x{res}_conv"] = _Conv(cout, cfg.model_channels, 3)
-                cout = cfg.model_channels
-            else:
-                self.enc[f"{res}x{res}_down"] = _Block(cout, cout, emb, cfg, down=True)
-                if cfg.encoder_type == "skip":
-                    self.enc[f"{res}x{res}_aux_down"] = _Conv(caux, caux, 0, down=True,
-                                                              resample_filter=cfg.resample_filter)
-                    self.enc[f"{res}x{res}_aux_skip"] = _Conv(caux, cout, 1)
-                if cfg.encoder_type == "residual":
-                    self.enc[f"{res}x{res}_aux_residual"] = _Conv(caux, cout, 3, down=True, fused=True,
-                                                                  resample_filter=cfg.resample_filter)
-                    caux = cout
-            for idx in range(cfg.num_blocks):
-                cin, cout = cout, cfg.model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = _Block(cin, cout, emb, cfg,
-                                                             attention=res in cfg.attn_resolutions)
+        self.enc, cout = _encoder(cfg, emb)
         skips = [block.out_channels for name, block in self.enc.items() if "aux" not in name]
-
-        self.dec = nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            res = cfg.img_resolution >> level
-            if level == len(cfg.channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = _Block(cout, cout, emb, cfg, attention=True)
-                self.dec[f"{res}x{res}_in1"] = _Block(cout, cout, emb, cfg)
-            else:
-                self.dec[f"{res}x{res}_up"] = _Block(cout, cout, emb, cfg, up=True)
-            for idx in range(cfg.num_blocks + 1):
-                cin, cout = cout + skips.pop(), cfg.model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = _Block(
-                    cin, cout, emb, cfg, attention=idx == cfg.num_blocks and res in cfg.attn_resolutions)
-            if cfg.decoder_type == "skip" or level == 0:
-                if cfg.decoder_type == "skip" and level < len(cfg.channel_mult) - 1:
-                    self.dec[f"{res}x{res}_aux_up"] = _Conv(cfg.out_channels, cfg.out_channels, 0, up=True,
-                                                            resample_filter=cfg.resample_filter)
-                self.dec[f"{res}x{res}_aux_norm"] = _GroupNorm(cout)
-                self.dec[f"{res}x{res}_aux_conv"] = _Conv(cout, cfg.out_channels, 3, init_scale=1e-5)
+        self.dec = _decoder(cfg, emb, cout, skips)
 
     def forward(self, x: Tensor, noise_labels: Tensor, class_labels: Tensor | None = None) -> Tensor:
         emb = self.map_noise(noise_labels).to(x.dtype)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor
@@ -26,6 +26,7 @@ from .schedule import common_grid, run_common_length, run_join_when_due, unique_
 Scheduler = Literal["join", "common"]
 Solver = Literal["ddpm", "sde"]
 SOLVERS = ("ddpm", "sde")
+GridFn = Callable[[int, int | None], list[int]]  # (t, n) -> one sample's descending levels
 
 
 @dataclass
@@ -106,28 +107,46 @@ class Purifier:
                 ``None``: the whole batch. Results do not depend on it.
         """
         check_images(x)
-        t = self._levels(t, x.shape[0])
-        start = t if start is None else self._levels(start, x.shape[0])
-        t_relaxed = None if t_relaxed is None else t_relaxed.reshape(t.shape)
-        if len(noise) != x.shape[0]:
-            raise InputError(f"{len(noise)} noise streams for a batch of {x.shape[0]} images")
+        t, start, t_relaxed = self._checked_levels(x.shape[0], t, noise, start, t_relaxed)
         n = None if self.steps is None else self.steps + extra_steps
-        if width is not None and self.scheduler != "join":
-            raise InputError("width applies to the join scheduler only")
-        run = partial(run_join_when_due, width=width) if self.scheduler == "join" else run_common_length
-        grid_fn = unique_grid if self.scheduler == "join" else common_grid
+        run, grid_fn = self._chain_runner(width)
         x_orig = x_model = to_model_scale(x)
         for r in range(t.shape[0]):
+            # One round: forward jump to each sample's level, then its reverse chain back to 0.
             eps = noise.randn(("forward", r), x_model)
             x_t = forward_jump(self.schedule, x_model, self.jump_levels(t[r]), eps,
                                None if t_relaxed is None else t_relaxed[r])
-            # Unit steps on the common-length scheme: one grid of the longest chain's length.
-            n_r = int(t[r].max()) if n is None and self.scheduler == "common" else n
-            grids = [shifted_grid(grid_fn(ti, n_r), si - ti) for ti, si in zip(t[r].tolist(), start[r].tolist())]
+            grids = self._round_grids(t[r], start[r], n, grid_fn)
             step = partial(self.reverse_step, noise=noise, round_=r, x_orig=x_orig)
             x_model = run(x_t, grids, step, self.checkpoint)
         untouched = broadcast_to((t == 0).all(0), x).bool()
         return torch.where(untouched, x, to_image_scale(x_model))
+
+    def _checked_levels(self, batch: int, t: Tensor | None, noise: SampleNoise, start: Tensor | None,
+                        t_relaxed: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``purify``'s levels as ``[R, B]`` (``t``, ``start``, ``t_relaxed``), once they and ``noise`` are
+        checked against the batch."""
+        t = self._levels(t, batch)
+        start = t if start is None else self._levels(start, batch)
+        t_relaxed = None if t_relaxed is None else t_relaxed.reshape(t.shape)
+        if len(noise) != batch:
+            raise InputError(f"{len(noise)} noise streams for a batch of {batch} images")
+        return t, start, t_relaxed
+
+    def _chain_runner(self, width: int | None) -> tuple[Callable[..., Tensor], GridFn]:
+        """The chain runner and the grid builder of ``self.scheduler`` (see :mod:`.schedule`)."""
+        if width is not None and self.scheduler != "join":
+            raise InputError("width applies to the join scheduler only")
+        if self.scheduler == "join":
+            return partial(run_join_when_due, width=width), unique_grid
+        return run_common_length, common_grid
+
+    def _round_grids(self, t_r: Tensor, start_r: Tensor, n: int | None, grid_fn: GridFn) -> list[list[int]]:
+        """Each sample's descending reverse grid for one round: ``n`` steps from level ``t_r``, shifted up
+        to start at ``start_r``."""
+        # Unit steps on the common-length scheme: one grid of the longest chain's length.
+        n_r = int(t_r.max()) if n is None and self.scheduler == "common" else n
+        return [shifted_grid(grid_fn(ti, n_r), si - ti) for ti, si in zip(t_r.tolist(), start_r.tolist())]
 
     def _levels(self, t: Tensor | None, batch: int) -> Tensor:
         if t is None:
