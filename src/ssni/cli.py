@@ -9,10 +9,14 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from .errors import SSNIError
+
+if TYPE_CHECKING:
+    from .evaluate.config import ExperimentConfig
 
 app = typer.Typer(help="Sample-specific Score-aware Noise Injection (SSNI) for diffusion purification.",
                   no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
@@ -152,11 +156,25 @@ def evaluate(
     Examples: ssni evaluate --config configs/mnist-diffpure-ssni-n.toml --out runs/n;
     torchrun --nproc_per_node=4 -m ssni.cli evaluate --config ... --out ...
     """
-    import os
+    from .evaluate import evaluate as run
 
-    from .evaluate import evaluate as run, load_config
+    cfg = _evaluate_config(config, set_, limit, device, dry_run)
+    if plan:
+        from .evaluate.plan import format_plan, plan_run
+
+        typer.echo(format_plan(plan_run(cfg, weights_dir)))
+        return
+    _init_distributed()
+    run(cfg, out, weights_dir, progress=progress)
+    _summarize_evaluation(out, cfg, weights_dir, sanity, sanity_n)
+
+
+def _evaluate_config(config: Path, set_: list[str], limit: int | None, device: str | None,
+                     dry_run: bool) -> ExperimentConfig:
+    """``ssni evaluate``'s experiment: the TOML with ``--set``, ``--limit`` and ``--device`` applied
+    (in that order), shrunk by ``--dry-run``."""
+    from .evaluate import load_config
     from .evaluate.config import dry_run as shrink
-    from .evaluate.report import summarize_run
 
     overrides = _parse_overrides(set_)
     if limit is not None:
@@ -166,13 +184,16 @@ def evaluate(
     cfg = load_config(config, overrides)
     if dry_run:
         cfg = shrink(cfg, n=limit or 2)
-    if plan:
-        from .evaluate.plan import format_plan, plan_run
+    return cfg
 
-        typer.echo(format_plan(plan_run(cfg, weights_dir)))
-        return
-    _init_distributed()
-    run(cfg, out, weights_dir, progress=progress)
+
+def _summarize_evaluation(out: Path, cfg: ExperimentConfig, weights_dir: Path | None, sanity: bool,
+                          sanity_n: int) -> None:
+    """Print the run's summary on rank 0 (with ``--sanity``: after the checks on ``sanity_n`` samples)."""
+    import os
+
+    from .evaluate.report import summarize_run
+
     if int(os.environ.get("RANK", 0)) == 0:
         typer.echo(summarize_run(out, cfg, weights_dir, sanity_n if sanity else 0))
         if sanity and not json.loads((out / "summary.json").read_text())["sanity"]["all_passed"]:
