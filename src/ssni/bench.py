@@ -26,9 +26,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from .checkpoints.registry import default_weights_dir, load_named
-from .data import load_split
+from .data import ImageSet, load_split
 from .defense import SSNI
 from .denoisers.protocol import CountingModel
 from .denoisers.unet import UNet, UNetConfig
@@ -61,51 +62,72 @@ def purification(batch: int = 32, t_star: int = 300, steps: int = 300, repeats: 
     ``stream_batches * batch`` images are also purified at width ``batch`` by continuous batching.
     Times are the best of ``repeats`` runs after a warm-up.
     """
-    weights = default_weights_dir()
-    unet = CountingModel(load_named("mnist-unet", weights))
-    stream = load_split("mnist-5k", "test").head(stream_batches * batch)
+    unet, ssni, stream = _demo_ssni(stream_batches * batch)
     data = stream.head(batch)
-    cfg = ExperimentConfig(ssni=SSNIConfig(reweight="sigmoid"))
-    reweight = make_reweight("sigmoid", calibrate(cfg, unet.model, weights), bias=cfg.ssni.bias)
-    ssni = SSNI(unet, reweight, n_levels=cfg.ssni.n_levels)
     stream_noise = SampleNoise.from_ids(0, stream.ids)
     noise = stream_noise.subset(torch.arange(batch))
+    single = DiffPure(unet, t_star=t_star, steps=steps)
     with torch.inference_mode():
         stream_t = ssni(stream.images, (t_star,), stream_noise).t[0]
         t = stream_t[:batch]
-        floor = sum(min(steps, int(ti)) for ti in t)
         results = {"batch": batch, "t_star": t_star, "steps": steps, "t_mean": t.float().mean().item(),
-                   "t_min": int(t.min()), "t_max": int(t.max()), "floor_evaluations": floor}
-        for name in ("join", "common"):
-            purifier = DiffPure(unet, t_star=t_star, steps=steps, scheduler=name)
-            unet.reset()
-            purifier.purify(data.images, t, noise)  # counts the evaluations; doubles as the warm-up
-            results[f"{name}_evaluations"] = unet.evaluations
-            results[f"{name}_seconds"] = _timed(lambda: purifier.purify(data.images, t, noise), repeats, False)
-        single = DiffPure(unet, t_star=t_star, steps=steps)
-        results["one_at_a_time_seconds"] = _timed(lambda: [single.purify(
-            data.images[i:i + 1], t[i:i + 1], noise.subset(torch.tensor([i]))) for i in range(batch)], 1, False)
-        diffusers_seconds = diffusers_loop_seconds(unet.model, data.images, t, steps)
-        if diffusers_seconds is not None:
-            results["diffusers_loop_seconds"] = diffusers_seconds
+                   "t_min": int(t.min()), "t_max": int(t.max()), "floor_evaluations": _floor(t, steps)}
+        results.update(_schedule_seconds(unet, single, data.images, t, noise, repeats))
         x_t, levels = 2 * data.images - 1, t.clamp(1, 1000)
         results["seconds_per_evaluation"], results["unit_call_sizes"] = floor_unit(unet, x_t, levels, t, steps)
         results["ssni_seconds"] = _timed(lambda: ssni(data.images, (t_star,), noise), repeats)
-        results.update(stream_images=len(stream), stream_floor_evaluations=sum(min(steps, int(ti)) for ti in stream_t),
+        results.update(stream_images=len(stream), stream_floor_evaluations=_floor(stream_t, steps),
                        stream_seconds=_timed(lambda: single.purify(stream.images, stream_t, stream_noise, width=batch),
                                              1, False))
-    join = results["join_seconds"]
-    per_eval = results["seconds_per_evaluation"]
-    results.update({
-        "images_per_second": batch / join,
+    return results | _purification_ratios(results)
+
+
+def _demo_ssni(n_images: int) -> tuple[CountingModel, SSNI, ImageSet]:
+    """The shipped MNIST UNet (counting its calls), the demo's SSNI-N on it, ``n_images`` test images."""
+    weights = default_weights_dir()
+    unet = CountingModel(load_named("mnist-unet", weights))
+    stream = load_split("mnist-5k", "test").head(n_images)
+    cfg = ExperimentConfig(ssni=SSNIConfig(reweight="sigmoid"))
+    reweight = make_reweight("sigmoid", calibrate(cfg, unet.model, weights), bias=cfg.ssni.bias)
+    return unet, SSNI(unet, reweight, n_levels=cfg.ssni.n_levels), stream
+
+
+def _floor(t: Tensor, steps: int) -> int:
+    """Network evaluations a chain of ``n = steps`` needs at least: ``sum_i min(n, t_i)``."""
+    return sum(min(steps, int(ti)) for ti in t)
+
+
+def _schedule_seconds(unet: CountingModel, single: DiffPure, images: Tensor, t: Tensor, noise: SampleNoise,
+                      repeats: int) -> dict:
+    """Evaluations and seconds: join and common schedulers, one sample at a time, diffusers' loop."""
+    results = {}
+    for name in ("join", "common"):
+        purifier = DiffPure(unet, t_star=single.t_star, steps=single.steps, scheduler=name)
+        unet.reset()
+        purifier.purify(images, t, noise)  # counts the evaluations; doubles as the warm-up
+        results[f"{name}_evaluations"] = unet.evaluations
+        results[f"{name}_seconds"] = _timed(lambda: purifier.purify(images, t, noise), repeats, False)
+    results["one_at_a_time_seconds"] = _timed(lambda: [single.purify(
+        images[i:i + 1], t[i:i + 1], noise.subset(torch.tensor([i]))) for i in range(len(images))], 1, False)
+    diffusers_seconds = diffusers_loop_seconds(unet.model, images, t, single.steps)
+    if diffusers_seconds is not None:
+        results["diffusers_loop_seconds"] = diffusers_seconds
+    return results
+
+
+def _purification_ratios(results: dict) -> dict:
+    """Throughputs and time ratios of :func:`purification`'s measurements (floor: evaluations x unit time)."""
+    join, per_eval = results["join_seconds"], results["seconds_per_evaluation"]
+    diffusers_seconds = results.get("diffusers_loop_seconds")
+    return {
+        "images_per_second": results["batch"] / join,
         "common_over_join": results["common_seconds"] / join,
         "one_at_a_time_over_join": results["one_at_a_time_seconds"] / join,
-        "join_over_floor": join / (floor * per_eval),
-        "stream_images_per_second": len(stream) / results["stream_seconds"],
+        "join_over_floor": join / (results["floor_evaluations"] * per_eval),
+        "stream_images_per_second": results["stream_images"] / results["stream_seconds"],
         "stream_over_floor": results["stream_seconds"] / (results["stream_floor_evaluations"] * per_eval),
-        **({"diffusers_over_join": results["diffusers_loop_seconds"] / join} if diffusers_seconds else {}),
-        "ssni_overhead_fraction": results["ssni_seconds"] / join})
-    return results
+        **({"diffusers_over_join": diffusers_seconds / join} if diffusers_seconds else {}),
+        "ssni_overhead_fraction": results["ssni_seconds"] / join}
 
 
 def floor_unit(unet, x_t, levels, t, steps: int, sizes: int = 6, repeats: int = 5) -> tuple[float, list[int]]:
