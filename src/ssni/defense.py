@@ -22,7 +22,7 @@ from .denoisers.protocol import EpsModel
 from .errors import ConfigError
 from .purifiers.base import Purifier
 from .reweight import Reweight
-from .rng import SampleNoise
+from .rng import SampleNoise, batch_ids
 from .score_norm import score_norm
 from .validation import check_images
 
@@ -112,7 +112,7 @@ class Defense(nn.Module):
         return x.float() if x.dtype == torch.float64 else x
 
     def _noise(self, x: Tensor, sample_ids: Tensor | None, draw: int | Tensor | None, vote: int) -> SampleNoise:
-        ids = torch.arange(x.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids)
+        ids = batch_ids(x, sample_ids)
         if ids.shape != (x.shape[0],):
             raise ConfigError(f"sample_ids must be [B] = [{x.shape[0]}], found {tuple(ids.shape)}")
         if draw is None:

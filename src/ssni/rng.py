@@ -98,6 +98,17 @@ def _mix(z: Tensor, part: int | Tensor) -> Tensor:
     return _finalise_(torch.bitwise_xor(z, part).add_(_GAMMA))
 
 
+def batch_ids(x: Tensor, sample_ids: Tensor | Sequence[int] | None, cpu: bool = False) -> Tensor:
+    """``[B]`` ids of the rows of ``x``: ``sample_ids`` as a tensor, or the positions ``0..B-1`` when ``None``.
+
+    ``cpu=True`` moves given ids to the host (attacks keep ids there and pass them on); otherwise they
+    stay on their own device, where :func:`sample_seeds` derives the seeds."""
+    if sample_ids is None:
+        return torch.arange(x.shape[0])
+    ids = torch.as_tensor(sample_ids)
+    return ids.cpu() if cpu else ids
+
+
 def sample_seeds(run_seed: int, sample_ids: Tensor | Sequence[int], draw: int | Sequence[int] | Tensor = 0) -> Tensor:
     """One seed per sample, ``[B]`` int64, equal to ``derive_seed(run_seed, id, draw)``; ``draw`` may be per sample.
 

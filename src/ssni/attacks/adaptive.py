@@ -28,7 +28,9 @@ The first run starts at the clean input (feasible when ``e(x0) <= e_target``); r
 ``r > 0`` starts at a random point of the ball of radius ``eps r / restarts``. The
 ``shortlist`` iterates of highest ``L`` among those that met the constraint on the
 attack's own draws (and the clean start) are re-scored on ``heldout_draws`` fresh
-draws the gradient never used. The output is the held-out-feasible candidate with
+draws the gradient never used, on the defense that is scored (with ``gradient =
+"surrogate"``, the full defense, not the surrogate chain the gradient came from:
+``model.scored``). The output is the held-out-feasible candidate with
 the most misclassified held-out draws (ties: highest mean margin); when no candidate
 is feasible on held-out draws, the best-scoring one. ``levels`` (``[R, B]``, mean over
 held-out draws), ``score_norms`` and ``feasible`` record what the defense does with
@@ -55,7 +57,7 @@ from torch import Tensor, nn
 from ..defense import Defense
 from ..errors import ConfigError
 from ..reweight import LinearReweight, Reweight
-from ..rng import SampleNoise
+from ..rng import SampleNoise, batch_ids
 from ..validation import check_images
 from .apgd import APGD, LOSSES, margin_loss
 from .base import ThreatModel
@@ -191,7 +193,7 @@ class AdaptiveAttack(APGD):
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None = None) -> Tensor:
         check_images(x)
         model, x = self._check(model), x.detach()
-        ids = torch.arange(x.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids).cpu()
+        ids = batch_ids(x, sample_ids, cpu=True)
         self.loss_trace, self.step_trace = [], []
         self.fooled_any_iterate = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         self._set_target(model, x, ids)
@@ -206,7 +208,7 @@ class AdaptiveAttack(APGD):
                     self._run(model, x, y, ids, self._start(x, ids, restart))
         finally:
             self._target, self._rows = None, []
-        return self._select(model, y, ids)
+        return self._select(getattr(model, "scored", model), y, ids)  # chosen on the defense that is scored
 
     def _heldout(self, model: Defense, x: Tensor, y: Tensor, ids: Tensor,
                  first: int) -> tuple[Tensor, Tensor]:

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import ConfigError
-from ..rng import SampleNoise
+from ..rng import SampleNoise, batch_ids
 from ..validation import check_images
 from .pgd import PGD, call_model
 
@@ -205,7 +205,7 @@ class APGD(PGD):
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None = None) -> Tensor:
         check_images(x)
         x = x.detach()
-        ids = torch.arange(x.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids).cpu()
+        ids = batch_ids(x, sample_ids, cpu=True)
         self.loss_trace, self.step_trace = [], []
         self.fooled_any_iterate = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         out, out_loss = x.clone(), torch.full((x.shape[0],), float("-inf"), device=x.device)

@@ -27,6 +27,7 @@ from ..metrics import changed_beyond_noise
 from .base import ThreatModel
 from .bpda import BPDA
 from .pgd import PGD, call_model
+from .verdicts import fresh_verdicts
 
 SLACK = 1  # samples of tolerance for "does not raise" on a stochastic defense
 
@@ -53,11 +54,12 @@ def defense_checks(model: nn.Module, x: Tensor, y: Tensor) -> list[dict]:
 
 
 def _robust(model: nn.Module, attack: PGD, x: Tensor, y: Tensor, ids: Tensor, draws: int) -> int:
-    """Samples still correct on every one of ``draws`` fresh draws after the attack (worst of N)."""
+    """Samples still correct on every one of ``draws`` fresh draws after the attack (the ``worst``
+    protocol of :func:`ssni.attacks.verdicts.fresh_verdicts`, as evaluation runs score it)."""
     x_adv = attack(model, x, y, sample_ids=ids)
     with torch.no_grad():
-        correct = torch.stack([call_model(model, x_adv, ids).argmax(1) == y for _ in range(draws)])
-    return int(correct.all(0).sum())
+        preds = torch.stack([call_model(model, x_adv, ids).argmax(1) for _ in range(draws)])
+    return int(fresh_verdicts(preds, y)["worst"].sum())
 
 
 def _budget_check(what: str, base: int, doubled: int, n: int) -> dict:

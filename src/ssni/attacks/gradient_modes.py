@@ -36,13 +36,35 @@ from torch import Tensor, nn
 
 from ..defense import SSNI, Defense
 from ..errors import ConfigError
+from ..purifiers.base import Purifier
 from .bpda import BPDA
+from .pgd import PGD
 
 GRADIENT_MODES = ("exact", "surrogate", "bpda")
 COSINE_DRAW = 9_000_000  # draws of the gradient-fidelity measurement, apart from evaluation draws
 
 
-class SurrogateDefense(Defense):
+class DerivedDefense(Defense):
+    """A defense made from ``defense``'s classifier with its own ``purifier`` and ``ssni``, sharing
+    ``defense``'s seed, votes, resolution, training mode and draw counter. ``scored`` is ``defense``:
+    the model an attack's results are judged on (for instance its choice among candidates)."""
+
+    def __init__(self, defense: Defense, purifier: Purifier, ssni: SSNI | None):
+        super().__init__(defense.classifier, purifier, ssni, seed=defense.seed, votes=defense.votes,
+                         resolution=defense.resolution)
+        self._parent = (defense,)  # a tuple: not registered as a submodule (no double .to/.eval walk)
+        self.train(defense.training)
+
+    @property
+    def scored(self) -> Defense:
+        return self._parent[0]
+
+    def reserve_draws(self, count: int) -> int:
+        """Draws come from the defense's counter, so a run's draw numbers do not depend on the mode."""
+        return self.scored.reserve_draws(count)
+
+
+class SurrogateDefense(DerivedDefense):
     """``defense`` with ``steps`` reverse steps per round and levels computed without gradient.
 
     Shares every network and the draw counter with ``defense`` (see the module docstring).
@@ -55,14 +77,7 @@ class SurrogateDefense(Defense):
         if defense.ssni is not None:
             s = defense.ssni
             ssni = SSNI(s.score_model, s.reweight, s.schedule, n_levels=s.n_levels, differentiable=False)
-        super().__init__(defense.classifier, replace(defense.purifier, steps=steps), ssni,
-                         seed=defense.seed, votes=defense.votes, resolution=defense.resolution)
-        self._parent = (defense,)  # a tuple: not registered as a submodule (no double .to/.eval walk)
-        self.train(defense.training)
-
-    def reserve_draws(self, count: int) -> int:
-        """Draws come from the defense's counter, so a run's draw numbers do not depend on the mode."""
-        return self._parent[0].reserve_draws(count)
+        super().__init__(defense, replace(defense.purifier, steps=steps), ssni)
 
 
 def gradient_target(model: nn.Module, mode: str = "exact", surrogate_steps: int = 20) -> nn.Module:
@@ -77,14 +92,10 @@ def gradient_target(model: nn.Module, mode: str = "exact", surrogate_steps: int 
     return BPDA(model) if mode == "bpda" else SurrogateDefense(model, surrogate_steps)
 
 
-def eot_gradient(target: nn.Module, x: Tensor, y: Tensor, ids: Tensor, draws: range) -> Tensor:
-    """Mean over ``draws`` of the input gradient of the summed cross-entropy, one fixed draw each."""
-    total = torch.zeros_like(x)
-    for draw in draws:
-        x_var = x.detach().requires_grad_(True)
-        loss = F.cross_entropy(target(x_var, sample_ids=ids, draw=draw), y, reduction="sum")
-        total += torch.autograd.grad(loss, x_var)[0]
-    return total / len(draws)
+def eot_gradient(target: nn.Module, x: Tensor, y: Tensor, ids: Tensor, first_draw: int, eot: int) -> Tensor:
+    """Mean over draws ``first_draw ... first_draw + eot - 1`` of the input gradient of the summed
+    cross-entropy, one fixed draw each: PGD's EOT estimate (:meth:`ssni.attacks.pgd.PGD.gradient`)."""
+    return PGD(eot=eot).gradient(target, x, y, ids, first_draw=first_draw)[0]
 
 
 def gradient_cosines(model: Defense, x: Tensor, y: Tensor, ids: Tensor,
@@ -100,12 +111,11 @@ def gradient_cosines(model: Defense, x: Tensor, y: Tensor, ids: Tensor,
     """
     if not isinstance(model, Defense):
         raise ConfigError("gradient cosines need a Defense (a purifier is configured)")
-    reference_draws = range(COSINE_DRAW, COSINE_DRAW + eot)
-    reference = eot_gradient(model, x, y, ids, reference_draws).flatten(1)
+    reference = eot_gradient(model, x, y, ids, COSINE_DRAW, eot).flatten(1)
     out = {}
     for mode in modes:
-        draws = range(COSINE_DRAW + eot, COSINE_DRAW + 2 * eot) if mode == "exact" else reference_draws
-        grad = eot_gradient(gradient_target(model, mode, surrogate_steps), x, y, ids, draws).flatten(1)
+        first = COSINE_DRAW + eot if mode == "exact" else COSINE_DRAW
+        grad = eot_gradient(gradient_target(model, mode, surrogate_steps), x, y, ids, first, eot).flatten(1)
         cos = F.cosine_similarity(grad, reference, dim=1, eps=1e-20)
         out[mode] = {"mean": float(cos.mean()), "min": float(cos.min()), "eot": eot, "n": x.shape[0]}
     return out

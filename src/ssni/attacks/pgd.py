@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from ..errors import ConfigError
-from ..rng import SampleNoise
+from ..rng import SampleNoise, batch_ids
 from ..validation import check_images
 from .base import ThreatModel
 
@@ -74,10 +74,13 @@ class PGD:
         logits = call_model(model, x, sample_ids, draw)
         return F.cross_entropy(logits, y, reduction="sum"), logits
 
-    def gradient(self, model: nn.Module, x: Tensor, y: Tensor,
-                 sample_ids: Tensor | None) -> tuple[Tensor, float, Tensor]:
+    def gradient(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None,
+                 first_draw: int | None = None) -> tuple[Tensor, float, Tensor]:
         """EOT estimate of the input gradient of the objective, the mean loss, and ``[B]`` whether
-        one of these draws misclassified the sample."""
+        one of these draws misclassified the sample.
+
+        The ``eot`` draws are fresh ones from the model's counter, or ``first_draw, first_draw + 1,
+        ...`` when given (the counter is then left alone)."""
         total, loss_sum, rows = torch.zeros_like(x), 0.0, []
         fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         stackable = hasattr(model, "reserve_draws")
@@ -85,12 +88,14 @@ class PGD:
             k = min(self.eot_batch, self.eot - start) if stackable else 1
             x_var = x.detach().requires_grad_(True)
             if stackable:  # k draws of every sample as one batch: row j * B + i is draw first + j of sample i
-                ids = torch.arange(x.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids).cpu()
-                draws = model.reserve_draws(k) + torch.arange(k).repeat_interleave(x.shape[0])
+                ids = batch_ids(x, sample_ids, cpu=True)
+                first = model.reserve_draws(k) if first_draw is None else first_draw + start
+                draws = first + torch.arange(k).repeat_interleave(x.shape[0])
                 loss, logits = self.objective(model, x_var.repeat(k, *([1] * (x.dim() - 1))), y.repeat(k),
                                               ids.repeat(k), draws)
             else:
-                loss, logits = self.objective(model, x_var, y, sample_ids)
+                loss, logits = self.objective(model, x_var, y, sample_ids,
+                                              None if first_draw is None else first_draw + start)
             if loss.dim() == 1:  # per-row losses, row j * B + i: keep each sample's mean over the draws
                 rows.append(loss.detach().reshape(k, -1))
                 loss = loss.sum()
@@ -103,7 +108,7 @@ class PGD:
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None = None) -> Tensor:
         check_images(x)
         x = x.detach()
-        ids = torch.arange(x.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids).cpu()
+        ids = batch_ids(x, sample_ids, cpu=True)
         x_adv = self.threat.random_point(x, SampleNoise.from_ids(self.seed, ids)) if self.random_start else x
         self.loss_trace = []
         self.fooled_any_iterate = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)

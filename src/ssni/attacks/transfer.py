@@ -19,29 +19,25 @@ from torch import Tensor, nn
 
 from ..defense import Defense, Levels
 from ..errors import ConfigError
-from ..rng import SampleNoise
+from ..rng import SampleNoise, batch_ids
 from ..validation import check_images
+from .gradient_modes import DerivedDefense
 from .pgd import PGD
 
 
-class FixedLevelDefense(Defense):
+class FixedLevelDefense(DerivedDefense):
     """``defense`` without SSNI, purifying sample ``i`` at the fixed levels ``fixed[i]`` (``[R]``).
 
     Shares the networks and the draw counter with ``defense``; the reverse plan of its reweighting
     (reference-compatible grids) is kept."""
 
     def __init__(self, defense: Defense, fixed: dict[int, Tensor]):
-        super().__init__(defense.classifier, defense.purifier, None, seed=defense.seed, votes=defense.votes,
-                         resolution=defense.resolution)
-        self._parent, self.fixed, self._ids = (defense,), fixed, None
-        self.train(defense.training)
-
-    def reserve_draws(self, count: int) -> int:
-        return self._parent[0].reserve_draws(count)
+        super().__init__(defense, defense.purifier, None)
+        self.fixed, self._ids = fixed, None
 
     def purify(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | Tensor | None = None,
                vote: int = 0, width: int | None = None) -> tuple[Tensor, Levels]:
-        self._ids = torch.arange(x.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids).cpu()
+        self._ids = batch_ids(x, sample_ids, cpu=True)
         return super().purify(x, sample_ids, draw, vote, width)
 
     def levels(self, x: Tensor, noise: SampleNoise, max_rows: int | None = None) -> Levels:
@@ -50,7 +46,7 @@ class FixedLevelDefense(Defense):
             raise ConfigError(f"no fixed level for sample id(s) {missing[:5]}; the transfer attack fixes the "
                               "levels of the samples it attacks")
         t = torch.stack([self.fixed[int(i)] for i in self._ids], 1).to(x.device)  # [R, B]
-        ssni = self._parent[0].ssni
+        ssni = self.scored.ssni
         start, extra = ssni.reweight.reverse_plan(t)
         return Levels(t, None, None, start.clamp_max(ssni.schedule.num_levels), extra)
 
@@ -80,7 +76,7 @@ class TransferAttack:
         if not isinstance(model, Defense) or model.ssni is None:
             raise ConfigError("the transfer attack needs a Defense with SSNI ([ssni] reweight = 'sigmoid' | "
                               "'linear'); against plain purification use pgd or apgd")
-        ids = torch.arange(x.shape[0]) if sample_ids is None else torch.as_tensor(sample_ids).cpu()
+        ids = batch_ids(x, sample_ids, cpu=True)
         self.clean_levels = mean_levels(model, x, ids, self.level_draws).round().long()
         surrogate = FixedLevelDefense(model, {int(i): self.clean_levels[:, j].clamp_min(1)
                                               for j, i in enumerate(ids)})
