@@ -6,6 +6,7 @@ import torch
 from ssni import SSNI, Calibration, Defense, DiffPure, SampleNoise, VPSchedule, make_reweight, score_norm
 from ssni.attacks import APGD, ThreatModel
 from ssni.attacks.adaptive import SIGMOID_ONE, AdaptiveAttack, feasible_target
+from ssni.attacks.gradient_modes import gradient_target
 from ssni.attacks.transfer import FixedLevelDefense, TransferAttack
 from ssni.checkpoints.registry import default_weights_dir, load_named
 from ssni.data import load_split
@@ -31,7 +32,7 @@ def unet():
     return UNet(UNetConfig(base_channels=8, channel_mults=(1, 2))).eval()
 
 
-def ssni_defense(classifier, x, kind="sigmoid"):
+def ssni_defense(classifier, x, kind="sigmoid", t_star=30, steps=3):
     """DiffPure (t* = 30, 3 steps) with SSNI on a score network of its own; calibrated on ``x``."""
     torch.manual_seed(0)
     score_unet, purify_unet = unet(), unet()
@@ -41,7 +42,7 @@ def ssni_defense(classifier, x, kind="sigmoid"):
     reweight = make_reweight(kind, cal) if kind != "callable" else \
         CallableReweight(lambda e, t: torch.sigmoid((e - cal.mean) / cal.std) * (t - 1))
     ssni = SSNI(score_unet, reweight, n_levels=2)
-    return Defense(classifier, DiffPure(purify_unet, t_star=30, steps=3), ssni)
+    return Defense(classifier, DiffPure(purify_unet, t_star=t_star, steps=steps), ssni)
 
 
 def fresh_norms(defense, x, ids, draws=3):
@@ -107,6 +108,24 @@ def test_one_score_norm_pass_per_forward_and_held_out_draws(classifier, digits):
     assert calls["defense"] == (2 + 1) * 2 + (2 + 1) * 3
     assert calls["score"] == calls["defense"]
     assert defense.draw == (2 + 1) * 2 + 3  # the candidates share 3 held-out draws the gradient never used
+
+
+def test_surrogate_gradient_chooses_the_output_on_the_scored_defense(classifier, digits):
+    """With gradient = "surrogate" the held-out choice among candidates runs the full defense, not the
+    1-step chain the gradient followed (same held-out draws, from the shared counter)."""
+    x, y, ids = digits
+    defense = ssni_defense(classifier, x, t_star=200, steps=6).eval()
+    surrogate = gradient_target(defense, "surrogate", 1)
+    assert surrogate.scored is defense
+    adaptive = attack()
+    x_adv = adaptive(surrogate, x, y, ids)
+    heldout = defense.draw - adaptive.heldout_draws  # the held-out draws are the attack's last
+    chosen = {}
+    for name, model in (("defense", defense), ("surrogate", surrogate)):
+        defense.draw = heldout
+        chosen[name] = adaptive._select(model, y, ids)
+    assert not torch.equal(chosen["defense"], chosen["surrogate"])  # the two chains disagree on some sample
+    assert torch.equal(x_adv, chosen["defense"])
 
 
 def test_gradient_reaches_the_score_network(classifier, digits):

@@ -170,3 +170,16 @@ def test_convergence_check_fails_when_doubling_the_budget_breaks_more_samples():
     assert _budget_check("steps", 1, 0, 16)["passed"]  # 1/16 -> 0/16 (half-width 2.1)
     assert _budget_check("steps", 6, 7, 16)["passed"]  # one sample of slack upward
     assert not _budget_check("EOT samples", 6, 9, 16)["passed"]  # more budget helping the defense: masking
+
+
+def test_sanity_verdicts_are_the_evaluation_verdicts():
+    """The sanity checks' worst-of-N (ssni.attacks.verdicts) scores as evaluation runs do."""
+    from ssni.attacks.verdicts import fresh_verdicts
+    from ssni.evaluate.scoring import fresh_verdicts as scoring_verdicts
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (40,), generator=gen)
+    flip = torch.rand(5, 40, generator=gen) < 0.15
+    preds = torch.where(flip, torch.randint(0, 4, (5, 40), generator=gen), y)  # mostly correct draws
+    ours, theirs = fresh_verdicts(preds, y), scoring_verdicts(preds, y)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert torch.equal(ours["worst"], (preds == y).all(0)) and ours["worst"].any() and not ours["worst"].all()

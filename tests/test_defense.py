@@ -101,3 +101,12 @@ def test_inputs_the_networks_cannot_take_get_clear_errors_and_float64_is_convert
         defense(torch.rand(2, 1, 32, 32))
     with torch.no_grad():
         assert torch.allclose(defense(x.double(), draw=0), defense(x, draw=0))
+
+
+def test_batch_ids_are_positions_or_the_given_ids():
+    from ssni.rng import batch_ids
+    x = torch.zeros(3, 1, 4, 4)
+    assert torch.equal(batch_ids(x, None), torch.arange(3))
+    assert torch.equal(batch_ids(x, [5, 2, 9]), torch.tensor([5, 2, 9]))
+    ids = torch.tensor([4, 1, 0])
+    assert batch_ids(x, ids) is ids and batch_ids(x, ids, cpu=True).device.type == "cpu"

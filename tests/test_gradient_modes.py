@@ -6,7 +6,8 @@ import torch
 from ssni import SSNI, Calibration, Defense, DiffPure, SampleNoise, VPSchedule, make_reweight, score_norm
 from ssni.attacks import PGD
 from ssni.attacks.bpda import BPDA
-from ssni.attacks.gradient_modes import SurrogateDefense, cosine_checks, gradient_cosines, gradient_target
+from ssni.attacks.gradient_modes import (SurrogateDefense, cosine_checks, eot_gradient, gradient_cosines,
+                                         gradient_target)
 from ssni.errors import ConfigError
 from ssni.evaluate.build import build_attack, calibrate
 from ssni.evaluate.config import AttackConfig, from_dict
@@ -103,6 +104,38 @@ def test_gradient_cosines(tiny_unet, tiny_classifier, images):
         assert -1 <= c["min"] <= c["mean"] <= 1 and c["n"] == 5 and c["eot"] == 2
     checks = cosine_checks(cos, 2)
     assert len(checks) == 3 and all(c["passed"] for c in checks) and "2 steps" in checks[1]["check"]
+
+
+def test_fixed_draw_gradient_is_pgd_gradient_and_leaves_the_counter(tiny_unet, tiny_classifier, images):
+    """``eot_gradient`` (fixed draws 40, 41, 42) == PGD's EOT gradient on the counter's draws 40..42,
+    stacked or not; the fixed draws do not move the counter."""
+    defense = defense_of(tiny_unet, tiny_classifier)
+    y, ids = torch.arange(5), torch.arange(5) + 11
+    fixed = eot_gradient(defense, images, y, ids, 40, 3)
+    assert defense.draw == 0
+    for eot_batch in (1, 2):
+        defense.draw = 40
+        grad = PGD(eot=3, eot_batch=eot_batch).gradient(defense, images, y, ids)[0]
+        assert defense.draw == 43 and torch.allclose(grad, fixed, atol=1e-6)
+    for mode in ("surrogate", "bpda"):
+        target = gradient_target(defense, mode, 2)
+        defense.draw = 40
+        assert torch.allclose(PGD(eot=3).gradient(target, images, y, ids)[0],
+                              eot_gradient(target, images, y, ids, 40, 3), atol=1e-6)
+
+
+def test_surrogate_and_fixed_level_defenses_share_the_draw_counter_and_name_the_scored_defense(
+        tiny_unet, tiny_classifier):
+    from ssni.attacks.transfer import FixedLevelDefense
+    defense = defense_of(tiny_unet, tiny_classifier, votes=2)
+    fixed = FixedLevelDefense(defense, {})
+    surrogate = gradient_target(defense, "surrogate", 2)
+    for derived in (fixed, surrogate):
+        assert derived.scored is defense and derived.seed == 3 and derived.votes == 2
+        assert derived.classifier is defense.classifier and not derived.training
+    assert fixed.ssni is None and fixed.purifier is defense.purifier
+    defense.draw = 7
+    assert fixed.reserve_draws(2) == 7 and surrogate.reserve_draws(1) == 9 and defense.draw == 10
 
 
 def test_surrogate_with_all_steps_and_constant_levels_is_the_exact_gradient(tiny_unet, tiny_classifier, images):
