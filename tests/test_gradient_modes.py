@@ -199,3 +199,19 @@ def test_sanity_report_lists_the_gradient_cosines(tiny_weights):
     cosines = [c for c in checks if c["check"].startswith("gradient cosine to exact")]
     assert [c["check"].split(": ")[1].split(" ")[0] for c in cosines] == ["exact", "surrogate", "bpda"]
     assert "(1 steps)" in cosines[1]["check"] and all(c["n"] == 2 and c["eot"] == 1 for c in cosines)
+
+
+def test_a_derived_defense_leaves_the_shared_networks_in_their_mode():
+    """Building a surrogate must not switch the defense's networks to training mode (it did when the
+    defense's own flag said training while its networks were in eval mode)."""
+    import torch
+
+    from ssni import Defense, DiffPure
+    from ssni.attacks.gradient_modes import SurrogateDefense
+
+    classifier = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Dropout(0.5), torch.nn.Linear(4, 2)).eval()
+    unet = torch.nn.Conv2d(1, 1, 1).eval()
+    defense = Defense(classifier, DiffPure(unet, t_star=10, steps=2), None)
+    defense.training = True  # the wrapper's own flag only
+    surrogate = SurrogateDefense(defense, 1)
+    assert not classifier.training and not unet.training and surrogate.training

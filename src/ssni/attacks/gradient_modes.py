@@ -52,7 +52,9 @@ class DerivedDefense(Defense):
         super().__init__(defense.classifier, purifier, ssni, seed=defense.seed, votes=defense.votes,
                          resolution=defense.resolution)
         self._parent = (defense,)  # a tuple: not registered as a submodule (no double .to/.eval walk)
-        self.train(defense.training)
+        for module in (self, purifier, ssni):  # their own flags only: the networks stay in the mode they are in
+            if module is not None:
+                module.training = defense.training
 
     @property
     def scored(self) -> Defense:

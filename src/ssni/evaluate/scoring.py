@@ -24,20 +24,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..attacks.verdicts import fresh_verdicts  # the one definition, below attacks and evaluation
+
 PROTOCOLS = {"single": "one evaluation on fresh randomness (the paper's protocol)",
              "majority": "majority vote over {n} fresh evaluations",
              "worst": "worst case over {n} fresh evaluations",
              "any_iterate": "no attack iterate fooled the draws the attack saw"}
-
-
-def fresh_verdicts(preds: Tensor, y: Tensor) -> dict[str, Tensor]:
-    """``preds: [N, B]`` predictions of ``N`` fresh draws -> ``{protocol: [B] bool robust}``."""
-    correct = preds == y
-    votes_for_label = correct.sum(0)
-    others = torch.stack([(preds == c).sum(0) for c in range(int(preds.max()) + 1)])
-    others[y.clamp_max(others.shape[0] - 1), torch.arange(len(y))] = 0
-    strongest_other = others.max(0).values
-    return {"single": correct[0], "majority": votes_for_label > strongest_other, "worst": correct.all(0)}
 
 
 def attack_verdicts(preds: list[int], y: int, fooled_during: bool | None, n: int | None = None) -> dict:
