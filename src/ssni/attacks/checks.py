@@ -65,8 +65,8 @@ def _robust(model: nn.Module, attack: PGD, x: Tensor, y: Tensor, ids: Tensor, dr
 def _budget_check(what: str, base: int, doubled: int, n: int) -> dict:
     """Doubling a budget must neither help the defense (beyond ``SLACK``) nor lower robust accuracy
     by the half-width of the reference budget's 95% interval or more (the attack has not converged)."""
-    dropped, half = changed_beyond_noise(base, doubled, n)
-    raised, dropped = doubled > base + SLACK, dropped and doubled < base
+    moved, half = changed_beyond_noise(base, doubled, n)
+    raised, dropped = doubled > base + SLACK, moved and doubled < base
     verdict = "masking?" if raised else "NOT CONVERGED: use a larger budget" if dropped else "converged"
     return {"check": f"attack converged in {what}", "passed": not (raised or dropped),
             "detail": f"{base}/{n} -> {doubled}/{n} with 2x {what} (moves of {half * n:.1f} samples or more "
