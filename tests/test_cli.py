@@ -60,3 +60,21 @@ def test_help_and_models_are_readable():
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 0 and "test_acc 0.988" in result.output
     assert "0.0076696380227804185" not in result.output  # no 17-digit floats
+
+
+def test_demo_help_states_the_defaults_the_demo_uses():
+    """`ssni demo --help` writes its defaults into the text: they must be DemoConfig's."""
+    import re
+    from dataclasses import fields
+
+    from ssni.demo import QUICK, DemoConfig
+
+    result = runner.invoke(app, ["demo", "--help"], terminal_width=200)
+    text = " ".join(result.output.split())
+    defaults = {f.name: f.default for f in fields(DemoConfig)}
+    stated = {"pgd-steps": "pgd_steps", "eot": "eot", "draws": "rescore_draws", "t-star": "t_star",
+              "batch-size": "batch_size", "eps": "eps"}
+    for option, name in stated.items():
+        match = re.search(rf"--{option} .*?\(default ([0-9.]+)", text)
+        assert match and float(match.group(1)) == defaults[name], option
+    assert f"default {defaults['n_test']}, quick {QUICK['n_test']}" in text

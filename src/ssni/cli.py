@@ -81,10 +81,11 @@ def demo(
     all_methods: bool = typer.Option(False, "--all", help="also GDMP and GNS, with and without SSNI-N"),
     n_test: int = typer.Option(None, min=1, help="test images (default 200, quick 40)"),
     eps: float = typer.Option(None, min=0.0, max=1.0, help="l_inf budget (default 0.3)"),
-    pgd_steps: int = typer.Option(None, min=0, help="PGD iterations (default 10)"),
+    pgd_steps: int = typer.Option(None, min=0, help="PGD iterations (default 20)"),
     eot: int = typer.Option(None, min=1, help="EOT samples per PGD step (default 2)"),
     draws: int = typer.Option(None, min=1, help="fresh draws that re-score each adversarial example (default 8)"),
     t_star: int = typer.Option(None, min=1, max=1000, help="DiffPure's constant level (default 300)"),
+    batch_size: int = typer.Option(None, min=1, help="images per batch (default 100; smaller lowers peak memory)"),
     dataset: str = typer.Option("mnist-5k", help="mnist-5k (embedded) or fashion-mnist (Debian package)"),
     split: str = typer.Option("test", help="test, or val to choose settings without touching the test split"),
     weights_dir: Path = typer.Option(None, help="folder with manifest.json (default: the shipped weights/)"),
@@ -97,7 +98,7 @@ def demo(
     from .report import format_table
 
     cfg = demo_config(quick, dataset=dataset, split=split, all_methods=all_methods or None, n_test=n_test, eps=eps, pgd_steps=pgd_steps,
-                      eot=eot, t_star=t_star, rescore_draws=draws)
+                      eot=eot, t_star=t_star, rescore_draws=draws, batch_size=batch_size)
     results = run_demo(cfg, out, weights_dir)
     typer.echo(format_table(results["rows"]))
     typer.echo(f"score-norm AUROC clean vs adversarial: {results['auroc_score_norm']:.3f}")
