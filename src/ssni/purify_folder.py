@@ -124,6 +124,30 @@ def _check_same_config(path: Path, cfg: ExperimentConfig, resuming: bool) -> Non
     path.write_text(json.dumps({"hash": cfg.hash(), **cfg.to_dict()}, indent=2) + "\n")
 
 
+def _check_request(cfg: ExperimentConfig, source: Path, out: Path) -> None:
+    if cfg.data.dataset not in IMAGE_FORMATS:
+        raise ConfigError(f"unknown image format for dataset {cfg.data.dataset!r}; one of {sorted(IMAGE_FORMATS)}")
+    if cfg.purifier.method == "none":
+        raise ConfigError("the config has no purifier ([purifier] method = 'none')")
+    if out == source or source in out.parents or out in source.parents:
+        raise InputError(f"the output folder {out} and the input folder {source} must not contain each other")
+
+
+def _purify_chunk(cfg: ExperimentConfig, defense: Defense, source: Path, out: Path, part: list[Path],
+                  writer: csv.DictWriter, width: int) -> None:
+    """Purify ``part``, write its PNGs and its rows of ``purify.csv``."""
+    x = read_images(source, part, cfg.data.dataset).to(cfg.evaluate.device)
+    ids = torch.tensor([image_id(f) for f in part])
+    with torch.inference_mode(), autocast(cfg):
+        purified, levels = defense.purify(x, ids, draw=0, width=width)
+        prediction = defense.classifier(purified).argmax(1)
+    for j, file in enumerate(part):
+        _write_png(purified[j].float(), out / output_name(file))
+        norm = "" if levels.score_norm is None else f"{float(levels.score_norm[j]):.4f}"
+        writer.writerow({"file": file.as_posix(), "score_norm": norm,
+                         "t_star": " ".join(str(int(t)) for t in levels.t[:, j]), "prediction": int(prediction[j])})
+
+
 def purify_folder(cfg: ExperimentConfig, source: Path, out: Path, weights_dir: Path, width: int = 32,
                   chunk: int = 256, progress: bool = True) -> Path:
     """Purify every image under ``source`` into ``out``; return the path of ``purify.csv``.
@@ -131,13 +155,8 @@ def purify_folder(cfg: ExperimentConfig, source: Path, out: Path, weights_dir: P
     The prediction listed for a file is the classifier's on the image written (one purification,
     draw 0); a defense with ``votes > 1`` would vote over several.
     """
-    if cfg.data.dataset not in IMAGE_FORMATS:
-        raise ConfigError(f"unknown image format for dataset {cfg.data.dataset!r}; one of {sorted(IMAGE_FORMATS)}")
-    if cfg.purifier.method == "none":
-        raise ConfigError("the config has no purifier ([purifier] method = 'none')")
     source, out = Path(source).resolve(), Path(out).resolve()
-    if out == source or source in out.parents or out in source.parents:
-        raise InputError(f"the output folder {out} and the input folder {source} must not contain each other")
+    _check_request(cfg, source, out)
     files = find_images(source)
     out.mkdir(parents=True, exist_ok=True)
     handle, done = _open_table(out / "purify.csv")
@@ -149,20 +168,9 @@ def purify_folder(cfg: ExperimentConfig, source: Path, out: Path, weights_dir: P
         bar = tqdm(total=len(files), initial=len(files) - len(todo), desc="purify", unit="img",
                    disable=not progress)
         for start in range(0, len(todo), chunk):
-            part = todo[start:start + chunk]
-            x = read_images(source, part, cfg.data.dataset).to(cfg.evaluate.device)
-            ids = torch.tensor([image_id(f) for f in part])
-            with torch.inference_mode(), autocast(cfg):
-                purified, levels = defense.purify(x, ids, draw=0, width=width)
-                prediction = defense.classifier(purified).argmax(1)
-            for j, file in enumerate(part):
-                _write_png(purified[j].float(), out / output_name(file))
-                norm = "" if levels.score_norm is None else f"{float(levels.score_norm[j]):.4f}"
-                writer.writerow({"file": file.as_posix(), "score_norm": norm,
-                                 "t_star": " ".join(str(int(t)) for t in levels.t[:, j]),
-                                 "prediction": int(prediction[j])})
+            _purify_chunk(cfg, defense, source, out, todo[start:start + chunk], writer, width)
             handle.flush()
-            bar.update(len(part))
+            bar.update(len(todo[start:start + chunk]))
         bar.close()
     return out / "purify.csv"
 
