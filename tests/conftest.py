@@ -67,3 +67,39 @@ def tiny_weights(tmp_path, tiny_unet):
         register(folder, name, {"arch": arch, "config": model.config.to_dict(),
                                 "file": f"{name}.safetensors", "sha256": digest})
     return folder
+
+
+TINY_EXPERIMENT = """
+[data]
+n = 2
+[purifier]
+method = "diffpure"
+t_star = 20
+steps = 2
+[ssni]
+reweight = "sigmoid"
+n_levels = 2
+calibration_size = 8
+[[attacks]]
+name = "pgd"
+steps = 1
+eot = 1
+[evaluate]
+batch_size = 2
+rescore_draws = 2
+"""  # DiffPure + SSNI-N at plumbing size, for the tiny_weights models
+
+
+@pytest.fixture
+def write_toml(tmp_path):
+    """``write_toml(text, name="exp.toml")`` writes a config file into the test's folder and returns its path."""
+    def write(text: str, name: str = "exp.toml"):
+        path = tmp_path / name
+        path.write_text(text)
+        return path
+    return write
+
+
+@pytest.fixture
+def tiny_config_file(write_toml):
+    return write_toml(TINY_EXPERIMENT)

@@ -23,9 +23,8 @@ rounds = 3
 
 
 @pytest.fixture
-def gdmp_file(tmp_path):
-    (tmp_path / "gdmp.toml").write_text(GDMP_TOML)
-    return tmp_path / "gdmp.toml"
+def gdmp_file(write_toml):
+    return write_toml(GDMP_TOML, "gdmp.toml")
 
 
 def test_defaults_are_the_flat_config_s_defaults():

@@ -6,34 +6,12 @@ from ssni.errors import ConfigError
 from ssni.evaluate import load_config
 from ssni.evaluate import convergence as conv
 
-CONFIG = """
-[data]
-n = 4
-[purifier]
-method = "diffpure"
-t_star = 20
-steps = 2
-[ssni]
-reweight = "sigmoid"
-n_levels = 2
-calibration_size = 8
-[[attacks]]
-name = "pgd"
-eps = 0.3
-steps = 1
-step_size = 0.1
-eot = 1
-[evaluate]
-batch_size = 4
-rescore_draws = 2
-"""
+OVERRIDES = {"data.n": 4, "evaluate.batch_size": 4, "attacks.0.step_size": 0.1}
 
 
 @pytest.fixture
-def cfg(tmp_path):
-    path = tmp_path / "exp.toml"
-    path.write_text(CONFIG)
-    return load_config(path)
+def cfg(tiny_config_file):
+    return load_config(tiny_config_file, OVERRIDES)
 
 
 def point(axis, value, correct, n=40):
@@ -114,15 +92,14 @@ def test_study_writes_files_and_resumes(cfg, tiny_weights, tmp_path, monkeypatch
     assert [p["worst"] for p in again["points"]] == [p["worst"] for p in first["points"]]
     assert [p["seconds"] for p in again["points"]] == [p["seconds"] for p in first["points"]]
 
-def test_cli_converge(cfg, tiny_weights, tmp_path):
+def test_cli_converge(tiny_config_file, tiny_weights, tmp_path):
     from typer.testing import CliRunner
 
     from ssni.cli import app
 
-    path = tmp_path / "exp.toml"
-    path.write_text(CONFIG)
-    result = CliRunner().invoke(app, ["converge", "--config", str(path), "--out", str(tmp_path / "c"),
-                                      "--ladder", "steps=1,2", "--limit", "2",
+    sets = [arg for key, value in OVERRIDES.items() for arg in ("--set", f"{key}={value}")]
+    result = CliRunner().invoke(app, ["converge", "--config", str(tiny_config_file), "--out", str(tmp_path / "c"),
+                                      "--ladder", "steps=1,2", "--limit", "2", *sets,
                                       "--weights-dir", str(tiny_weights), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "pgd:" in result.output and (tmp_path / "c" / "convergence.json").is_file()

@@ -48,10 +48,8 @@ rescore_draws = 3
 
 
 @pytest.fixture
-def config_file(tmp_path):
-    path = tmp_path / "exp.toml"
-    path.write_text(CONFIG)
-    return path
+def config_file(write_toml):
+    return write_toml(CONFIG)
 
 
 def rows_of(out: Path, cfg) -> list[dict]:

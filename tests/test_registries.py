@@ -13,45 +13,18 @@ from ssni.evaluate.config import AttackConfig, PurifierConfig, from_dict
 from ssni.evaluate.registries import ATTACKS, PURIFIERS, SHARED_ATTACK_KEYS
 from ssni.reweight import REWEIGHTS
 
-CONFIG = """
-[data]
-n = 2
-[purifier]
-method = "diffpure"
-t_star = 20
-steps = 2
-[ssni]
-reweight = "sigmoid"
-n_levels = 2
-calibration_size = 8
-[[attacks]]
-name = "pgd"
-steps = 1
-eot = 1
-[evaluate]
-batch_size = 2
-rescore_draws = 2
-"""
-
-
-@pytest.fixture
-def config_file(tmp_path):
-    (tmp_path / "exp.toml").write_text(CONFIG)
-    return tmp_path / "exp.toml"
-
-
-def _defense(config_file, tiny_weights, purifier: PurifierConfig | None = None):
-    cfg = load_config(config_file)
+def _defense(tiny_config_file, tiny_weights, purifier: PurifierConfig | None = None):
+    cfg = load_config(tiny_config_file)
     cfg = replace(cfg, purifier=purifier or cfg.purifier)
     unet, classifier = load_models(cfg, tiny_weights)
     return cfg, build_model(cfg, unet, classifier, calibrate(cfg, unet, tiny_weights))
 
 
 @pytest.mark.parametrize("method", sorted(PURIFIERS))
-def test_every_registered_purifier_builds_with_its_settings_and_purifies_mixed_levels(method, config_file,
+def test_every_registered_purifier_builds_with_its_settings_and_purifies_mixed_levels(method, tiny_config_file,
                                                                                      tiny_weights):
     settings = PURIFIERS[method].settings()  # the entry's defaults
-    cfg, defense = _defense(config_file, tiny_weights, PurifierConfig(method=method, steps=2))
+    cfg, defense = _defense(tiny_config_file, tiny_weights, PurifierConfig(method=method, steps=2))
     assert cfg.purifier.settings == settings
     for name, value in asdict(settings).items():  # the builder received every setting
         assert getattr(defense.purifier, name) == value
@@ -90,8 +63,8 @@ def test_every_registered_reweighting_is_accepted_by_the_config(kind):
 
 
 @pytest.mark.parametrize("name", sorted(ATTACKS))
-def test_every_registered_attack_builds_from_its_config(name, config_file, tiny_weights):
-    _, defense = _defense(config_file, tiny_weights)
+def test_every_registered_attack_builds_from_its_config(name, tiny_config_file, tiny_weights):
+    _, defense = _defense(tiny_config_file, tiny_weights)
     attack, target = build_attack(AttackConfig(name=name, steps=1, eot=1), defense, seed=0)
     assert callable(attack) and isinstance(target, torch.nn.Module)
 
