@@ -26,6 +26,23 @@ def test_logits_shape_and_gradient_reaches_input(ssni_kind, tiny_unet, tiny_clas
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
 
 
+def test_checkpointing_covers_the_score_norm_pass_with_the_same_gradient(tiny_unet, tiny_classifier, images):
+    """A defense with checkpointing keeps only call inputs for the backward, score-norm rows included,
+    and gives the gradient of the defense without it."""
+    from ssni.evaluate.plan import saved_bytes
+
+    grads, kept = {}, {}
+    for checkpoint in (False, True):
+        defense = build(tiny_unet, tiny_classifier, "sigmoid", purifier=DiffPure(tiny_unet, t_star=20, steps=4,
+                                                                                  checkpoint=checkpoint))
+        x = images.clone().requires_grad_(True)
+        defense(x, draw=0)[:, 0].sum().backward()
+        grads[checkpoint] = x.grad
+        kept[checkpoint] = saved_bytes(lambda: defense.purify(x, draw=0))
+    assert torch.allclose(grads[False], grads[True], rtol=1e-4, atol=1e-5)
+    assert kept[True] * 3 < kept[False]
+
+
 def test_ssni_gradient_reaches_score_network_through_relaxed_levels(tiny_unet, tiny_classifier, images):
     defense = build(tiny_unet, tiny_classifier, "sigmoid")
     purifier_only = DiffPure(tiny_unet, t_star=20, steps=4)

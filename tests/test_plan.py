@@ -4,8 +4,8 @@ import torch
 
 from ssni import Calibration, Defense, DiffPure, SampleNoise, SSNI, VPSchedule, make_reweight, score_norm
 from ssni.evaluate.config import AttackConfig, ExperimentConfig
-from ssni.evaluate.plan import Units, attack_cost, attack_row_bytes, format_plan, make_plan, saved_bytes, \
-    steps_per_sample
+from ssni.evaluate.plan import Units, attack_cost, attack_row_bytes, format_plan, make_plan, peak_live_bytes, \
+    saved_bytes, steps_per_sample
 from ssni.purifiers.schedule import join_plan, unique_grid
 
 
@@ -18,9 +18,9 @@ def units(**kw) -> Units:
 def test_attack_cost_counts_iterations_eot_votes_and_recompute():
     a = AttackConfig(name="pgd", steps=3, eot=2)
     u = units()
-    # per draw: score rows x fwd+bwd + reverse steps x (fwd+bwd or checkpointed) + classifier fwd+bwd
+    # per draw: (score rows + reverse steps) x (fwd+bwd, or checkpointed) + classifier fwd+bwd
     assert attack_cost(a, u, score=4, reverse=10, votes=1, checkpointed=False) == 3 * 2 * (4 * 3 + 10 * 3 + 1.5)
-    assert attack_cost(a, u, score=4, reverse=10, votes=2, checkpointed=True) == 3 * 2 * 2 * (4 * 3 + 10 * 4 + 1.5)
+    assert attack_cost(a, u, score=4, reverse=10, votes=2, checkpointed=True) == 3 * 2 * 2 * (4 * 4 + 10 * 4 + 1.5)
     apgd = AttackConfig(name="apgd", steps=3, eot=2, restarts=2)
     assert attack_cost(apgd, u, 0, 10, 1, False) == 2 * attack_cost(a, u, 0, 10, 1, False)
 
@@ -34,6 +34,7 @@ def test_attack_cost_counts_targets_and_surrogate_steps_per_round():
     # 4 rounds of up to 5 surrogate steps: 20 of the chain's 30 steps are differentiated
     assert attack_cost(surrogate, u, 0, 30, 1, False, rounds=4) == 20 * 3 + 1.5
     assert attack_cost(surrogate, u, 0, 12, 1, False, rounds=4) == 12 * 3 + 1.5  # never more than the chain
+    assert attack_cost(surrogate, u, 4, 12, 1, False, rounds=4) == 4 * 1 + 12 * 3 + 1.5  # levels without gradient
 
 
 def test_plan_run_refuses_a_config_mistake_and_probes_missing_data_in_its_shape(tmp_path):
@@ -59,6 +60,27 @@ def test_checkpointing_keeps_step_inputs_only():
     u = units()
     assert attack_row_bytes(u, score=0, reverse=10, checkpointed=False) == 10 * 100 + 7
     assert attack_row_bytes(u, score=0, reverse=10, checkpointed=True) == 10 * 10 + 100 + 7
+    # the score-norm rows are checkpointed with the chain: their inputs kept, one call's activations live
+    assert attack_row_bytes(u, score=4, reverse=10, checkpointed=False) == 14 * 100 + 7
+    assert attack_row_bytes(u, score=4, reverse=10, checkpointed=True) == 14 * 10 + 100 + 7
+
+
+def test_peak_live_bytes_counts_tensors_alive_at_once_and_not_the_callers():
+    x = torch.randn(100, 100)  # made before the count: its views and in-place updates are not counted
+    size = x.nbytes
+
+    def pass_():
+        a = x * 2
+        b = a + 1
+        del a  # freed: c below reuses nothing, but the peak stays at two tensors
+        c = b * 3
+        x.view(-1).add_(0)
+        return c[:10]  # a view: no new storage
+
+    cpu = torch.device("cpu")
+    assert peak_live_bytes(pass_, cpu) == 2 * size
+    assert peak_live_bytes(lambda: [x * k for k in range(4)], cpu) == 4 * size  # all four alive together
+    assert peak_live_bytes(lambda: x.t().contiguous().view(-1)[:5], cpu) == size
 
 
 def test_saved_bytes_counts_what_autograd_keeps():
@@ -90,3 +112,6 @@ def test_plan_end_to_end_on_tiny_models(tiny_unet, tiny_classifier, images):
     p = make_plan(cfg, model, images, y, n=10, world=2, repeats=1)
     assert p["per_shard"] == 5 and p["batch"] == 5 and p["seconds"] > 0 and p["peak_bytes"] > 0
     assert p["max_batch"] >= 1 and "predicted wall time" in format_plan(p)
+    # the inference score-norm pass (3 levels x 5 rows in one call) is counted beside the attack's bytes
+    assert p["inference_bytes_per_sample"] == 3 * p["units"]["step_live_bytes"] > 0
+    assert p["peak_bytes"] >= p["baseline_bytes"] + 5 * p["inference_bytes_per_sample"]

@@ -50,3 +50,25 @@ def test_score_norm_of_a_sample_does_not_depend_on_its_batch(tiny_unet, images):
     batch = score_norm(tiny_unet, VPSchedule(), images, noise_for(ids), n_levels=4)
     alone = score_norm(tiny_unet, VPSchedule(), images[3:4], noise_for(ids[3:4]), n_levels=4)
     assert torch.allclose(batch[3], alone[0], rtol=1e-5)
+
+
+def test_checkpointed_pass_gives_the_same_value_and_gradient_and_saves_only_inputs(tiny_unet, images):
+    """With checkpointing the pass keeps its chunks' inputs (one level's B rows each) for the backward,
+    not the network's activations, and recomputes them there: same value, same gradient."""
+    from ssni.evaluate.plan import saved_bytes
+
+    noise = noise_for(range(5))
+    results = {}
+    for checkpoint in (False, True):
+        x = images.clone().requires_grad_(True)
+        e = score_norm(tiny_unet, VPSchedule(), x, noise, n_levels=4, checkpoint=checkpoint)
+        e.sum().backward()
+        kept = saved_bytes(lambda: score_norm(tiny_unet, VPSchedule(), x, noise, n_levels=4, checkpoint=checkpoint))
+        results[checkpoint] = e.detach(), x.grad, kept
+    (e_full, g_full, kept_full), (e_ck, g_ck, kept_ck) = results[False], results[True]
+    assert torch.allclose(e_full, e_ck, rtol=1e-5)
+    assert torch.allclose(g_full, g_ck, rtol=1e-4, atol=1e-4)  # float32 sums in another order
+    assert kept_ck * 5 < kept_full
+    with torch.no_grad():  # without gradients there is nothing to checkpoint: one call, the same value
+        assert torch.allclose(score_norm(tiny_unet, VPSchedule(), images, noise, n_levels=4, checkpoint=True), e_full,
+                              rtol=1e-5)

@@ -1,8 +1,9 @@
 """``Defense``: image -> score norm -> t* -> purify -> classify -> logits, one ``nn.Module``.
 
 Attacks see one differentiable model. Gradients flow through the classifier,
-every reverse step (optionally with activation checkpointing), the forward
-jump, and, with SSNI, through the score norm and the reweighting: the integer
+every reverse step and the score-norm pass (both with activation checkpointing
+when the purifier's ``checkpoint`` is on), the forward jump, and, with SSNI,
+through the score norm and the reweighting: the integer
 level is used in the forward value, and its gradient is the straight-through
 gradient of the continuous twin ``abar(t_relaxed)`` (see
 :func:`ssni.diffusion.forward_jump`). Set ``ssni.differentiable = False`` to
@@ -65,10 +66,12 @@ class SSNI(nn.Module):
         self.score_model, self.reweight, self.schedule = score_model, reweight, schedule
         self.n_levels, self.differentiable = n_levels, differentiable
 
-    def forward(self, x: Tensor, t_stars: tuple[int, ...], noise: SampleNoise, max_rows: int | None = None) -> Levels:
-        """Levels ``[R, B]`` for the rounds' ``t_stars``; ``max_rows`` caps the score-norm pass's calls."""
+    def forward(self, x: Tensor, t_stars: tuple[int, ...], noise: SampleNoise, max_rows: int | None = None,
+                checkpoint: bool = False) -> Levels:
+        """Levels ``[R, B]`` for the rounds' ``t_stars``; ``max_rows`` caps the score-norm pass's calls and
+        ``checkpoint`` recomputes them in the backward pass (:func:`ssni.score_norm.score_norm`)."""
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
-            e = score_norm(self.score_model, self.schedule, x, noise, self.n_levels, max_rows)
+            e = score_norm(self.score_model, self.schedule, x, noise, self.n_levels, max_rows, checkpoint)
         pairs = [self.reweight.levels(e, t_star, self.schedule.num_levels) for t_star in t_stars]
         t = torch.stack([p[0] for p in pairs])
         t_relaxed = torch.stack([p[1] for p in pairs]) if e.requires_grad else None
@@ -131,7 +134,7 @@ class Defense(nn.Module):
         if self.ssni is None:
             t = self.purifier.default_levels(x.shape[0]).to(x.device)
             return Levels(t, None, None, t, 0)
-        return self.ssni(x, self.purifier.t_stars, noise, max_rows)
+        return self.ssni(x, self.purifier.t_stars, noise, max_rows, self.purifier.checkpoint)
 
     def purify(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | Tensor | None = None,
                vote: int = 0, width: int | None = None) -> tuple[Tensor, Levels]:

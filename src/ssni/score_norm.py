@@ -11,13 +11,18 @@ with ``x~ = 2 x - 1`` and ``score = -eps_theta / sqrt(1 - abar_k)``. All ``N``
 levels go through the network in one batched pass of ``N * B`` rows (split in
 chunks of ``max_rows`` to bound memory). The function is differentiable; wrap
 the call in ``torch.no_grad()`` (or use :func:`score_norm_nograd`) when no
-gradient is needed.
+gradient is needed. With ``checkpoint=True`` and gradients on, each chunk (one
+level's ``B`` rows unless ``max_rows`` says otherwise) keeps only its input for
+the backward pass and is recomputed there, one chunk at a time: the pass then
+holds about one reverse step's activations instead of ``N`` of them per sample.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from .denoisers.protocol import EpsModel, eps_to_score
 from .diffusion import VPSchedule, forward_jump, to_model_scale
@@ -27,7 +32,7 @@ NOISE_KEY = "score-norm"
 
 
 def score_norm(model: EpsModel, schedule: VPSchedule, x: Tensor, noise: SampleNoise,
-               n_levels: int = 20, max_rows: int | None = None) -> Tensor:
+               n_levels: int = 20, max_rows: int | None = None, checkpoint: bool = False) -> Tensor:
     """``e(x)`` for ``x: [B, C, H, W]`` in ``[0, 1]`` -> ``[B]`` (differentiable).
 
     Args:
@@ -36,15 +41,25 @@ def score_norm(model: EpsModel, schedule: VPSchedule, x: Tensor, noise: SampleNo
         x: images in ``[0, 1]``.
         noise: per-sample noise streams; level ``k`` uses key ``(NOISE_KEY, k)``.
         n_levels: ``N``, the number of smallest levels averaged (20 on CIFAR-10, 50 on ImageNet).
-        max_rows: largest number of rows per network call (default: all ``N * B`` at once).
+        max_rows: largest number of rows per network call (default: all ``N * B`` at once, or ``B``
+            with ``checkpoint``).
+        checkpoint: activation checkpointing of each network call when gradients are on (same
+            value and gradient; one more forward pass in the backward, far less memory).
     """
     batch = x.shape[0]
     x_model = to_model_scale(x)
     levels = torch.arange(1, n_levels + 1, device=x.device).repeat_interleave(batch)  # level-major
     z = torch.cat([noise.randn((NOISE_KEY, k), x_model) for k in range(1, n_levels + 1)])
     x_t = forward_jump(schedule, x_model.repeat(n_levels, 1, 1, 1), levels, z)
-    rows = max_rows or x_t.shape[0]
-    eps = torch.cat([model(x_t[i:i + rows], levels[i:i + rows]) for i in range(0, x_t.shape[0], rows)])
+    recompute = checkpoint and torch.is_grad_enabled()
+    rows = max_rows or (batch if recompute else x_t.shape[0])
+
+    def call(chunk: Tensor, chunk_levels: Tensor) -> Tensor:
+        if recompute:
+            return recompute_in_backward(model, chunk, chunk_levels, use_reentrant=False)
+        return model(chunk, chunk_levels)
+
+    eps = torch.cat([call(x_t[i:i + rows], levels[i:i + rows]) for i in range(0, x_t.shape[0], rows)])
     expected_score = eps_to_score(schedule, levels, eps).reshape(n_levels, batch, *x.shape[1:]).mean(0)
     return expected_score.flatten(1).norm(dim=1)
 

@@ -9,7 +9,9 @@ row counts the run uses):
 - ``classifier`` / ``classifier_grad``: the classifier's forward, and forward + backward;
 - memory: the bytes autograd saves for backward per row of one reverse step, counted exactly
   with ``torch.autograd.graph.saved_tensors_hooks`` (device independent), the step's input
-  (what checkpointing keeps), the weights, and on CUDA also ``max_memory_allocated``.
+  (what checkpointing keeps), the weights, and on CUDA also ``max_memory_allocated``; and the
+  most bytes an inference step holds at once per row (:func:`peak_live_bytes`), since the
+  score-norm pass without gradient runs all ``N x B`` rows in one call.
 
 The run is then counted in those units, following :mod:`ssni.evaluate.runner`: a clean pass
 (one draw; score norm + purification + classifier per vote, and the score norm again for the
@@ -25,11 +27,15 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 from ..attacks.apgd import APGD
 from ..data import IMAGE_FORMATS
@@ -74,6 +80,58 @@ def saved_bytes(fn) -> int:
     return sum(seen.values())
 
 
+class _LiveBytes(TorchDispatchMode):
+    """Counts the storages that ops create and that are alive at once (freed with their last tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages: dict[int, list[int]] = {}  # address -> [bytes, tensors alive that use it]
+        self.seen = WeakIdKeyDictionary()
+        self.now = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outside = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor) and t not in self.seen:
+                self._track(t, outside)
+        return out
+
+    def _track(self, t: Tensor, outside: set[int]) -> None:
+        key = t.untyped_storage().data_ptr()
+        if key not in self.storages:
+            if key == 0 or key in outside:  # empty, or a view of a tensor made before the count began
+                return
+            self.storages[key] = [t.untyped_storage().nbytes(), 0]
+            self.now += self.storages[key][0]
+            self.peak = max(self.peak, self.now)
+        self.storages[key][1] += 1
+        self.seen[t] = True
+        weakref.finalize(t, self._release, key)
+
+    def _release(self, key: int) -> None:
+        entry = self.storages[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.storages[key]
+
+
+def peak_live_bytes(fn, device: torch.device) -> int:
+    """Most bytes of tensors that ``fn()`` creates and holds at the same time (an inference pass's
+    activations): the allocator's peak on CUDA, else counted op by op (kernels' own scratch unseen)."""
+    if device.type == "cuda":
+        _sync()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        return torch.cuda.max_memory_allocated(device) - before
+    count = _LiveBytes()
+    with count:
+        fn()
+    return count.peak
+
+
 @dataclass
 class Units:
     """Per-row seconds and bytes measured on the device (see the module docstring)."""
@@ -88,6 +146,7 @@ class Units:
     classifier_saved_bytes: float
     weight_bytes: int
     cuda_step_peak_bytes: float | None = None
+    step_live_bytes: float = 0.0  # most bytes one inference step holds at once, per row
 
 
 def _step_fn(model: Defense, x: Tensor, rows: int):
@@ -122,6 +181,7 @@ def measure_units(model: Defense, x: Tensor, rows: int, grad_rows: int, repeats:
     with torch.no_grad():
         t_step = _best(lambda: step_inf(x_inf), repeats)
         t_cls = _best(lambda: model.classifier(x_cls), repeats)
+        live = peak_live_bytes(lambda: step_inf(x_inf), x.device) / rows
     t_grad = _best(grad_of(step), repeats)
     t_ck = _best(grad_of(lambda z: checkpoint(step, z, use_reentrant=False)), repeats)
     t_cls_grad = _best(lambda: torch.autograd.grad(model.classifier(x_cls_grad.requires_grad_(True)).sum(),
@@ -137,7 +197,7 @@ def measure_units(model: Defense, x: Tensor, rows: int, grad_rows: int, repeats:
     g = grad_rows
     return Units(t_step / rows, t_grad / g, t_ck / g, t_cls / rows, t_cls_grad / g,
                  saved_bytes(lambda: step(z)) / g, x_model[0].numel() * x_model.element_size(),
-                 saved_bytes(lambda: model.classifier(x_cls_grad)) / g, weights, peak)
+                 saved_bytes(lambda: model.classifier(x_cls_grad)) / g, weights, peak, live)
 
 
 def steps_per_sample(model: Defense, x: Tensor) -> tuple[float, float]:
@@ -156,24 +216,28 @@ def steps_per_sample(model: Defense, x: Tensor) -> tuple[float, float]:
 def attack_cost(a: AttackConfig, u: Units, score: float, reverse: float, votes: int,
                 checkpointed: bool, rounds: int = 1) -> float:
     """Seconds per attacked sample: iterations (x targets when targeted) x EOT x votes x one forward
-    + backward of the defense. A surrogate chain has at most ``surrogate_steps`` steps per round."""
-    steps = min(reverse, a.surrogate_steps * rounds) if a.gradient == "surrogate" else reverse
-    chain = u.step_ck if checkpointed else u.step_grad
+    + backward of the defense. A surrogate chain has at most ``surrogate_steps`` steps per round and
+    its levels are computed without gradient; checkpointing recomputes the score-norm rows too."""
+    per_row = u.step_ck if checkpointed else u.step_grad
     if a.name == "bpda" or a.gradient == "bpda":  # forward through the defense, backward through the classifier
         per_draw = (score + reverse) * u.step + u.classifier_grad
+    elif a.gradient == "surrogate":
+        per_draw = score * u.step + min(reverse, a.surrogate_steps * rounds) * per_row + u.classifier_grad
     else:
-        per_draw = score * u.step_grad + steps * chain + u.classifier_grad
+        per_draw = (score + reverse) * per_row + u.classifier_grad
     runs = TARGETED_RUNS if a.targeted else 1
     return ITERATIONS.get(a.name, ITERATIONS["pgd"])(a) * runs * a.eot * votes * per_draw
 
 
 def attack_row_bytes(u: Units, score: float, reverse: float, checkpointed: bool) -> float:
-    """Bytes per attacked row kept for one backward: the score-norm pass, the reverse chain (every
-    step's activations, or with checkpointing every step's input plus one step's activations),
-    the classifier."""
+    """Bytes per attacked row kept for one backward: the score-norm rows and the reverse chain (each
+    call's activations, or with checkpointing each call's input plus one call's activations at a
+    time), the classifier."""
+    calls = score + reverse
+    if not checkpointed:
+        return calls * u.step_saved_bytes + u.classifier_saved_bytes
     live_step = max(u.step_saved_bytes, u.cuda_step_peak_bytes or 0.0)
-    chain = reverse * u.step_input_bytes + live_step if checkpointed else reverse * u.step_saved_bytes
-    return score * u.step_saved_bytes + chain + u.classifier_saved_bytes
+    return calls * u.step_input_bytes + live_step + u.classifier_saved_bytes
 
 
 def resident_bytes(device: torch.device) -> int:
@@ -217,17 +281,23 @@ def make_plan(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor | No
     attacks = [{"name": a.name, "seconds": attacked * (attack_cost(a, u, score, reverse, votes, ck, rounds)
                                                        + a_rescore(cfg) * votes * one_pass)} for a in cfg.attacks]
     row_bytes = attack_row_bytes(u, score, reverse, ck) * votes
+    inference_bytes = max(score, 1) * u.step_live_bytes  # per sample: the score-norm pass's N rows in one call
     free, how = free_bytes(x.device)
-    rows_fit = max(int(MEMORY_MARGIN * free // row_bytes), 0)  # free is read with the models loaded
+    usable = MEMORY_MARGIN * free  # free is read with the models loaded
+    rows_fit = max(int(usable // row_bytes), 0)
     seconds = per_shard * clean + sum(a["seconds"] for a in attacks)
     return {"n": n, "shards": world, "per_shard": per_shard, "batch": batch, "eot_batch": eot_batch,
             "device": str(x.device), "checkpoint": ck, "votes": votes, "score_rows": score,
             "reverse_steps": reverse, "probe_clean_accuracy": accuracy, "units": vars(u),
             "clean_seconds": per_shard * clean, "attacks": attacks, "seconds": seconds,
-            "peak_bytes": baseline + eot_batch * batch * row_bytes, "free_bytes": free, "baseline_bytes": baseline,
+            "peak_bytes": baseline + batch * max(eot_batch * row_bytes, inference_bytes), "free_bytes": free,
+            "baseline_bytes": baseline, "attack_bytes_per_sample": eot_batch * row_bytes,
+            "inference_bytes_per_sample": inference_bytes,
             "memory_method": f"models loaded ({'CUDA memory_allocated' if x.device.type == 'cuda' else 'process RSS'})"
-                             f" + autograd saved-tensor bytes per row; free memory from {how}",
-            "max_batch": rows_fit // eot_batch, "max_eot_batch": rows_fit // batch}
+                             f" + the larger of autograd's saved bytes (attack) and an inference pass's live bytes;"
+                             f" free memory from {how}",
+            "max_batch": int(usable // max(eot_batch * row_bytes, inference_bytes)),
+            "max_eot_batch": rows_fit // batch if batch * inference_bytes <= usable else 0}
 
 
 def a_rescore(cfg: ExperimentConfig) -> int:
