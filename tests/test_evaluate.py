@@ -91,9 +91,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, config_file, tiny_weight
     assert all(r["t_star"] and r["score_norm"] > 0 for r in full)
 
 
-def test_batch_size_does_not_change_per_sample_results(tmp_path, config_file, tiny_weights):
+def test_batch_size_and_max_rows_do_not_change_per_sample_results(tmp_path, config_file, tiny_weights):
     cfg = load_config(config_file)
-    other = replace(cfg, evaluate=replace(cfg.evaluate, batch_size=6),
+    other = replace(cfg, evaluate=replace(cfg.evaluate, batch_size=6, max_rows=5),
                     attacks=tuple(replace(a, eot_batch=2) for a in cfg.attacks))
     assert other.hash() == cfg.hash()  # speed-only settings: a run may resume with other values
     evaluate(cfg, tmp_path / "a", tiny_weights, progress=False)

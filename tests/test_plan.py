@@ -1,11 +1,13 @@
 """ssni evaluate --plan: the counts it predicts, the memory it measures, the join plan it relies on."""
 
+from dataclasses import replace
+
 import torch
 
 from ssni import Calibration, Defense, DiffPure, SampleNoise, SSNI, VPSchedule, make_reweight, score_norm
 from ssni.evaluate.config import AttackConfig, ExperimentConfig
-from ssni.evaluate.plan import Units, attack_cost, attack_row_bytes, format_plan, make_plan, peak_live_bytes, \
-    saved_bytes, steps_per_sample
+from ssni.evaluate.plan import Units, _inference_memory, attack_cost, attack_row_bytes, format_plan, make_plan, \
+    peak_live_bytes, saved_bytes, steps_per_sample
 from ssni.purifiers.schedule import join_plan, unique_grid
 
 
@@ -113,5 +115,18 @@ def test_plan_end_to_end_on_tiny_models(tiny_unet, tiny_classifier, images):
     assert p["per_shard"] == 5 and p["batch"] == 5 and p["seconds"] > 0 and p["peak_bytes"] > 0
     assert p["max_batch"] >= 1 and "predicted wall time" in format_plan(p)
     # the inference score-norm pass (3 levels x 5 rows in one call) is counted beside the attack's bytes
-    assert p["inference_bytes_per_sample"] == 3 * p["units"]["step_live_bytes"] > 0
-    assert p["peak_bytes"] >= p["baseline_bytes"] + 5 * p["inference_bytes_per_sample"]
+    assert p["inference_rows_per_call"] == 15
+    assert p["inference_bytes"] == 15 * p["units"]["step_live_bytes"] > 0
+    assert p["peak_bytes"] >= p["baseline_bytes"] + p["inference_bytes"]
+    capped = make_plan(replace(cfg, evaluate=replace(cfg.evaluate, max_rows=4)), model, images, y, n=10, repeats=1)
+    assert capped["inference_rows_per_call"] == 4 and model.max_rows is None  # the probe's cap is undone
+
+
+def test_inference_memory_bounds_the_batch_unless_max_rows_caps_the_call():
+    # 20 levels, 1 GiB per row at the peak, 100 GiB usable: 100 rows fit, so 5 samples per call
+    gib = 2 ** 30
+    free = _inference_memory(20, 16, None, gib, 100 * gib)
+    assert free["inference_rows_per_call"] == 320 and not free["inference_fits"] and free["batch_fit"] == 5
+    capped = _inference_memory(20, 16, 64, gib, 100 * gib)
+    assert capped["inference_rows_per_call"] == 64 and capped["inference_fits"] and capped["batch_fit"] >= 16
+    assert capped["max_rows_fit"] == 100

@@ -95,12 +95,14 @@ class Defense(nn.Module):
     takes_sample_ids = True
 
     def __init__(self, classifier: nn.Module, purifier: Purifier, ssni: SSNI | None = None,
-                 seed: int = 0, votes: int = 1, resolution: int | None = None, image_size: int | None = None):
+                 seed: int = 0, votes: int = 1, resolution: int | None = None, image_size: int | None = None,
+                 max_rows: int | None = None):
         super().__init__()
         if votes < 1:
             raise ConfigError(f"votes must be >= 1, found {votes}")
         self.classifier, self.purifier, self.ssni = classifier, purifier, ssni
         self.resolution, self.image_size = resolution, image_size
+        self.max_rows = max_rows  # most rows per score-norm call (default: all N x B in one)
         self.seed, self.votes, self.draw = seed, votes, 0
         if isinstance(purifier.model, nn.Module):
             self.denoiser = purifier.model  # registered so .eval()/.to() reach it
@@ -147,7 +149,7 @@ class Defense(nn.Module):
         x = self.check_input(x)
         noise = self._noise(x, sample_ids, draw, vote)
         x_diffusion = resize(x, self.resolution)
-        lv = self.levels(x_diffusion, noise, width)
+        lv = self.levels(x_diffusion, noise, width or self.max_rows)
         out = self.purifier.purify(x_diffusion, lv.t, noise, t_relaxed=lv.t_relaxed, start=lv.start,
                                    extra_steps=lv.extra_steps, width=width)
         return resize(out, x.shape[-1]), lv

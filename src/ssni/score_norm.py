@@ -72,10 +72,11 @@ def score_norm_nograd(model: EpsModel, schedule: VPSchedule, x: Tensor, noise: S
 
 
 def dataset_score_norms(model: EpsModel, schedule: VPSchedule, images: Tensor, ids: Tensor, seed: int,
-                        n_levels: int = 20, batch_size: int = 250) -> Tensor:
-    """Score norms ``[N]`` of a whole image set, sample ``i`` seeded by ``(seed, ids[i])``."""
+                        n_levels: int = 20, batch_size: int = 250, max_rows: int | None = None) -> Tensor:
+    """Score norms ``[N]`` of a whole image set, sample ``i`` seeded by ``(seed, ids[i])``; ``max_rows``
+    caps the rows per network call (default: ``n_levels x batch_size``)."""
     if len(images) == 0:
         return torch.zeros(0)
     return torch.cat([score_norm_nograd(model, schedule, images[i:i + batch_size],
-                                        SampleNoise.from_ids(seed, ids[i:i + batch_size]), n_levels)
+                                        SampleNoise.from_ids(seed, ids[i:i + batch_size]), n_levels, max_rows)
                       for i in range(0, len(images), batch_size)])

@@ -50,7 +50,7 @@ class DerivedDefense(Defense):
 
     def __init__(self, defense: Defense, purifier: Purifier, ssni: SSNI | None):
         super().__init__(defense.classifier, purifier, ssni, seed=defense.seed, votes=defense.votes,
-                         resolution=defense.resolution)
+                         resolution=defense.resolution, image_size=defense.image_size, max_rows=defense.max_rows)
         self._parent = (defense,)  # a tuple: not registered as a submodule (no double .to/.eval walk)
         for module in (self, purifier, ssni):  # their own flags only: the networks stay in the mode they are in
             if module is not None:

@@ -93,7 +93,8 @@ def _fit_calibration(cfg: ExperimentConfig, unet: nn.Module, meta: dict) -> Cali
     gen = torch.Generator().manual_seed(s.calibration_seed)
     part = part.subset(torch.randperm(len(part), generator=gen)[:s.calibration_size])  # all classes
     images = resize(part.images.to(device_of(unet)), cfg.purifier.resolution)
-    norms = dataset_score_norms(unet, VPSchedule(), images, part.ids, s.calibration_seed, s.n_levels)
+    norms = dataset_score_norms(unet, VPSchedule(), images, part.ids, s.calibration_seed, s.n_levels,
+                                max_rows=cfg.evaluate.max_rows)
     return Calibration.fit(norms, **meta)
 
 
@@ -116,7 +117,7 @@ def build_model(cfg: ExperimentConfig, unet: nn.Module, classifier: nn.Module,
         ssni = SSNI(unet, reweight, n_levels=s.n_levels, differentiable=s.differentiable)
     image_size = IMAGE_FORMATS.get(cfg.data.dataset, (None, None))[1]
     defense = Defense(classifier, purifier, ssni, seed=cfg.evaluate.seed, votes=p.votes, resolution=p.resolution,
-                      image_size=image_size)
+                      image_size=image_size, max_rows=cfg.evaluate.max_rows)
     return defense.eval()
 
 

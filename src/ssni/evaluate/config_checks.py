@@ -26,6 +26,7 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("attacks", "eps"): (0, None), ("attacks", "steps"): (0, None), ("attacks", "step_size"): (1e-12, None),
     ("attacks", "eot"): (1, None), ("attacks", "eot_batch"): (1, None), ("attacks", "surrogate_steps"): (1, 1000),
     ("attacks", "restarts"): (1, None), ("evaluate", "batch_size"): (1, None), ("evaluate", "rescore_draws"): (1, None),
+    ("evaluate", "max_rows"): (1, None),
     ("evaluate", "seed"): (0, None),
 }
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}

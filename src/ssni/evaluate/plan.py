@@ -205,7 +205,7 @@ def steps_per_sample(model: Defense, x: Tensor) -> tuple[float, float]:
     from ..defense import resize
 
     with torch.no_grad():
-        lv = model.levels(resize(x, model.resolution), model._noise(x, None, 0, 0))
+        lv = model.levels(resize(x, model.resolution), model._noise(x, None, 0, 0), model.max_rows)
     p = model.purifier
     t = (lv.start if lv.start is not None else lv.t).float()
     n = None if p.steps is None else p.steps + lv.extra_steps
@@ -270,9 +270,14 @@ def make_plan(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor | No
         return {"n": n, "shards": world, "note": "no purifier: the classifier alone costs little"}
     baseline, votes, ck = resident_bytes(x.device), model.votes, model.purifier.checkpoint
     eot_batch = max((a.eot_batch for a in cfg.attacks), default=1)
-    with torch.no_grad():  # no labels (a synthetic probe): every sample counts as attacked
-        accuracy = 1.0 if y is None else float((model.predict(x, draw=0) == y).float().mean())
-    score, reverse = steps_per_sample(model, x)
+    cap, own_cap = cfg.evaluate.max_rows, model.max_rows
+    model.max_rows = cap or x.shape[0]  # the probes themselves: at most one level's rows per score-norm call
+    try:
+        with torch.no_grad():  # no labels (a synthetic probe): every sample counts as attacked
+            accuracy = 1.0 if y is None else float((model.predict(x, draw=0) == y).float().mean())
+        score, reverse = steps_per_sample(model, x)
+    finally:
+        model.max_rows = own_cap
     u = measure_units(model, x, batch, eot_batch * batch, repeats)
     one_pass = score * u.step + reverse * u.step + u.classifier
     clean = votes * one_pass + score * u.step  # predict, then explain's score norm
@@ -281,23 +286,32 @@ def make_plan(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor | No
     attacks = [{"name": a.name, "seconds": attacked * (attack_cost(a, u, score, reverse, votes, ck, rounds)
                                                        + a_rescore(cfg) * votes * one_pass)} for a in cfg.attacks]
     row_bytes = attack_row_bytes(u, score, reverse, ck) * votes
-    inference_bytes = max(score, 1) * u.step_live_bytes  # per sample: the score-norm pass's N rows in one call
     free, how = free_bytes(x.device)
     usable = MEMORY_MARGIN * free  # free is read with the models loaded
+    memory = _inference_memory(max(score, 1), batch, cap, u.step_live_bytes, usable)
     rows_fit = max(int(usable // row_bytes), 0)
+    batch_fit = min(rows_fit // eot_batch, memory.pop("batch_fit"))
     seconds = per_shard * clean + sum(a["seconds"] for a in attacks)
     return {"n": n, "shards": world, "per_shard": per_shard, "batch": batch, "eot_batch": eot_batch,
             "device": str(x.device), "checkpoint": ck, "votes": votes, "score_rows": score,
             "reverse_steps": reverse, "probe_clean_accuracy": accuracy, "units": vars(u),
             "clean_seconds": per_shard * clean, "attacks": attacks, "seconds": seconds,
-            "peak_bytes": baseline + batch * max(eot_batch * row_bytes, inference_bytes), "free_bytes": free,
-            "baseline_bytes": baseline, "attack_bytes_per_sample": eot_batch * row_bytes,
-            "inference_bytes_per_sample": inference_bytes,
+            "peak_bytes": baseline + max(eot_batch * batch * row_bytes, memory["inference_bytes"]), "free_bytes": free,
+            "baseline_bytes": baseline, "attack_bytes_per_sample": eot_batch * row_bytes, **memory,
             "memory_method": f"models loaded ({'CUDA memory_allocated' if x.device.type == 'cuda' else 'process RSS'})"
-                             f" + the larger of autograd's saved bytes (attack) and an inference pass's live bytes;"
-                             f" free memory from {how}",
-            "max_batch": int(usable // max(eot_batch * row_bytes, inference_bytes)),
-            "max_eot_batch": rows_fit // batch if batch * inference_bytes <= usable else 0}
+                             f" + the larger of autograd's saved bytes (attack) and the score-norm call's live bytes"
+                             f" (inference); free memory from {how}",
+            "max_batch": batch_fit, "max_eot_batch": rows_fit // batch if memory["inference_fits"] else 0}
+
+
+def _inference_memory(score: float, batch: int, cap: int | None, live_per_row: float, usable: float) -> dict:
+    """The score-norm pass without gradient: ``score x batch`` rows per call (at most ``cap``), each
+    holding ``live_per_row`` bytes at its peak; the largest batch and ``max_rows`` that fit ``usable``."""
+    rows = min(score * batch, cap or math.inf)
+    most_rows = int(usable // live_per_row) if live_per_row > 0 else 10 ** 9
+    batch_fit = 10 ** 9 if cap is not None and cap <= most_rows else int(most_rows // score)
+    return {"inference_rows_per_call": rows, "inference_bytes": rows * live_per_row,
+            "inference_fits": rows <= most_rows, "max_rows_fit": most_rows, "batch_fit": batch_fit}
 
 
 def a_rescore(cfg: ExperimentConfig) -> int:
@@ -319,7 +333,10 @@ def format_plan(p: dict) -> str:
               f"  predicted peak memory {p['peak_bytes'] / gib:9.2f} GiB of {p['free_bytes'] / gib:.1f} GiB free "
               f"({p['memory_method']})",
               f"  largest batch that fits at eot_batch {p['eot_batch']}: {p['max_batch']}; "
-              f"largest eot_batch at batch {p['batch']}: {p['max_eot_batch']}"]
+              f"largest eot_batch at batch {p['batch']}: {p['max_eot_batch']}",
+              f"  score-norm pass without gradient: {p['inference_rows_per_call']:.0f} rows per call, "
+              f"{p['inference_bytes'] / gib:.2f} GiB (evaluate.max_rows caps the rows; at most "
+              f"{p['max_rows_fit']} fit)"]
     return "\n".join(lines)
 
 
@@ -369,5 +386,6 @@ def _probe_calibration(cfg: ExperimentConfig, unet: nn.Module, x: Tensor):
     from ..score_norm import dataset_score_norms
 
     images = resize(x, cfg.purifier.resolution)
-    norms = dataset_score_norms(unet, VPSchedule(), images, torch.arange(len(x)), 0, cfg.ssni.n_levels)
+    norms = dataset_score_norms(unet, VPSchedule(), images, torch.arange(len(x)), 0, cfg.ssni.n_levels,
+                                max_rows=cfg.evaluate.max_rows or len(x))
     return Calibration.fit(norms, note="probe images (no dataset or calibration on this machine)")
