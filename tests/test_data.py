@@ -95,6 +95,27 @@ def test_image_folder_resizes_crops_and_rejects_bad_files(tmp_path):
         load_image_folder(tmp_path, size=16)
 
 
+def test_an_image_folder_decodes_only_the_images_a_run_picks(tmp_path):
+    """ImageNet's folders hold 50,000 (val) and 1.28M (train) images: a run of 128 decodes 128."""
+    root = tmp_path / "imagenet"
+    for label, cls in enumerate(("n01", "n02", "n03")):
+        (root / "test" / cls).mkdir(parents=True)
+        for k in range(4):
+            Image.new("RGB", (20, 20), (60 * label, 10 * k, 0)).save(root / "test" / cls / f"{k}.png")
+    (root / "test" / "n03" / "1.png").write_bytes(b"not an image")  # file 9 of 12: never picked below
+    paper = load_split("imagenet", "test", root, subset="paper", n=3)
+    expected = paper_order(12)[:3]  # 6, 11, 4
+    assert paper.ids.tolist() == expected.tolist() and paper.labels.tolist() == (expected // 4).tolist()
+    assert paper.images.shape == (3, 3, 224, 224)
+    first = load_split("imagenet", "test", root, n=2)
+    assert first.ids.tolist() == [0, 1] and first.labels.tolist() == [0, 0]
+    picked = load_split("imagenet", "test", root, pick=lambda size: torch.tensor([10, 4]))
+    assert picked.ids.tolist() == [10, 4] and picked.labels.tolist() == [2, 1]
+    assert torch.equal(picked.images[1], load_split("imagenet", "test", root, n=5).images[4])
+    with pytest.raises(InputError, match="not a readable image"):
+        load_split("imagenet", "test", root)  # all twelve: the broken one is read
+
+
 # Golden: the reference loaders' own call, np.random.RandomState(0).choice(len(dataset), n, replace=False),
 # run in a scratch script outside the repo (numpy 2.4.6). Same call and seed in JiachengZ01/SSNI
 # load_data.py (66f2363c19d9c79c979746f3b1c24bacf7259f21; CIFAR-10 n = 512, ImageNet n = 128 in main.py),

@@ -19,6 +19,7 @@ import importlib.resources
 import importlib.util
 import io
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -28,6 +29,8 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
+
+Pick = Callable[[int], Tensor]  # a part's size -> the indices of the images to load, in order
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 SPLIT_FRACTIONS = {"train": 0.8, "val": 0.1, "test": 0.1}
@@ -158,24 +161,33 @@ def load_cifar10_batch(path: Path) -> ImageSet:
     return _from_uint8(np.asarray(data, dtype=np.uint8).reshape(-1, 3, 32, 32), labels, Path(path).name)
 
 
-def load_image_folder(root: Path, size: int = 224) -> ImageSet:
-    """ImageNet-style ``root/<class>/<image>``: resize the short side, centre-crop to ``size``."""
+def load_image_folder(root: Path, size: int = 224, pick: Pick | None = None) -> ImageSet:
+    """ImageNet-style ``root/<class>/<image>``: resize the short side, centre-crop to ``size``.
+
+    Files are indexed in sorted class, then sorted file order (ids are those positions); ``pick``
+    chooses which to decode (default all), so 128 images of a 50,000-image folder cost 128 decodes.
+    """
     from PIL import Image, UnidentifiedImageError
 
     classes = sorted(p.name for p in Path(root).iterdir() if p.is_dir()) if Path(root).is_dir() else []
     if not classes:
         raise InputError(f"{root} has no class folders; expected root/<class>/<image>")
-    images, labels = [], []
+    files, labels = [], []
     for label, cls in enumerate(classes):
-        for file in sorted((Path(root) / cls).iterdir()):
-            try:
-                with Image.open(file) as img:
-                    images.append(_resize_crop(img.convert("RGB"), size))
-            except (UnidentifiedImageError, OSError) as err:
-                raise InputError(f"{file} is not a readable image: {err}") from err
-            labels.append(label)
-    pixels = np.stack(images).transpose(0, 3, 1, 2)
-    return _from_uint8(pixels, np.array(labels), Path(root).name)
+        class_files = sorted((Path(root) / cls).iterdir())
+        files += class_files
+        labels += [label] * len(class_files)
+    ids = torch.arange(len(files)) if pick is None else torch.as_tensor(pick(len(files)), dtype=torch.int64)
+    images = []
+    for i in ids.tolist():
+        try:
+            with Image.open(files[i]) as img:
+                images.append(_resize_crop(img.convert("RGB"), size))
+        except (UnidentifiedImageError, OSError) as err:
+            raise InputError(f"{files[i]} is not a readable image: {err}") from err
+    pixels = np.stack(images).transpose(0, 3, 1, 2) if images else np.zeros((0, 3, size, size), np.uint8)
+    picked = _from_uint8(pixels, np.array(labels, dtype=np.int64)[ids.numpy()], Path(root).name)
+    return ImageSet(picked.images, picked.labels, ids, picked.name)
 
 
 def _resize_crop(img, size: int) -> np.ndarray:
@@ -256,24 +268,37 @@ def order_subset(images: ImageSet, subset: str = "first", seed: int = 0) -> Imag
 
 
 def load_split(dataset: str, part: str, root: Path | None = None, subset: str = "first",
-               subset_seed: int = 0) -> ImageSet:
+               subset_seed: int = 0, n: int | None = None, pick: Pick | None = None) -> ImageSet:
     """A named dataset's ``train`` / ``val`` / ``test`` part (``root`` for cifar10 and imagenet).
 
-    ``subset`` orders the images (:func:`order_subset`): ``head(n)`` then takes the first ``n``
-    of the file (``"first"``) or the reference code's random draw of ``n`` (``"paper"``).
+    ``subset`` orders the images (:func:`order_subset`) and ``n`` keeps the first ``n`` of that
+    order: the first of the file (``"first"``) or the reference code's random draw (``"paper"``).
+    ``pick`` (the part's size -> the indices to keep, in order) chooses instead of ``subset`` and
+    ``n``. An image folder (imagenet) decodes only the images kept.
     """
-    return order_subset(_load_part(dataset, part, root), subset, subset_seed)
+    if subset not in SUBSETS:
+        raise InputError(f"unknown subset {subset!r}; choose one of {list(SUBSETS)}")
+    if pick is None and (subset != "first" or n is not None):
+        def pick(size: int) -> Tensor:
+            order = paper_order(size, subset_seed) if subset == "paper" else torch.arange(size)
+            return order[:n]
+    return _load_part(dataset, part, root, pick)
 
 
-def _load_part(dataset: str, part: str, root: Path | None) -> ImageSet:
+def _load_part(dataset: str, part: str, root: Path | None, pick: Pick | None) -> ImageSet:
+    if dataset == "imagenet" and root is not None and part in SPLIT_FRACTIONS:  # root/<part>/<class>/<image>
+        return load_image_folder(Path(root) / part, size=224, pick=pick)
+    images = _load_whole_part(dataset, part, root)
+    return images if pick is None else images.subset(torch.as_tensor(pick(len(images))), images.name)
+
+
+def _load_whole_part(dataset: str, part: str, root: Path | None) -> ImageSet:
     if part not in SPLIT_FRACTIONS:
         raise InputError(f"unknown split {part!r}; choose one of {sorted(SPLIT_FRACTIONS)}")
     if dataset in ("cifar10", "imagenet") and root is None:
         raise InputError(f"{dataset} needs its folder: set [data] root in the config")
     if dataset == "cifar10":
         return load_cifar10(root, part)
-    if dataset == "imagenet":  # root/<part>/<class>/<image>, centre-cropped to 224
-        return load_image_folder(Path(root) / part, size=224)
     if dataset == "mnist-5k":
         full = load_mnist5k()
         return full.subset(split_indices(full.labels)[part], f"mnist-5k/{part}")

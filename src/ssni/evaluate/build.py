@@ -52,7 +52,7 @@ def load_eval_data(cfg: ExperimentConfig, n: int | None = None) -> ImageSet:
     """The images a run evaluates: the first ``n`` (default ``data.n``) of ``data.split`` in the
     ``data.subset`` order (``"paper"``: the reference code's seeded draw, :func:`ssni.data.paper_order`)."""
     d = cfg.data
-    return load_split(d.dataset, d.split, d.root, d.subset, d.subset_seed).head(d.n if n is None else n)
+    return load_split(d.dataset, d.split, d.root, d.subset, d.subset_seed, n=d.n if n is None else n)
 
 
 def calibrate(cfg: ExperimentConfig, unet: nn.Module, weights_dir: Path) -> Calibration:
@@ -89,9 +89,9 @@ def calibrate(cfg: ExperimentConfig, unet: nn.Module, weights_dir: Path) -> Cali
 
 def _fit_calibration(cfg: ExperimentConfig, unet: nn.Module, meta: dict) -> Calibration:
     s = cfg.ssni
-    part = load_split(cfg.data.dataset, s.calibration_split, cfg.data.root)
     gen = torch.Generator().manual_seed(s.calibration_seed)
-    part = part.subset(torch.randperm(len(part), generator=gen)[:s.calibration_size])  # all classes
+    part = load_split(cfg.data.dataset, s.calibration_split, cfg.data.root,  # a seeded draw from all classes
+                      pick=lambda size: torch.randperm(size, generator=gen)[:s.calibration_size])
     images = resize(part.images.to(device_of(unet)), cfg.purifier.resolution)
     norms = dataset_score_norms(unet, VPSchedule(), images, part.ids, s.calibration_seed, s.n_levels,
                                 max_rows=cfg.evaluate.max_rows)
