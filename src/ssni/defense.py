@@ -1,9 +1,9 @@
 """``Defense``: image -> score norm -> t* -> purify -> classify -> logits, one ``nn.Module``.
 
 Attacks see one differentiable model. Gradients flow through the classifier,
-every reverse step and the score-norm pass (both with activation checkpointing
-when the purifier's ``checkpoint`` is on), the forward jump, and, with SSNI,
-through the score norm and the reweighting: the integer
+every reverse step, the forward jump and, with SSNI, the score norm and the
+reweighting (reverse steps and score-norm calls are activation-checkpointed when
+the purifier's ``checkpoint`` is on). The integer
 level is used in the forward value, and its gradient is the straight-through
 gradient of the continuous twin ``abar(t_relaxed)`` (see
 :func:`ssni.diffusion.forward_jump`). Set ``ssni.differentiable = False`` to
