@@ -130,3 +130,21 @@ def test_inference_memory_bounds_the_batch_unless_max_rows_caps_the_call():
     capped = _inference_memory(20, 16, 64, gib, 100 * gib)
     assert capped["inference_rows_per_call"] == 64 and capped["inference_fits"] and capped["batch_fit"] >= 16
     assert capped["max_rows_fit"] == 100
+
+
+def test_plan_measures_at_fewer_rows_when_the_batch_runs_out_of_memory(tiny_unet, tiny_classifier, images,
+                                                                       monkeypatch):
+    import ssni.evaluate.plan as plan
+
+    measured = plan.measure_units
+
+    def fits_two_rows(model, x, rows, grad_rows, repeats=3):
+        if rows > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return measured(model, x, rows, grad_rows, repeats)
+
+    monkeypatch.setattr(plan, "measure_units", fits_two_rows)
+    model = Defense(tiny_classifier, DiffPure(tiny_unet, t_star=20, steps=4)).eval()
+    p = make_plan(ExperimentConfig(attacks=(AttackConfig(steps=1, eot=1),)), model, images, None, n=5, repeats=1)
+    assert p["batch"] == 5 and p["measured_rows"] == 2 and p["seconds"] > 0
+    assert "out of device memory at batch 5: units measured at 2 rows" in format_plan(p)

@@ -278,7 +278,7 @@ def make_plan(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor | No
         score, reverse = steps_per_sample(model, x)
     finally:
         model.max_rows = own_cap
-    u = measure_units(model, x, batch, eot_batch * batch, repeats)
+    u, measured_rows = _measure_fitting_units(model, x, batch, eot_batch, repeats)
     one_pass = score * u.step + reverse * u.step + u.classifier
     clean = votes * one_pass + score * u.step  # predict, then explain's score norm
     attacked = per_shard * accuracy
@@ -301,7 +301,23 @@ def make_plan(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor | No
             "memory_method": f"models loaded ({'CUDA memory_allocated' if x.device.type == 'cuda' else 'process RSS'})"
                              f" + the larger of autograd's saved bytes (attack) and the score-norm call's live bytes"
                              f" (inference); free memory from {how}",
-            "max_batch": batch_fit, "max_eot_batch": rows_fit // batch if memory["inference_fits"] else 0}
+            "max_batch": batch_fit, "max_eot_batch": rows_fit // batch if memory["inference_fits"] else 0,
+            "measured_rows": measured_rows}
+
+
+def _measure_fitting_units(model: Defense, x: Tensor, batch: int, eot_batch: int, repeats: int) -> tuple[Units, int]:
+    """:func:`measure_units` at the run's rows, or, when one step's backward at those rows runs out of
+    device memory, at half as many until it fits (per-row units; the plan then says the batch is too big)."""
+    rows = batch
+    while True:
+        try:
+            return measure_units(model, x, rows, eot_batch * rows, repeats), rows
+        except torch.OutOfMemoryError:
+            if rows == 1:
+                raise
+            rows //= 2
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
 
 def _inference_memory(score: float, batch: int, cap: int | None, live_per_row: float, usable: float) -> dict:
@@ -334,6 +350,8 @@ def format_plan(p: dict) -> str:
               f"({p['memory_method']})",
               f"  largest batch that fits at eot_batch {p['eot_batch']}: {p['max_batch']}; "
               f"largest eot_batch at batch {p['batch']}: {p['max_eot_batch']}",
+              *([f"  out of device memory at batch {p['batch']}: units measured at {p['measured_rows']} rows"]
+                if p["measured_rows"] < p["batch"] else []),
               f"  score-norm pass without gradient: {p['inference_rows_per_call']:.0f} rows per call, "
               f"{p['inference_bytes'] / gib:.2f} GiB (evaluate.max_rows caps the rows; at most "
               f"{p['max_rows_fit']} fit)"]
