@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-from torch.overrides import TorchFunctionMode
 
+from ssni.bench import count_torch_calls
 from ssni.rng import SampleNoise, derive_seed, sample_seeds
 
 SHAPES = [(64, 3, 32, 32), (16, 3, 256, 256)]
@@ -51,16 +51,6 @@ def bench_seeds(batch: int, reps: int) -> dict:
             **{f"{name}_best_ms": round(min(ts) * 1e3, 4) for name, ts in times.items()}}
 
 
-class _CountCalls(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def torch_calls(shape: tuple[int, ...], device: str) -> dict:
     """Torch calls issued by one draw, old loop vs new, at this shape's batch and at batch 4."""
     counts = {}
@@ -72,9 +62,7 @@ def torch_calls(shape: tuple[int, ...], device: str) -> dict:
                          ("new", lambda: noise.subset(torch.arange(batch, device=device)).randn_levels(
                              ("reverse", 0), levels, like))):
             fn()
-            with _CountCalls() as mode:
-                fn()
-            counts[f"{name}_torch_calls_b{batch}"] = mode.count
+            counts[f"{name}_torch_calls_b{batch}"] = count_torch_calls(fn)
     return counts
 
 

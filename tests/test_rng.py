@@ -14,9 +14,8 @@ import random
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
-
 import ssni.rng as rng
+from ssni.bench import count_torch_calls
 from ssni.errors import InputError
 from ssni.rng import SampleNoise, derive_seed, sample_seeds
 
@@ -201,22 +200,11 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=0, atol=1e-6)
 
 
-class _CountOps(TorchFunctionMode):
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _ops(fn) -> tuple[int, int]:
-    with _CountOps() as mode:
-        fn()
+    calls = count_torch_calls(fn)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         fn()
-    return mode.count, sum(1 for e in prof.events() if e.name.startswith("aten::"))
+    return calls, sum(1 for e in prof.events() if e.name.startswith("aten::"))
 
 
 @pytest.mark.parametrize("shape", [(3, 8, 8), (3, 32, 32)])

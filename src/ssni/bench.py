@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from .checkpoints.registry import default_weights_dir, load_named
 from .data import ImageSet, load_split
@@ -38,6 +39,23 @@ from .evaluate.config import ExperimentConfig, SSNIConfig
 from .purifiers import DiffPure
 from .reweight import make_reweight
 from .rng import SampleNoise
+
+
+class _TorchCalls(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_torch_calls(fn) -> int:
+    """Torch functions and methods ``fn()`` calls (views included): each costs host time on any device."""
+    with _TorchCalls() as mode:
+        fn()
+    return mode.count
 
 
 def _timed(fn, repeats: int = 3, warmup: bool = True) -> float:
