@@ -50,9 +50,9 @@ def surrogate_steps(method: str, data: str) -> int:
 
 
 def batching(data: str) -> str:
-    """ImageNet's 256x256 UNet holds 0.56 GiB per row at inference and saves 7.5 GiB per row for a
+    """ImageNet's 256x256 UNet holds 0.56 GiB per row at inference and saves 5.4 GiB per row for a
     backward (counted on the CPU with random weights): 8 images per batch and 16 rows per score-norm call
-    (50 levels x 8 would be 400 rows, 225 GiB) keep a checkpointed attack near 60 GiB."""
+    (50 levels x 8 would be 400 rows, 225 GiB) keep a checkpointed attack near 45 GiB."""
     if "imagenet" in data:
         return "batch_size = 8\nmax_rows = 16  # rows per score-norm call; check with ssni evaluate --plan"
     return "batch_size = 16"

@@ -89,6 +89,9 @@ def test_saved_bytes_counts_what_autograd_keeps():
     w = torch.randn(8, 8, requires_grad=True)
     x = torch.randn(4, 8)
     assert saved_bytes(lambda: (x @ w).sum()) == x.nbytes  # matmul keeps its non-parameter input
+    layer, z = torch.nn.Linear(8, 8), torch.randn(4, 8, requires_grad=True)
+    assert saved_bytes(lambda: layer(z).sum()) == z.nbytes + layer.weight.nbytes  # both kept for the backward
+    assert saved_bytes(lambda: layer(z).sum(), held=layer) == z.nbytes  # the weight is in memory anyway
     with torch.no_grad():
         assert saved_bytes(lambda: (x @ w).sum()) == 0
 

@@ -93,8 +93,9 @@ def _fit_calibration(cfg: ExperimentConfig, unet: nn.Module, meta: dict) -> Cali
     part = load_split(cfg.data.dataset, s.calibration_split, cfg.data.root,  # a seeded draw from all classes
                       pick=lambda size: torch.randperm(size, generator=gen)[:s.calibration_size])
     images = resize(part.images.to(device_of(unet)), cfg.purifier.resolution)
+    # in chunks of the run's batch: the same network calls as the run's own score-norm passes
     norms = dataset_score_norms(unet, VPSchedule(), images, part.ids, s.calibration_seed, s.n_levels,
-                                max_rows=cfg.evaluate.max_rows)
+                                batch_size=cfg.evaluate.batch_size, max_rows=cfg.evaluate.max_rows)
     return Calibration.fit(norms, **meta)
 
 

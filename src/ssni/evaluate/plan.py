@@ -67,12 +67,16 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def saved_bytes(fn) -> int:
-    """Bytes autograd keeps for backward while ``fn()`` runs (distinct storages, counted once)."""
+def saved_bytes(fn, held: nn.Module | None = None) -> int:
+    """Bytes autograd keeps for backward while ``fn()`` runs (distinct storages, counted once), less
+    the parameters and buffers of ``held``, which are in memory anyway (a convolution saves its weight)."""
     seen: dict[int, int] = {}
+    resident = set() if held is None else {t.untyped_storage().data_ptr()
+                                          for t in (*held.parameters(), *held.buffers())}
 
     def pack(t: Tensor):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in resident:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -196,8 +200,8 @@ def measure_units(model: Defense, x: Tensor, rows: int, grad_rows: int, repeats:
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     g = grad_rows
     return Units(t_step / rows, t_grad / g, t_ck / g, t_cls / rows, t_cls_grad / g,
-                 saved_bytes(lambda: step(z)) / g, x_model[0].numel() * x_model.element_size(),
-                 saved_bytes(lambda: model.classifier(x_cls_grad)) / g, weights, peak, live)
+                 saved_bytes(lambda: step(z), model) / g, x_model[0].numel() * x_model.element_size(),
+                 saved_bytes(lambda: model.classifier(x_cls_grad), model) / g, weights, peak, live)
 
 
 def steps_per_sample(model: Defense, x: Tensor) -> tuple[float, float]:
