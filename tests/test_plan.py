@@ -58,6 +58,20 @@ def test_plan_run_refuses_a_config_mistake_and_probes_missing_data_in_its_shape(
     assert plan["synthetic_probe"] and plan["seconds"] > 0
 
 
+def test_plan_counts_a_calibration_the_run_must_fit_instead_of_running_it(write_toml):
+    from ssni.evaluate.config import load_config
+    from ssni.evaluate.plan import plan_run
+
+    path = write_toml('[data]\ndataset = "mnist-5k"\nsplit = "test"\nn = 2\n[models]\ndiffusion = "mnist-unet"\n'
+                      'classifier = "mnist-cnn"\n[purifier]\nmethod = "diffpure"\nsteps = 2\n[ssni]\nreweight = "sigmoid"\n'
+                      'n_levels = 3\ncalibration_size = 4000\ncalibration_split = "train"\n[[attacks]]\nname = "pgd"\n'
+                      'steps = 1\neot = 1\n')
+    plan = plan_run(load_config(path), probe=2)  # no saved calibration of 4,000 images: fitting one takes minutes
+    assert plan["calibration_images"] == 4000
+    assert plan["calibration_seconds"] == 4000 * 3 * plan["units"]["step"] > 0
+    assert "calibration" in format_plan(plan) and plan["seconds"] >= plan["calibration_seconds"]
+
+
 def test_checkpointing_keeps_step_inputs_only():
     u = units()
     assert attack_row_bytes(u, score=0, reverse=10, checkpointed=False) == 10 * 100 + 7

@@ -66,6 +66,19 @@ def calibrate(cfg: ExperimentConfig, unet: nn.Module, weights_dir: Path) -> Cali
     recomputing: ``ssni.calibration_file`` (written there when missing), else the shipped
     ``<diffusion>.calibration.json`` of ``weights_dir``.
     """
+    calibration, meta = saved_calibration(cfg, weights_dir)
+    if calibration is not None:
+        return calibration
+    calibration = _fit_calibration(cfg, unet, meta)
+    own = Path(cfg.ssni.calibration_file) if cfg.ssni.calibration_file else None
+    if own is not None:
+        own.parent.mkdir(parents=True, exist_ok=True)
+        calibration.save(own)
+    return calibration
+
+
+def saved_calibration(cfg: ExperimentConfig, weights_dir: Path) -> tuple[Calibration | None, dict]:
+    """The calibration file :func:`calibrate` would use (or ``None``), and the settings it must match."""
     s = cfg.ssni
     if s.calibration_split == cfg.data.split:
         raise ConfigError(f"ssni.calibration_split = {s.calibration_split!r} is the evaluated split; "
@@ -76,15 +89,11 @@ def calibrate(cfg: ExperimentConfig, unet: nn.Module, weights_dir: Path) -> Cali
     own = Path(s.calibration_file) if s.calibration_file else None
     for path in (own, Path(weights_dir) / f"{cfg.models.diffusion}.calibration.json"):
         if path is not None and path.is_file() and Calibration.load(path).meta == meta:
-            return Calibration.load(path)
+            return Calibration.load(path), meta
     if own is not None and own.exists():
         raise ConfigError(f"{own} holds a calibration of other settings ({Calibration.load(own).meta}, expected "
                           f"{meta}); delete it or set ssni.calibration_file to another path")
-    calibration = _fit_calibration(cfg, unet, meta)
-    if own is not None:
-        own.parent.mkdir(parents=True, exist_ok=True)
-        calibration.save(own)
-    return calibration
+    return None, meta
 
 
 def _fit_calibration(cfg: ExperimentConfig, unet: nn.Module, meta: dict) -> Calibration:

@@ -348,6 +348,9 @@ def format_plan(p: dict) -> str:
              f"  per sample and draw: {p['score_rows']:.0f} score-norm rows + {p['reverse_steps']:.1f} reverse steps;"
              f" probe clean accuracy {100 * p['probe_clean_accuracy']:.0f}% (attacked share)",
              f"  clean pass            {p['clean_seconds']:9.1f} s"]
+    if p.get("calibration_images"):
+        lines.append(f"  calibration           {p['calibration_seconds']:9.1f} s  ({p['calibration_images']} images x "
+                     f"{p['score_rows']:.0f} levels: no saved calibration matches the config)")
     lines += [f"  attack {a['name']:<14} {a['seconds']:9.1f} s  (with re-scoring)" for a in p["attacks"]]
     lines += [f"  predicted wall time   {p['seconds']:9.1f} s  ({p['seconds'] / 3600:.2f} h per shard)",
               f"  predicted peak memory {p['peak_bytes'] / gib:9.2f} GiB of {p['free_bytes'] / gib:.1f} GiB free "
@@ -366,15 +369,16 @@ def plan_run(cfg: ExperimentConfig, weights_dir: Path | None = None, world: int 
              probe: int = 16) -> dict:
     """Load the configured models as a run does, probe them on the first ``probe`` images, predict.
 
-    Without the dataset on this machine (or a shipped calibration) the probe is uniform noise
-    of the dataset's shape, SSNI is calibrated on it, and every sample counts as attacked: the
-    levels and the attacked share are then guesses, the units are measured all the same.
+    Without the dataset on this machine the probe is uniform noise of the dataset's shape and every
+    sample counts as attacked: the levels and the attacked share are then guesses, the units are
+    measured all the same. Without a saved calibration that matches the config, SSNI is calibrated on
+    the probe, and the run's own calibration (``calibration_size`` images) is counted, not run.
     """
     import os
 
     from ..checkpoints.registry import default_weights_dir
     from ..errors import InputError
-    from .build import build_model, calibrate, load_eval_data, load_models
+    from .build import build_model, load_eval_data, load_models, saved_calibration
     from .runner import to_device
 
     world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
@@ -389,14 +393,17 @@ def plan_run(cfg: ExperimentConfig, weights_dir: Path | None = None, world: int 
         shape = (1 if mode == "L" else 3, size, size)
         x = torch.rand(min(probe, cfg.data.n), *shape, generator=torch.Generator().manual_seed(0)).to(device)
         y, synthetic = None, True
-    calibration = None
+    calibration, to_fit = None, 0
     if cfg.ssni.reweight != "none":
-        try:
-            calibration = calibrate(cfg, unet, weights_dir)
-        except InputError:  # no calibration images here; calibration_split == data.split still fails
-            calibration = _probe_calibration(cfg, unet, x)
+        calibration = saved_calibration(cfg, weights_dir)[0]  # calibration_split == data.split fails here
+        if calibration is None:  # the run fits one: counted below, not run here
+            calibration, to_fit = _probe_calibration(cfg, unet, x), cfg.ssni.calibration_size
     model = build_model(cfg, unet, classifier, calibration)
     plan = make_plan(cfg, model, x, y, cfg.data.n, world)
+    if "units" in plan:
+        plan["calibration_images"] = to_fit
+        plan["calibration_seconds"] = to_fit * cfg.ssni.n_levels * plan["units"]["step"]
+        plan["seconds"] += plan["calibration_seconds"]
     plan["synthetic_probe"] = synthetic
     return plan
 
