@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from .denoisers.protocol import EpsModel, eps_to_score
