@@ -68,6 +68,7 @@ def test_plan_counts_a_calibration_the_run_must_fit_instead_of_running_it(write_
                       'steps = 1\neot = 1\n')
     plan = plan_run(load_config(path), probe=2)  # no saved calibration of 4,000 images: fitting one takes minutes
     assert plan["calibration_images"] == 4000
+    assert plan_run(load_config(path), probe=1)["seconds"] > 0  # one probe image still calibrates (two draws)
     assert plan["calibration_seconds"] == 4000 * 3 * plan["units"]["step"] > 0
     assert "calibration" in format_plan(plan) and plan["seconds"] >= plan["calibration_seconds"]
 

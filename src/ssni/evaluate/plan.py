@@ -415,6 +415,7 @@ def _probe_calibration(cfg: ExperimentConfig, unet: nn.Module, x: Tensor):
     from ..score_norm import dataset_score_norms
 
     images = resize(x, cfg.purifier.resolution)
-    norms = dataset_score_norms(unet, VPSchedule(), images, torch.arange(len(x)), 0, cfg.ssni.n_levels,
+    images = images.repeat(2, 1, 1, 1) if len(images) == 1 else images  # a fit needs 2 norms: two noise draws
+    norms = dataset_score_norms(unet, VPSchedule(), images, torch.arange(len(images)), 0, cfg.ssni.n_levels,
                                 max_rows=cfg.evaluate.max_rows or len(x))
-    return Calibration.fit(norms, note="probe images (no dataset or calibration on this machine)")
+    return Calibration.fit(norms, note="probe images (no saved calibration matches the config)")
