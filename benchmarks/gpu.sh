@@ -117,7 +117,7 @@ sets = os.environ["SETS"].replace("--set ", "").split()
 overrides = {k: (int(v) if v.isdigit() else v) for k, v in (s.split("=", 1) for s in sets)}
 cfg = load_config(Path(os.environ["PRESET"]), {**overrides, "evaluate.device": os.environ["DEVICE"],
                                                 "models.random_init": True})
-plan = plan_run(cfg)
+plan = plan_run(cfg, probe=4)  # random weights: levels are guesses; ImageNet probes cost 100 rows per image
 print(format_plan(plan))
 name = Path(os.environ["PRESET"]).stem
 Path(os.environ["RESULTS"], f"plan-{name}-{os.environ['DEVICE']}.json").write_text(json.dumps(plan, indent=1) + "\n")
