@@ -143,10 +143,10 @@ def test_plan_end_to_end_on_tiny_models(tiny_unet, tiny_classifier, images):
 def test_inference_memory_bounds_the_batch_unless_max_rows_caps_the_call():
     # 20 levels, 1 GiB per row at the peak, 100 GiB usable: 100 rows fit, so 5 samples per call
     gib = 2 ** 30
-    free = _inference_memory(20, 16, None, gib, 100 * gib)
-    assert free["inference_rows_per_call"] == 320 and not free["inference_fits"] and free["batch_fit"] == 5
-    capped = _inference_memory(20, 16, 64, gib, 100 * gib)
-    assert capped["inference_rows_per_call"] == 64 and capped["inference_fits"] and capped["batch_fit"] >= 16
+    free, batch_fit = _inference_memory(20, 16, None, gib, 100 * gib)
+    assert free["inference_rows_per_call"] == 320 and not free["inference_fits"] and batch_fit == 5
+    capped, batch_fit = _inference_memory(20, 16, 64, gib, 100 * gib)
+    assert capped["inference_rows_per_call"] == 64 and capped["inference_fits"] and batch_fit >= 16
     assert capped["max_rows_fit"] == 100
 
 

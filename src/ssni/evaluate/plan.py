@@ -292,9 +292,9 @@ def make_plan(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor | No
     row_bytes = attack_row_bytes(u, score, reverse, ck) * votes
     free, how = free_bytes(x.device)
     usable = MEMORY_MARGIN * free  # free is read with the models loaded
-    memory = _inference_memory(max(score, 1), batch, cap, u.step_live_bytes, usable)
+    memory, inference_batch_fit = _inference_memory(max(score, 1), batch, cap, u.step_live_bytes, usable)
     rows_fit = max(int(usable // row_bytes), 0)
-    batch_fit = min(rows_fit // eot_batch, memory.pop("batch_fit"))
+    batch_fit = min(rows_fit // eot_batch, inference_batch_fit)
     seconds = per_shard * clean + sum(a["seconds"] for a in attacks)
     return {"n": n, "shards": world, "per_shard": per_shard, "batch": batch, "eot_batch": eot_batch,
             "device": str(x.device), "checkpoint": ck, "votes": votes, "score_rows": score,
@@ -324,14 +324,16 @@ def _measure_fitting_units(model: Defense, x: Tensor, batch: int, eot_batch: int
                 torch.cuda.empty_cache()
 
 
-def _inference_memory(score: float, batch: int, cap: int | None, live_per_row: float, usable: float) -> dict:
+def _inference_memory(score: float, batch: int, cap: int | None, live_per_row: float,
+                      usable: float) -> tuple[dict, int]:
     """The score-norm pass without gradient: ``score x batch`` rows per call (at most ``cap``), each
-    holding ``live_per_row`` bytes at its peak; the largest batch and ``max_rows`` that fit ``usable``."""
+    holding ``live_per_row`` bytes at its peak; the plan's fields (``max_rows`` that fit ``usable``
+    among them) and the largest batch whose call fits."""
     rows = min(score * batch, cap or math.inf)
     most_rows = int(usable // live_per_row) if live_per_row > 0 else 10 ** 9
     batch_fit = 10 ** 9 if cap is not None and cap <= most_rows else int(most_rows // score)
     return {"inference_rows_per_call": rows, "inference_bytes": rows * live_per_row,
-            "inference_fits": rows <= most_rows, "max_rows_fit": most_rows, "batch_fit": batch_fit}
+            "inference_fits": rows <= most_rows, "max_rows_fit": most_rows}, batch_fit
 
 
 def a_rescore(cfg: ExperimentConfig) -> int:
