@@ -238,6 +238,54 @@ def converge(
 
 
 @app.command()
+def sweep(
+    config: list[Path] = typer.Option(..., "--config", help="experiment TOML; repeat for several methods in one "
+                                      "sweep (e.g. DiffPure, SSNI-N, SSNI-L)"),
+    grid: list[str] = typer.Option([], "--grid", help="an axis: section.key=v1,v2,... (e.g. "
+                                   "purifier.diffpure.t_star=50,100,300 or attacks.0.eps=0.1,0.3); axes are crossed. "
+                                   "An axis reaches only the configs that have its key (a purifier table: that "
+                                   "method; attacks.K.key: a K-th attack that reads key; ssni.*: SSNI on); a config "
+                                   "runs once per combination of the axes it has, once if none. STEM:key=... "
+                                   "(STEM1,STEM2:...) limits an axis to those config file stems and replaces an "
+                                   "unscoped axis of that key for them. A key no config has is an error"),
+    out: Path = typer.Option(..., "--out", help="output folder: OUT/<stem>/<key=value,...>/ per point (rerun to "
+                             "resume), sweep.json, table.md, frontier.png, robust_vs_eps.png, paired.md"),
+    label: list[str] = typer.Option([], "--label", help="method name per --config, in order (default: the "
+                                    "purifier and SSNI variant, e.g. 'DiffPure + SSNI-N')"),
+    set_: list[str] = typer.Option([], "--set", help="override a value in every config: --set data.split=val"),
+    limit: int = typer.Option(None, min=1, help="evaluate only the first N samples of every point (data.n)"),
+    protocol: str = typer.Option("worst", help="robust axis of the plots and the paired verdicts: worst, "
+                                 "majority, single or any_iterate (the table shows all)"),
+    plan: bool = typer.Option(False, "--plan", help="predict every point's wall time (ssni evaluate --plan), print "
+                              "the sum and the time left, and exit"),
+    collect: bool = typer.Option(False, "--collect", help="run nothing: write the outputs from what the points' "
+                                 "stores hold now (e.g. while a sweep runs elsewhere)"),
+    weights_dir: Path = typer.Option(None, help="folder with manifest.json (default: the shipped weights/)"),
+    progress: bool = typer.Option(True, help="progress bars"),
+) -> None:
+    """Evaluate a grid of configs, one resumable store per point; table, frontier plot, paired verdicts.
+
+    Points that differ only in speed-only keys (evaluate.batch_size, device, ...) are refused as duplicates.
+    Example: ssni sweep --config configs/a.toml --config configs/b.toml
+    --grid purifier.diffpure.t_star=100,200,300 --grid attacks.0.eps=0.1,0.3 --out runs/sweep
+    """
+    from .sweep import format_sweep_plan, format_table, parse_grid, plan_sweep, run_sweep, sweep_points
+
+    overrides = _parse_overrides(set_)
+    if limit is not None:
+        overrides["data.n"] = limit
+    points = sweep_points(list(config), parse_grid(grid), overrides, list(label) or None)
+    if plan:
+        typer.echo(format_sweep_plan(plan_sweep(points, out, weights_dir)))
+        return
+    result = run_sweep(points, out, weights_dir, progress, protocol, run=not collect)
+    typer.echo(format_table(result))
+    typer.echo(f"wrote {out / 'sweep.json'}, table.md, times.json, frontier.png"
+               + (", robust_vs_eps.png" if len({p['eps'] for p in result['points']}) > 1 else "")
+               + (", paired.md" if (out / "paired.md").is_file() else ""))
+
+
+@app.command()
 def purify(
     source: Path = typer.Argument(..., help="folder of images (PNG/JPEG/BMP/WebP, any depth)"),
     out: Path = typer.Option(..., "--out", help="output folder: purified PNGs + purify.csv; rerun to resume"),

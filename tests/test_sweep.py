@@ -1,0 +1,133 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import TINY_EXPERIMENT
+from ssni.cli import app
+from ssni.errors import ConfigError
+from ssni.evaluate import runner as runner_module
+from ssni.frontier import compare, frontier_verdict, mcnemar_exact, neighbours
+from ssni.sweep import parse_grid, plan_sweep, run_sweep, sweep_points
+
+TINY = TINY_EXPERIMENT.replace("n = 2", "n = 4")  # two batches of 2 per point: a kill can land inside one
+BASE = TINY.replace('reweight = "sigmoid"', 'reweight = "none"')  # DiffPure alone
+UNDEFENDED = TINY.replace('method = "diffpure"\nt_star = 20\nsteps = 2', 'method = "none"')
+
+
+@pytest.fixture
+def two_configs(write_toml):
+    return [write_toml(BASE, "diffpure.toml"), write_toml(TINY, "ssni-n.toml")]
+
+
+def test_a_killed_sweep_resumes_to_the_same_sweep_json(tmp_path, two_configs, tiny_weights, monkeypatch):
+    points = sweep_points(two_configs, parse_grid(["purifier.diffpure.t_star=10,20"]))
+    assert [p.folder for p in points] == ["diffpure/purifier.diffpure.t_star=10", "diffpure/purifier.diffpure.t_star=20",
+                                          "ssni-n/purifier.diffpure.t_star=10", "ssni-n/purifier.diffpure.t_star=20"]
+    assert [p.label for p in points] == ["DiffPure"] * 2 + ["DiffPure + SSNI-N"] * 2
+    run_sweep(points, tmp_path / "full", tiny_weights, progress=False)
+    real_run_batch, calls = runner_module.run_batch, []
+
+    def crash_in_second_point(*args):
+        calls.append(1)
+        if len(calls) == 4:  # point 1: batches 1-2; point 2: batch 3 committed, batch 4 killed
+            raise KeyboardInterrupt
+        return real_run_batch(*args)
+
+    monkeypatch.setattr(runner_module, "run_batch", crash_in_second_point)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(points, tmp_path / "resumed", tiny_weights, progress=False)
+    partial = json.loads((tmp_path / "resumed" / "sweep.json").read_text())  # written after the first point
+    assert [p["n"] for p in partial["points"]] == [4, 0, 0, 0]
+    calls.clear()
+    monkeypatch.setattr(runner_module, "run_batch", lambda *a: (calls.append(1), real_run_batch(*a))[1])
+    run_sweep(points, tmp_path / "resumed", tiny_weights, progress=False)
+    assert len(calls) == 1 + 2 + 2  # the rest of point 2, then points 3 and 4; point 1 is not run again
+    full, resumed = ((tmp_path / d / "sweep.json").read_text() for d in ("full", "resumed"))
+    assert resumed == full
+    result = json.loads(full)
+    assert all(p["complete"] and p["n"] == 4 for p in result["points"])
+    assert set(result["points"][0]["robust"]) == {"single", "majority", "worst", "any_iterate"}
+    assert result["points"][2]["t_mean"] <= 10 < result["points"][3]["t_mean"] + 10  # SSNI's levels follow its T
+    for name in ("table.md", "frontier.png", "paired.md", "paired.json", "times.json"):
+        assert (tmp_path / "resumed" / name).is_file(), name
+    assert not (tmp_path / "resumed" / "robust_vs_eps.png").exists()  # eps is not swept
+    paired = json.loads((tmp_path / "resumed" / "paired.json").read_text())
+    assert [e["folder"] for e in paired] == [p.folder for p in points[2:]]
+    assert all(c["n"] == 4 and c["against"].startswith("diffpure/") for e in paired for c in e["comparisons"])
+
+
+def test_an_axis_reaches_only_the_configs_that_have_its_key(write_toml):
+    configs = [write_toml(BASE, "base.toml"), write_toml(TINY, "n.toml"), write_toml(UNDEFENDED, "none.toml")]
+    grid = ["purifier.diffpure.t_star=10,20", "ssni.bias=3,5", "attacks.0.eps=0.1,0.2"]
+    points = sweep_points(configs, parse_grid(grid))
+    by_stem = {s: [dict(p.values) for p in points if p.stem == s] for s in ("base", "n", "none")}
+    assert len(by_stem["base"]) == 4 and all("ssni.bias" not in v for v in by_stem["base"])  # SSNI off
+    assert len(by_stem["n"]) == 8
+    assert by_stem["none"] == [{"attacks.0.eps": 0.1}, {"attacks.0.eps": 0.2}]  # no purifier, no t_star
+    assert {p.cfg.attacks[0].eps for p in points} == {0.1, 0.2}
+    scoped = sweep_points(configs[:2], parse_grid(["purifier.diffpure.t_star=10,20,30", "n:purifier.t_star=30"]))
+    assert [p.cfg.purifier.settings.t_star for p in scoped] == [10, 20, 30, 30]  # the scoped axis replaces it for n
+    assert sweep_points([configs[2]], [])[0].folder == "none/base"
+
+
+@pytest.mark.parametrize("grid, message", [
+    (["purifier.gdmp.rounds=1,2"], "apply to none of the configs"),
+    (["nosuch:attacks.0.eps=0.1"], "name no --config file"),
+    (["base:ssni.bias=3,5"], "base has no ssni.bias"),
+    (["purifier.diffpure.t_star=10", "purifier.diffpure.t_star=20"], "given twice"),
+    (["t_star"], "section.key=v1,v2"),
+])
+def test_bad_grids_are_config_errors(write_toml, grid, message):
+    configs = [write_toml(BASE, "base.toml"), write_toml(TINY, "n.toml")]
+    with pytest.raises(ConfigError, match=message):
+        sweep_points(configs, parse_grid(grid))
+
+
+def test_points_that_differ_only_in_speed_only_keys_are_refused(write_toml):
+    with pytest.raises(ConfigError, match="same config hash.*speed-only"):
+        sweep_points([write_toml(TINY)], parse_grid(["evaluate.batch_size=1,2"]))
+    with pytest.raises(ConfigError, match="same config hash"):
+        sweep_points([write_toml(TINY, "a.toml"), write_toml(TINY, "b.toml")], [])
+    sweep_points([write_toml(TINY)], parse_grid(["evaluate.seed=1,2"]))  # results differ: allowed
+
+
+def test_plan_sums_the_points_and_counts_what_is_done(tmp_path, write_toml, tiny_weights, monkeypatch):
+    import ssni.evaluate.plan as plan_module
+
+    planned = []
+
+    def fake_plan_run(cfg, weights_dir=None):
+        planned.append(cfg.hash())
+        return {"seconds": float(cfg.purifier.settings.t_star), "peak_bytes": 2 ** 30 * cfg.data.n}
+
+    points = sweep_points([write_toml(TINY)], parse_grid(["purifier.diffpure.t_star=10,20,30"]))
+    run_sweep(points[:1], tmp_path / "s", tiny_weights, progress=False)  # the first point's 4 samples are done
+    monkeypatch.setattr(plan_module, "plan_run", fake_plan_run)
+    plan = plan_sweep(points, tmp_path / "s", tiny_weights)
+    assert planned == [p.cfg.hash() for p in points]
+    assert plan["seconds"] == 60.0 and plan["left_seconds"] == 50.0
+    assert [r["done"] for r in plan["points"]] == [4, 0, 0] and plan["peak_bytes"] == 4 * 2 ** 30
+
+
+def test_mcnemar_and_the_frontier_verdict():
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(6, 0) == pytest.approx(2 / 64)  # all 6 discordant samples one way
+    assert mcnemar_exact(3, 3) == 1.0
+    a = {i: (True, i < 10) for i in range(20)}  # clean all right, robust on 10
+    b = {i: (i < 19, False) for i in range(20)}  # one clean miss, robust none
+    c = compare(a, b)
+    assert (c["robust"]["a_only"], c["robust"]["b_only"], c["robust"]["better"]) == (10, 0, 1)
+    assert (c["clean"]["a_only"], c["clean"]["better"]) == (1, 0)  # one sample: not significant
+    assert frontier_verdict([c]) == "above"
+    assert frontier_verdict([compare(b, a)]) == "below"
+    assert frontier_verdict([c, compare(a, a)]) == "not separable"  # no gain over the other neighbour
+    pts = [{"clean": {"acc": x}, "robust": {"worst": {"acc": y}}} for x, y in ((0.9, 0.5), (0.95, 0.3), (0.99, 0.1))]
+    assert neighbours({"clean": {"acc": 0.97}}, pts, "worst") == [pts[2], pts[1]]
+    assert neighbours({"clean": {"acc": 1.0}}, pts, "worst") == [pts[2]]  # beyond the end: one neighbour
+
+
+def test_cli_grid_error_is_one_line(write_toml):
+    result = CliRunner().invoke(app, ["sweep", "--config", str(write_toml(TINY)), "--grid", "purifier.gns.levels=1",
+                                      "--out", "unused"])
+    assert result.exit_code != 0 and isinstance(result.exception, ConfigError)
