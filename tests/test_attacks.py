@@ -161,25 +161,105 @@ def test_pgd_records_success_at_any_iterate():
     assert attack.fooled_any_iterate.tolist() == [True, False]
 
 
-def test_convergence_check_fails_when_doubling_the_budget_breaks_more_samples():
+def masks(n, *robust):
+    """``[n]`` bool masks with the given positions robust."""
+    out = []
+    for ids in robust:
+        m = torch.zeros(n, dtype=torch.bool)
+        m[list(ids)] = True
+        out.append(m)
+    return out
+
+
+def test_convergence_check_is_the_ladders_paired_rule():
     from ssni.attacks.checks import _budget_check
 
-    assert not _budget_check("steps", 6, 2, 16)["passed"]  # the old demo's 6/16 -> 2/16 (half-width 3.4)
-    assert "NOT CONVERGED" in _budget_check("steps", 6, 2, 16)["detail"]
-    assert _budget_check("steps", 6, 3, 16)["passed"]  # a move of 3 < 3.4 samples: within the noise
-    assert _budget_check("steps", 1, 0, 16)["passed"]  # 1/16 -> 0/16 (half-width 2.1)
-    assert _budget_check("steps", 6, 7, 16)["passed"]  # one sample of slack upward
-    assert not _budget_check("EOT samples", 6, 9, 16)["passed"]  # more budget helping the defense: masking
+    attacked = torch.ones(16, dtype=torch.bool)
+    base, fewer = masks(16, range(6), range(2))
+    assert not _budget_check("steps", base, fewer, attacked)["passed"]  # the old demo's 6/16 -> 2/16
+    assert "NOT CONVERGED" in _budget_check("steps", base, fewer, attacked)["detail"]
+    one, none, other_one = masks(16, [3], [], [5])
+    assert not _budget_check("steps", one, none, attacked)["passed"]  # 1 -> 0 of 16: beyond 5% (0.8 samples)
+    check = _budget_check("steps", one, other_one, attacked)  # 1 -> 1 of 16, one lost and one gained
+    assert check["passed"] and (check["lost"], check["gained"]) == (1, 1)
+    seven, nine = masks(16, range(7), range(9))
+    assert _budget_check("steps", base, seven, attacked)["passed"]  # one sample of slack upward
+    assert "masking" in _budget_check("EOT samples", base, nine, attacked)["detail"]  # more budget helps
+    wide = torch.ones(200, dtype=torch.bool)  # 60 -> 50 of 200: 25 lost, 15 gained is re-attack noise
+    sixty, fifty, nested = masks(200, range(60), [*range(35), *range(60, 75)], range(50))
+    assert _budget_check("steps", sixty, fifty, wide)["passed"]
+    assert not _budget_check("steps", sixty, nested, wide)["passed"]  # the same counts, 10 lost, none gained
+
+
+def test_convergence_check_gives_no_verdict_on_too_few_attacked_samples():
+    from ssni.attacks.checks import _budget_check
+
+    nothing = torch.zeros(16, dtype=torch.bool)
+    check = _budget_check("steps", nothing, nothing, nothing)  # nothing attacked, 0 robust: not a pass
+    assert not check["passed"] and "NO VERDICT" in check["detail"]
+    nine = masks(16, range(9))[0]
+    assert not _budget_check("steps", nothing, nothing, nine)["passed"]
+    ten = masks(16, range(10))[0]
+    assert _budget_check("steps", nothing, nothing, ten)["passed"]  # 0 of 10 attacked robust, 2x: still 0
+
+
+class _Deterministic(torch.nn.Module):
+    """A "defense" that has a purifier but no randomness (its draws do not reach it)."""
+
+    def __init__(self, classifier):
+        super().__init__()
+        self.purifier, self.classifier = torch.nn.Identity(), classifier
+
+    def forward(self, x):
+        return self.classifier(self.purifier(x))
+
+
+def test_stochastic_check_fails_a_deterministic_purifier_and_informs_on_a_classifier(classifier, digits):
+    from ssni.attacks.checks import all_passed
+
+    x, y = digits[0][:4], digits[1][:4]
+    by_name = lambda model: {c["check"]: c for c in defense_checks(model, x, y)}  # noqa: E731
+    assert by_name(tiny_defense(classifier).eval())["stochastic"]["passed"] is True
+    frozen = by_name(_Deterministic(classifier).eval())["stochastic"]
+    assert frozen["passed"] is False and not frozen.get("informative")
+    bare = by_name(classifier)["stochastic"]
+    assert bare["informative"] and bare["passed"] is None
+    checks = list(by_name(classifier).values())
+    assert all_passed(checks) and not all_passed(checks + [{"check": "x", "passed": False}])
+    assert all_passed(checks + [{"check": "y", "passed": None, "informative": True}])
+
+
+def test_sanity_checks_attack_through_the_given_gradient_target(classifier, digits):
+    from ssni.attacks.checks import sanity_checks
+
+    class Counting(BPDA):
+        calls = 0
+
+        def forward(self, *args, **kwargs):
+            Counting.calls += 1
+            return super().forward(*args, **kwargs)
+
+    x, y, ids = digits[0][:4], digits[1][:4], torch.arange(4)
+    defense = tiny_defense(classifier).eval()
+    attack = PGD(ThreatModel("linf", 0.3), steps=1, step_size=0.1)
+    names = [c["check"] for c in sanity_checks(defense, attack, x, y, ids, draws=1, target=Counting(defense))]
+    assert Counting.calls == 1 + 20 + 2 + 2  # base, large eps (20 steps), 2x steps, 2x EOT: all through BPDA
+    assert not any("BPDA" in name for name in names)  # BPDA against itself compares nothing
+    names = [c["check"] for c in sanity_checks(defense, attack, x, y, ids, draws=1)]
+    assert "full gradient at least as strong as BPDA" in names
 
 
 def test_sanity_verdicts_are_the_evaluation_verdicts():
-    """The sanity checks' worst-of-N (ssni.attacks.verdicts) scores as evaluation runs do."""
+    """``fresh_verdicts`` on a batch (the sanity checks and the runner) and ``attack_verdicts`` on one
+    stored row (summaries) give every protocol the same verdict."""
     from ssni.attacks.verdicts import fresh_verdicts
-    from ssni.evaluate.scoring import fresh_verdicts as scoring_verdicts
+    from ssni.evaluate.scoring import attack_verdicts
     gen = torch.Generator().manual_seed(0)
     y = torch.randint(0, 4, (40,), generator=gen)
-    flip = torch.rand(5, 40, generator=gen) < 0.15
+    flip = torch.rand(5, 40, generator=gen) < 0.3
     preds = torch.where(flip, torch.randint(0, 4, (5, 40), generator=gen), y)  # mostly correct draws
-    assert scoring_verdicts is fresh_verdicts  # one definition
     ours = fresh_verdicts(preds, y)
     assert torch.equal(ours["worst"], (preds == y).all(0)) and ours["worst"].any() and not ours["worst"].all()
+    for p in ("single", "majority", "worst"):
+        assert ours[p].tolist() == [attack_verdicts(preds[:, j].tolist(), int(y[j]), None)[p] for j in range(40)]
+    assert ours["majority"].any() and not ours["majority"].all() and not torch.equal(ours["majority"], ours["worst"])

@@ -21,40 +21,73 @@ def point(axis, value, correct, n=40):
             "worst": accuracy(correct, n)}
 
 
-def test_rule_picks_first_rung_that_every_larger_rung_agrees_with():
-    # 40 images: 8/40 has a 95% Wilson half-width of about 5.3 samples, 12/40 about 5.9
-    steps = [point("steps", 5, 20), point("steps", 10, 8), point("steps", 20, 6), point("steps", 40, 6)]
-    eot = [point("eot", 1, 12), point("eot", 2, 10), point("eot", 4, 9)]
-    choice = conv.choose_budget(steps + eot, protocols=("worst",))["pgd"]
-    assert choice["axes"]["steps"]["chosen"] == 10  # 5 -> 10 moves 12 samples, 10 -> 20 and 40 move 2
-    assert choice["axes"]["eot"]["chosen"] == 1  # 1 -> 2 and 1 -> 4 move 2 and 3 < 5.9
-    assert choice["budget"] == {"steps": 10, "eot": 1} and choice["converged"]
+def test_rule_rejects_the_issue_sequences_that_the_unpaired_half_width_accepted():
+    # issue 21: 50% -> 37.5% of 32 passed as noise, and at n = 200 a rung 6 points above the largest
+    small = conv.first_stable([10, 20, 50, 100, 200], [16, 14, 13, 12, 12], 32)
+    assert small["chosen"] == 50  # 10 and 20 stay 4 and 2 samples above the largest (tolerance 1.6)
+    assert small["largest"] == {"rung": 200, "correct": 12, "n": 32} and small["correct"] == 13
+    large = conv.first_stable([10, 20, 50, 100, 200], [80, 72, 66, 62, 60], 200)
+    assert large["chosen"] == 100  # 20: 12 above (tolerance 10); 50: 66 -> 60 has p = 1/64 from the counts
+    assert "a larger rung breaks more" in large["reasoning"][1] and "converged" in large["reasoning"][3]
 
 
-def test_rule_says_not_converged_when_every_step_still_moves():
+def test_rule_is_paired_on_per_sample_verdicts():
+    # 60 -> 50 of 200: from the counts alone (at least 10 lost, none gained) p = 2^-10: not converged;
+    # paired, 25 lost and 15 gained is p = 0.08: re-attack noise, converged (10 = the tolerance)
+    assert conv.first_stable([10, 20], [60, 50], 200)["chosen"] is None
+    base, other = list(range(60)), list(range(35)) + list(range(60, 75))
+    paired = conv.first_stable([10, 20], [60, 50], 200, robust_ids=[base, other])
+    assert paired["chosen"] == 10 and "lost 25, gained 15" in paired["reasoning"][0]
+    # the same two counts with every sample of the larger rung's drop lost: significant
+    nested = conv.first_stable([10, 20], [60, 50], 200, robust_ids=[base, list(range(50))])
+    assert nested["chosen"] is None and "lost 10, gained 0" in nested["reasoning"][0]
+
+
+def test_rule_gives_no_verdict_without_enough_attacked_samples():
+    assert conv.first_stable([10, 20, 40], [0, 0, 0], 32, attacked=0)["chosen"] is None  # nothing attacked
+    few = conv.first_stable([10, 20, 40], [2, 2, 2], 32, attacked=conv.MIN_ATTACKED - 1)
+    assert few["chosen"] is None and "no verdict" in few["reasoning"][0]
+    # 0 robust of 32 attacked: no larger budget can break more, so the first rung is converged
+    assert conv.first_stable([10, 20, 40], [0, 0, 0], 32, attacked=32)["chosen"] == 10
+
+
+def test_rule_compares_against_the_largest_rung_not_only_the_next():
+    # 10 -> 20 loses 1 sample, but 40 is 6 lower: a slow slide is not convergence
+    out = conv.first_stable([10, 20, 40, 80], [16, 15, 10, 9], 40)
+    assert out["chosen"] == 40
+    assert "a larger rung breaks more" in out["reasoning"][0]
+
+
+def test_choice_takes_the_largest_rung_any_protocol_needs_and_reports_the_largest_rung():
+    from ssni.evaluate.summary import accuracy
+
+    points = [{**point("steps", s, w), "majority": accuracy(m, 40)}
+              for s, w, m in ((10, 2, 20), (20, 1, 6), (40, 0, 5))]
+    choice = conv.choose_budget(points)["pgd"]
+    assert conv.choose_budget(points, protocols=("worst",))["pgd"]["budget"] == {"steps": 10}
+    assert choice["budget"] == {"steps": 20}  # the majority still falls 20 -> 6 of 40 after 10 steps
+    axis = choice["axes"]["steps"]
+    assert axis["at_chosen"] == {"worst": 1, "majority": 6} and axis["at_largest"] == {"worst": 0, "majority": 5}
+    assert choice["verdict"] == "steps 20 (worst 1/40, majority 6/40; largest rung 40: worst 0/40, majority 5/40)"
+    assert any(line.startswith("majority at 10") for line in axis["reasoning"]) and not axis["paired"]
+
+
+def test_choice_says_not_converged_when_every_rung_still_drops():
     steps = [point("steps", 5, 30), point("steps", 10, 18), point("steps", 20, 6)]
     eot = [point("eot", 1, 12), point("eot", 2, 11)]
     choice = conv.choose_budget(steps + eot, protocols=("worst",))["pgd"]
     assert choice["axes"]["steps"]["chosen"] is None and choice["budget"] is None
+    assert choice["axes"]["eot"]["chosen"] == 1  # 12 -> 11 of 40: p 0.5, within 2 samples
     assert not choice["converged"] and choice["verdict"] == "not converged within the ladder (steps)"
 
 
-def test_rule_compares_against_the_largest_rung_not_only_the_next():
-    # 10 -> 20 moves 1 sample, but 40 moves 6: a slow slide is not convergence (16/40: half-width ~5.8)
-    out = conv.first_stable([10, 20, 40, 80], [16, 15, 10, 9], 40)
-    assert out["chosen"] == 40
-    assert "a larger rung moves beyond" in out["reasoning"][0]
-
-
-def test_rule_takes_the_largest_rung_any_protocol_needs():
-    from ssni.evaluate.summary import accuracy
-
-    points = [{**point("steps", s, w), "majority": accuracy(m, 40)}
-              for s, w, m in ((10, 2, 20), (20, 1, 6), (40, 0, 4))]
-    choice = conv.choose_budget(points)["pgd"]
-    assert conv.choose_budget(points, protocols=("worst",))["pgd"]["budget"] == {"steps": 10}
-    assert choice["budget"] == {"steps": 20}  # the majority still falls 20 -> 6 of 40 after 10 steps
-    assert any(line.startswith("majority at 10") for line in choice["axes"]["steps"]["reasoning"])
+def test_choice_reads_stored_per_sample_verdicts_and_attacked_counts():
+    line = [{**point("steps", s, len(ids)), "robust_ids": {"worst": ids}, "attacked": 40}
+            for s, ids in ((10, list(range(12))), (20, list(range(4, 16))))]  # 12 -> 12: lost 4, gained 4
+    axis = conv.choose_budget(line, protocols=("worst",))["pgd"]["axes"]["steps"]
+    assert axis["chosen"] == 10 and axis["paired"] and "lost 4, gained 4" in axis["reasoning"][0]
+    few = [{**p, "attacked": 3} for p in line]
+    assert conv.choose_budget(few, protocols=("worst",))["pgd"]["budget"] is None
 
 
 def test_parse_ladder_and_points(cfg):
@@ -81,6 +114,10 @@ def test_study_writes_files_and_resumes(cfg, tiny_weights, tmp_path, monkeypatch
     for p in saved["points"]:
         assert p["worst"]["n"] == 4 and p["worst"]["correct"] <= p["majority"]["correct"] + 4
         assert p["worst"]["ci95"][0] <= p["worst"]["acc"] <= p["worst"]["ci95"][1]
+        assert p["attacked"] == p["clean"]["correct"]  # per-sample verdicts for the paired rule
+        for protocol in ("worst", "majority", "single", "any_iterate"):
+            assert len(p["robust_ids"][protocol]) == p[protocol]["correct"]
+        assert set(p["robust_ids"]["worst"]) <= set(p["robust_ids"]["single"])
     assert set(saved["choice"]["pgd"]["axes"]) == {"steps", "eot"}
     from ssni.evaluate import runner
 

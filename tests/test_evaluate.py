@@ -234,7 +234,7 @@ def test_worst_candidate_keeps_the_output_with_the_fewest_correct_draws(monkeypa
     monkeypatch.setattr(runner_module, "predict", lambda m, x, ids, draw: next(calls[float(x[0, 0, 0, 0])]))
     x_adv, preds = worst_candidate(None, [a, b], y, torch.arange(2), 2)
     assert x_adv[:, 0, 0, 0].tolist() == [1.0, 0.0]
-    assert preds.tolist() == [[0, 1], [1, 0]]
+    assert preds.tolist() == [[[1, 1], [1, 0]], [[0, 1], [1, 1]]]  # [K, N, B]: every candidate is scored
 
 
 def test_config_errors_name_the_valid_choices():

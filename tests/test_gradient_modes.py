@@ -103,7 +103,9 @@ def test_gradient_cosines(tiny_unet, tiny_classifier, images):
     for c in cos.values():
         assert -1 <= c["min"] <= c["mean"] <= 1 and c["n"] == 5 and c["eot"] == 2
     checks = cosine_checks(cos, 2)
-    assert len(checks) == 3 and all(c["passed"] for c in checks) and "2 steps" in checks[1]["check"]
+    assert len(checks) == 3 and "2 steps" in checks[1]["check"]
+    assert all(c["informative"] and c["passed"] is None for c in checks)  # no threshold: described, not judged
+    assert checks[2]["mean"] == cos["bpda"]["mean"] and f"{cos['bpda']['mean']:.3f}" in checks[2]["detail"]
 
 
 def test_fixed_draw_gradient_is_pgd_gradient_and_leaves_the_counter(tiny_unet, tiny_classifier, images):
@@ -189,16 +191,29 @@ def test_evaluate_runs_an_attack_through_the_surrogate(tmp_path, tiny_weights):
     assert (tmp_path / "run" / "results.sqlite").is_file()
 
 
-def test_sanity_report_lists_the_gradient_cosines(tiny_weights):
+def test_sanity_runs_the_configured_gradient_mode_and_lists_the_gradient_cosines(tiny_weights, monkeypatch):
+    from ssni.attacks import checks as checks_module
     from ssni.evaluate.runner import run_sanity
 
     attack = {"name": "pgd", "eps": 0.3, "steps": 1, "step_size": 0.1, "eot": 1, "gradient": "surrogate",
               "surrogate_steps": 1}
     cfg = from_dict({**CALIBRATION_CONFIG, "data": {"n": 2}, "attacks": [attack]})
-    checks = run_sanity(cfg, tiny_weights, n=2)["checks"]
+    targets, sanity_checks = [], checks_module.sanity_checks
+    monkeypatch.setattr(checks_module, "sanity_checks",
+                        lambda *args: targets.append(args[-1]) or sanity_checks(*args))
+    result = run_sanity(cfg, tiny_weights, n=2)
+    checks = result["checks"]
+    assert isinstance(targets[0], SurrogateDefense) and targets[0].purifier.steps == 1  # not the exact defense
+    assert "surrogate gradient at least as strong as BPDA" in [c["check"] for c in checks]
+    convergence = [c for c in checks if c["check"].startswith("attack converged")]
+    assert len(convergence) == 2 and all("NO VERDICT" in c["detail"] for c in convergence)  # 2 samples only
+    assert not result["all_passed"]
     cosines = [c for c in checks if c["check"].startswith("gradient cosine to exact")]
     assert [c["check"].split(": ")[1].split(" ")[0] for c in cosines] == ["exact", "surrogate", "bpda"]
     assert "(1 steps)" in cosines[1]["check"] and all(c["n"] == 2 and c["eot"] == 1 for c in cosines)
+    bpda = from_dict({**CALIBRATION_CONFIG, "data": {"n": 2}, "attacks": [{**attack, "gradient": "bpda"}]})
+    run_sanity(bpda, tiny_weights, n=2)
+    assert isinstance(targets[1], BPDA)
 
 
 def test_a_derived_defense_leaves_the_shared_networks_in_their_mode():

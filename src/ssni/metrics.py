@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from torch import Tensor
 
@@ -17,13 +18,66 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def changed_beyond_noise(base: int, other: int, n: int) -> tuple[bool, float]:
-    """Did an accuracy move from ``base / n`` to ``other / n`` by at least the half-width of ``base``'s
-    95% Wilson interval? Returns the verdict and that half-width (as a fraction). This is the one
-    convergence criterion: the budget ladder (``ssni converge``) and ``--sanity`` both use it."""
-    low, high = wilson_interval(base, n)
-    half = (high - low) / 2
-    return abs(other - base) / n >= half, half
+# The convergence rule (``ssni converge`` and ``--sanity``'s 2x-budget checks). Both budgets of a
+# comparison are measured on the same samples, so it is paired: a sample robust at the smaller budget
+# and broken at the larger one is a discordant pair "lost", the reverse "gained".
+ALPHA = 0.05  # level of the one-sided exact sign test on the discordant pairs
+TOLERANCE = 0.05  # robust accuracy (share of all samples) a budget may keep above the largest one measured
+MIN_ATTACKED = 10  # clean-correct (hence attacked) samples without which there is no "converged" verdict
+
+
+@dataclass(frozen=True)
+class BudgetMove:
+    """Robust samples at a budget (``base``) and at a larger one (``other``), of ``n``; ``lost`` and
+    ``gained`` are the discordant pairs. ``paired`` is False when only the counts were known: then the
+    fewest discordant pairs the counts allow are assumed (``|base - other|``, all one way), which gives
+    the smallest p-value, so a count-only verdict errs towards "not converged"."""
+
+    base: int
+    other: int
+    lost: int
+    gained: int
+    n: int
+    paired: bool
+
+    @property
+    def p_drop(self) -> float:
+        """One-sided p-value of "the larger budget breaks more samples" (exact sign test)."""
+        return sign_test(self.lost, self.gained)
+
+    @property
+    def p_rise(self) -> float:
+        """One-sided p-value of "the larger budget breaks fewer samples" (masking or noise)."""
+        return sign_test(self.gained, self.lost)
+
+
+def sign_test(k: int, other: int) -> float:
+    """P(X >= k) for X ~ Binomial(k + other, 1/2): McNemar's exact test on ``k`` discordant pairs one
+    way and ``other`` the other way (1.0 when there are none)."""
+    d = k + other
+    return sum(math.comb(d, j) for j in range(k, d + 1)) / 2**d
+
+
+def budget_move(base: int, other: int, n: int, base_ids=None, other_ids=None) -> BudgetMove:
+    """The move between two budgets: from the robust samples' ids when both are given (``base`` and
+    ``other`` are then their sizes), else from the counts alone (see :class:`BudgetMove`)."""
+    if base_ids is None or other_ids is None:
+        return BudgetMove(base, other, max(base - other, 0), max(other - base, 0), n, paired=False)
+    b, o = set(base_ids), set(other_ids)
+    return BudgetMove(len(b), len(o), len(b - o), len(o - b), n, paired=True)
+
+
+def dropped_beyond(move: BudgetMove, alpha: float = ALPHA, tolerance: float | None = TOLERANCE) -> bool:
+    """Did the larger budget lower robust accuracy: a significant sign test on the discordant pairs
+    (``p_drop < alpha``), or (``tolerance`` given) more than ``tolerance * n`` samples fewer?"""
+    beyond = tolerance is not None and move.base - move.other > tolerance * move.n
+    return move.p_drop < alpha or beyond
+
+
+def describe_move(move: BudgetMove) -> str:
+    """``"16 -> 12 of 32 (lost 4, gained 0; p 0.062)"``; ``counts only`` when not paired."""
+    pairs = f"lost {move.lost}, gained {move.gained}" if move.paired else "counts only"
+    return f"{move.base} -> {move.other} of {move.n} ({pairs}; p {move.p_drop:.3g})"
 
 
 def auroc(negatives: Tensor, positives: Tensor) -> float:

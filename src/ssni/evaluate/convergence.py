@@ -7,15 +7,29 @@ sub-folder of the output (so an interrupted study resumes point by point) and is
 :func:`ssni.evaluate.summary.summarize` (single, majority, worst of N, any iterate, Wilson 95%
 intervals).
 
-Choice rule (issue 14). Along an axis with rungs ``v_0 < v_1 < ...`` the axis is converged at the
-first rung ``i`` from which every larger rung measured moves robust accuracy by less than the half-width
-of rung ``i``'s 95% interval (:func:`ssni.metrics.changed_beyond_noise`, the criterion ``--sanity`` uses
-too): not only the next doubling but the largest budget tried must agree with it. The rule is applied
-to each protocol in ``RULE_PROTOCOLS`` (worst of N, the headline, and the majority of the same N draws,
-which converges more slowly) and the axis takes the largest rung any of them needs. The chosen budget
-takes each axis's converged rung; if an axis never satisfies the rule the study is "not converged
-within the ladder". The axes are measured at the base of the others (a cross, not a grid): the choice
-assumes the effects of steps and EOT do not interact much, which the README states.
+Choice rule (issue 21; it replaces issue 14's unpaired Wilson half-width, which let 16 -> 12 of 32
+pass as noise). Every budget point is measured on the same samples with the same fresh scoring draws,
+so two budgets are compared *paired*, on per-sample verdicts: of the samples robust at the smaller
+budget, ``lost`` are broken at the larger one; of those broken, ``gained`` are robust there. Along an
+axis with rungs ``v_0 < v_1 < ...`` the axis is converged at the first rung ``i`` such that
+
+- no larger rung breaks significantly more samples: one-sided exact sign (McNemar) test on the
+  discordant pairs, ``P(Bin(lost + gained, 1/2) >= lost) >= ALPHA`` (0.05) for every ``j > i``, and
+- its robust count is at most ``TOLERANCE * n`` samples (5 points of accuracy) above the largest
+  rung's (few samples give a sign test little power: 4 of 32 lost and none gained has p = 0.0625),
+
+and the rule gives no verdict at all unless at least ``MIN_ATTACKED`` (10) samples were attacked
+(correct when clean): an attack that ran on nothing, or on two samples, is not "converged". At 0 robust
+with enough samples attacked a rung is converged (no larger budget can break more), and the largest
+rung's counts are reported beside the chosen ones. Points saved before per-sample verdicts were stored
+(``robust_ids``) are compared by their counts, taking the fewest discordant pairs the counts allow
+(:func:`ssni.metrics.budget_move`), which errs towards "not converged". The rule is applied to each
+protocol in ``RULE_PROTOCOLS`` (worst of N, the headline, and the majority of the same N draws, which
+converges more slowly) and the axis takes the largest rung any of them needs. If an axis never satisfies
+the rule the study is "not converged within the ladder". The axes are measured at the base of the others
+(a cross, not a grid): the choice assumes the effects of steps and EOT do not interact much, which the
+README states. ``--sanity`` applies the same test and tolerance to 2x steps and 2x EOT
+(:func:`ssni.attacks.checks.sanity_checks`).
 """
 
 from __future__ import annotations
@@ -25,10 +39,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..metrics import changed_beyond_noise
+from ..metrics import MIN_ATTACKED, TOLERANCE, budget_move, describe_move, dropped_beyond
 from .config import ExperimentConfig
 from .registries import ATTACKS
 from .runner import evaluate
+from .scoring import robust_under
 from .store import RESULTS_FILE, Store
 from .summary import summarize
 
@@ -36,9 +51,10 @@ AXES = ("steps", "eot", "restarts")
 DEFAULT_LADDER = {"steps": (10, 20, 50, 100, 200), "eot": (1, 2, 4, 8, 16), "restarts": (1, 2, 4)}
 NOT_CONVERGED = "not converged within the ladder"
 RULE_PROTOCOLS = ("worst", "majority")  # the N-draw verdicts the choice rule must see converged
-RULE = ("per axis and protocol (worst of N, majority), the first rung from which every larger rung measured "
-        "changes robust accuracy by less than the 95% Wilson half-width at that rung; the axis takes the "
-        "largest rung any protocol needs")
+RULE = ("per axis and protocol (worst of N, majority), on per-sample verdicts: the first rung that no larger rung "
+        "beats by a one-sided exact sign test on the discordant pairs (p < 0.05) and whose robust count is within "
+        "5% of the samples of the largest rung's, with at least 10 samples attacked; the axis takes the largest "
+        "rung any protocol needs")
 
 
 def parse_ladder(text: str) -> dict[str, tuple[int, ...]]:
@@ -105,31 +121,72 @@ def measure_point(cfg: ExperimentConfig, point: dict, out: Path, weights_dir: Pa
     s = summarize(rows, pcfg)
     keep = ("acc", "correct", "n", "ci95")
     cost = point["steps"] * point["eot"] * point["restarts"]
+    keys = [f"{k}:{a.name}" for k, a in enumerate(pcfg.attacks)]
+    robust_ids = {p: [r["sample_id"] for r, ok in zip(rows, robust_under(rows, keys, p)) if ok]
+                  for p in s["robust_by_protocol"]}  # per-sample verdicts: the rule compares budgets paired
     return {**point, "folder": folder.name, "gradient_evaluations": cost,
-            "clean": {k: s["clean"][k] for k in keep},
+            "clean": {k: s["clean"][k] for k in keep}, "attacked": s["clean"]["correct"],
             **{p: {k: acc[k] for k in keep} for p, acc in s["robust_by_protocol"].items()},
+            "robust_ids": robust_ids,
             "seconds": sum(r["seconds"] for r in rows), "wall_seconds_this_call": round(wall, 1)}
 
 
-def first_stable(rungs: list[int], correct: list[int], n: int, protocol: str = "worst") -> dict:
-    """The choice rule on one axis and protocol: the first rung from which every larger rung moves the
-    accuracy (``correct`` of ``n``) by less than that rung's interval half-width. Returns the rung (or
-    ``None``) and the reasoning."""
-    lines, chosen = [], None
-    for i, (rung, base) in enumerate(zip(rungs[:-1], correct)):
-        moves = [(later, other, *changed_beyond_noise(base, other, n))
-                 for later, other in zip(rungs[i + 1:], correct[i + 1:])]
-        half = moves[0][3]
-        detail = ", ".join(f"{later}: {other}/{n}" for later, other, _, _ in moves)
-        stable = not any(moved for _, _, moved, _ in moves)
-        lines.append(f"{protocol} at {rung}: {base}/{n} (half-width {half * n:.1f} samples) vs {detail}: "
-                     + ("every larger rung within" if stable else "a larger rung moves beyond"))
+def first_stable(rungs: list[int], correct: list[int], n: int, protocol: str = "worst",
+                 robust_ids: list | None = None, attacked: int | None = None) -> dict:
+    """The choice rule on one axis and protocol (module docstring): the first rung that no larger rung
+    beats by a significant sign test on the discordant pairs and whose robust count is within
+    ``TOLERANCE * n`` of the largest rung's. ``robust_ids[i]``: the ids of the samples robust at rung
+    ``i`` (the paired test); without them the counts alone are used (:func:`ssni.metrics.budget_move`).
+    ``attacked``: clean-correct samples (default ``n``); below ``MIN_ATTACKED`` there is no verdict.
+    Returns the rung (or ``None``), the reasoning, and the counts at the chosen and the largest rung."""
+    attacked = n if attacked is None else attacked
+    ids = robust_ids if robust_ids is not None else [None] * len(rungs)
+    out = {"chosen": None, "reasoning": [], "largest": {"rung": rungs[-1], "correct": correct[-1], "n": n}}
+    if attacked < MIN_ATTACKED:
+        out["reasoning"].append(f"{protocol}: {attacked} of {n} samples were attacked (correct when clean); "
+                                f"the rule needs at least {MIN_ATTACKED}: no verdict")
+        return out
+    for i, rung in enumerate(rungs[:-1]):
+        moves = [(later, budget_move(correct[i], correct[j], n, ids[i], ids[j]))
+                 for j, later in enumerate(rungs) if j > i]
+        stable = not any(dropped_beyond(move, tolerance=TOLERANCE if later == rungs[-1] else None)
+                         for later, move in moves)
+        detail = ", ".join(f"{later}: {describe_move(move)}" for later, move in moves)
+        out["reasoning"].append(
+            f"{protocol} at {rung}: vs {detail}; {correct[i] - correct[-1]:+d} against the largest rung "
+            f"(tolerance {TOLERANCE * n:.1f} samples): "
+            + ("converged" if stable else "a larger rung breaks more"))
         if stable:
-            chosen = rung
+            out.update(chosen=rung, correct=correct[i])
             break
-    if chosen is None:
-        lines.append(NOT_CONVERGED if len(rungs) > 1 else "one rung only: nothing to compare")
-    return {"chosen": chosen, "reasoning": lines}
+    if out["chosen"] is None:
+        out["reasoning"].append(NOT_CONVERGED if len(rungs) > 1 else "one rung only: nothing to compare")
+    return out
+
+
+def _axis_rule(line: list[dict], axis: str, protocol: str) -> dict:
+    """:func:`first_stable` on one axis's points (sorted by rung), paired where they hold robust ids."""
+    paired = all(protocol in p.get("robust_ids", {}) for p in line)
+    return first_stable([p[axis] for p in line], [p[protocol]["correct"] for p in line], line[0][protocol]["n"],
+                        protocol, [p["robust_ids"][protocol] for p in line] if paired else None,
+                        min(p.get("attacked", p.get("clean", {}).get("correct", p[protocol]["n"])) for p in line))
+
+
+def _axis_choice(line: list[dict], axis: str, protocols: tuple[str, ...]) -> dict:
+    """One axis: every protocol's rule; the axis takes the largest rung any protocol needs, and reports the
+    counts at that rung beside those at the largest rung."""
+    rules = {protocol: _axis_rule(line, axis, protocol) for protocol in protocols}
+    chosen = [r["chosen"] for r in rules.values()]
+    rung = None if None in chosen else max(chosen)
+    at = {p[axis]: p for p in line}
+    counts = lambda point: ", ".join(f"{q} {point[q]['correct']}/{point[q]['n']}" for q in protocols)  # noqa: E731
+    summary = (f"{axis} {rung} ({counts(at[rung])}; largest rung {line[-1][axis]}: {counts(line[-1])})"
+               if rung is not None else None)
+    return {"chosen": rung, "summary": summary, "largest": line[-1][axis],
+            "at_chosen": None if rung is None else {q: at[rung][q]["correct"] for q in protocols},
+            "at_largest": {q: line[-1][q]["correct"] for q in protocols},
+            "paired": all(protocol in p.get("robust_ids", {}) for p in line for protocol in protocols),
+            "reasoning": [text for r in rules.values() for text in r["reasoning"]]}
 
 
 def choose_budget(points: list[dict], protocols: tuple[str, ...] = RULE_PROTOCOLS) -> dict:
@@ -137,19 +194,14 @@ def choose_budget(points: list[dict], protocols: tuple[str, ...] = RULE_PROTOCOL
     (an axis takes the largest rung any protocol needs), and the budget it gives."""
     out = {}
     for attack in dict.fromkeys(p["attack"] for p in points):
-        axes, budget = {}, {}
+        axes = {}
         for axis in dict.fromkeys(p["axis"] for p in points if p["attack"] == attack):
-            line = sorted((p for p in points if p["attack"] == attack and p["axis"] == axis),
-                          key=lambda p: p[axis])
-            per_protocol = [first_stable([p[axis] for p in line], [p[protocol]["correct"] for p in line],
-                                         line[0][protocol]["n"], protocol) for protocol in protocols]
-            chosen = [c["chosen"] for c in per_protocol]
-            axes[axis] = {"chosen": None if None in chosen else max(chosen),
-                          "reasoning": [line for c in per_protocol for line in c["reasoning"]]}
-            budget[axis] = axes[axis]["chosen"]
+            line = sorted((p for p in points if p["attack"] == attack and p["axis"] == axis), key=lambda p: p[axis])
+            axes[axis] = _axis_choice(line, axis, protocols)
+        budget = {axis: a["chosen"] for axis, a in axes.items()}
         converged = all(v is not None for v in budget.values())
         out[attack] = {"axes": axes, "budget": budget if converged else None, "converged": converged,
-                       "verdict": ", ".join(f"{k} {v}" for k, v in budget.items()) if converged else
+                       "verdict": "; ".join(a["summary"] for a in axes.values()) if converged else
                        NOT_CONVERGED + " (" + ", ".join(k for k, v in budget.items() if v is None) + ")"}
     return out
 

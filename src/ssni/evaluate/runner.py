@@ -27,7 +27,7 @@ from ..defense import Defense
 from ..errors import InputError
 from .build import build_attack, build_model, calibrate, load_eval_data, load_models
 from .config import ExperimentConfig
-from .scoring import fresh_verdicts, robust_under, still_attackable
+from .scoring import candidate_fields, robust_under, still_attackable, stored_candidate, union_verdicts
 from .store import RESULTS_FILE as RESULTS
 from .store import Store, exclusive
 
@@ -48,13 +48,17 @@ def fresh_predictions(model: nn.Module, x_adv: Tensor, ids: Tensor, draws: int) 
 
 def worst_candidate(model: nn.Module, candidates: list[Tensor], y: Tensor, ids: Tensor,
                     draws: int) -> tuple[Tensor, Tensor]:
-    """Per sample, the candidate example with the fewest correct fresh draws (the first on ties),
-    and its ``[draws, B]`` fresh predictions. An attack that returns several outputs (AutoAttack's
-    APGD runs) is scored on all of them."""
+    """``(stored example [B, ...], [K, draws, B] fresh predictions of every candidate)``.
+
+    An attack that returns several outputs (AutoAttack's APGD runs) has each scored as its own entry
+    on the same fresh draws, and a sample is robust only against all of them
+    (:func:`ssni.evaluate.scoring.union_verdicts`): no choice among candidates is made on the draws
+    that score them. The stored example is the candidate with the fewest correct draws (the first on
+    ties), for its image, score norm and levels only."""
     preds = torch.stack([fresh_predictions(model, c, ids, draws) for c in candidates])  # [K, N, B]
-    pick = (preds == y).sum(1).argmin(0)  # argmin returns the first minimum
+    pick = stored_candidate(preds, y)
     rows = torch.arange(len(y), device=pick.device)
-    return torch.stack(candidates)[pick, rows], preds[pick, :, rows].T
+    return torch.stack(candidates)[pick, rows], preds
 
 
 def to_device(cfg: ExperimentConfig, *models: nn.Module) -> tuple[nn.Module, ...]:
@@ -134,7 +138,7 @@ def score_attack(model: nn.Module, a_cfg, attack, x_adv: Tensor, preds: Tensor, 
     """Per attacked sample: the raw fresh predictions, every protocol's verdict, whether an iterate
     fooled the attack's own draws, and (a :class:`Defense`) the score norm and levels the adversarial
     example gets on the first fresh draw (SSNI: does the attack lower the noise?)."""
-    verdicts = fresh_verdicts(preds, y)
+    verdicts, pick = union_verdicts(preds, y), stored_candidate(preds, y)  # preds: [K, N, B] (worst_candidate)
     # iterates judged on a surrogate chain say nothing about the defense that is scored
     during = None if a_cfg.gradient == "surrogate" else getattr(attack, "fooled_any_iterate", None)
     norms, levels = None, None
@@ -142,7 +146,7 @@ def score_attack(model: nn.Module, a_cfg, attack, x_adv: Tensor, preds: Tensor, 
         with torch.no_grad():
             info = model.explain(x_adv, sample_ids=ids, draw=RESCORE_DRAW)
         norms, levels = info["score_norm"], info["t_star"]
-    entries = [{"preds": preds[:, j].tolist(), **{p: bool(v[j]) for p, v in verdicts.items()},
+    entries = [{**candidate_fields(preds, pick, j), **{p: bool(v[j]) for p, v in verdicts.items()},
                 "fooled_during": None if during is None else bool(during[j]),
                 "score_norm": None if norms is None else float(norms[j]),
                 "t_star": [] if levels is None else levels[:, j].tolist()} for j in range(len(y))]
@@ -207,18 +211,19 @@ def merge_shards(cfg: ExperimentConfig, out: Path, rank: int, world: int) -> Pat
 
 
 def run_sanity(cfg: ExperimentConfig, weights_dir: Path | None = None, n: int = 16) -> dict:
-    """Defense checks and gradient-masking checks on the first ``n`` samples, with the first PGD-type attack."""
-    from ..attacks.checks import defense_checks, sanity_checks
+    """Defense checks and gradient-masking checks on the first ``n`` samples, with the first PGD-type attack
+    as configured: its gradient mode (exact, surrogate or BPDA) is the one the checks attack through."""
+    from ..attacks.checks import all_passed, defense_checks, sanity_checks
     from ..attacks.pgd import PGD
 
     model = prepare_model(cfg, Path(weights_dir or default_weights_dir()))
     data = load_eval_data(cfg, min(n, cfg.data.n))
-    attack = next((build_attack(a, model, cfg.evaluate.seed)[0] for a in cfg.attacks
-                   if a.name in ("pgd", "apgd")), None)  # the checks compare plain budgets and BPDA
+    attack, target = next((build_attack(a, model, cfg.evaluate.seed) for a in cfg.attacks
+                           if a.name in ("pgd", "apgd", "bpda")), (None, model))  # the checks compare budgets
     x, y = data.images.to(cfg.evaluate.device), data.labels.to(cfg.evaluate.device)
     checks = defense_checks(model, x, y)
     if isinstance(attack, PGD):
-        checks += sanity_checks(model, attack, x, y, data.ids, cfg.evaluate.rescore_draws)
+        checks += sanity_checks(model, attack, x, y, data.ids, cfg.evaluate.rescore_draws, target)
     if isinstance(model, Defense):  # fidelity of every gradient mode to the exact one (informative entries)
         from ..attacks.gradient_modes import cosine_checks, gradient_cosines
         from .config import AttackConfig
@@ -228,4 +233,4 @@ def run_sanity(cfg: ExperimentConfig, weights_dir: Path | None = None, n: int = 
         m = min(len(data), 8)
         checks += cosine_checks(gradient_cosines(model, x[:m], y[:m], data.ids[:m], eot=pgd_like[0].eot,
                                                  surrogate_steps=steps), steps)
-    return {"n": len(data), "checks": checks, "all_passed": all(c["passed"] for c in checks)}
+    return {"n": len(data), "checks": checks, "all_passed": all_passed(checks)}

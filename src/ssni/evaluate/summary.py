@@ -87,9 +87,13 @@ def format_summary(summary: dict) -> str:
     lines.append(f"t* mean {summary['t_mean']:.1f} (std {summary['t_std']:.1f}), "
                  f"{summary['seconds_per_sample']:.2f} s per sample")
     for check in summary.get("sanity", {}).get("checks", []):
-        flag = "ok    " if check["passed"] else "FAILED"
-        lines.append(f"[{flag}] {check['check']}: {check['detail']}")
+        lines.append(format_check(check))
     if summary.get("sanity") and not summary["sanity"]["all_passed"]:
         lines.append("!!! SANITY CHECKS FAILED: these robust accuracies may be inflated "
                      "(gradient masking or an attack that has not converged) !!!")
     return "\n".join(lines)
+
+def format_check(check: dict) -> str:
+    """``[ok    ]``, ``[FAILED]`` or ``[info  ]`` (an informative entry: no threshold, not in ``all_passed``)."""
+    flag = "info  " if check.get("informative") else "ok    " if check["passed"] else "FAILED"
+    return f"[{flag}] {check['check']}: {check['detail']}"
