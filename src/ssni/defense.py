@@ -3,12 +3,15 @@
 Attacks see one differentiable model. Gradients flow through the classifier,
 every reverse step, the forward jump and, with SSNI, the score norm and the
 reweighting (reverse steps and score-norm calls are activation-checkpointed when
-the purifier's ``checkpoint`` is on). The integer
-level is used in the forward value, and its gradient is the straight-through
-gradient of the continuous twin ``abar(t_relaxed)`` (see
-:func:`ssni.diffusion.forward_jump`). Set ``ssni.differentiable = False`` to
-treat the levels as constants (the paper's attacks recompute them without
-gradient).
+the purifier's ``checkpoint`` is on). The one step that is not differentiated
+as computed is the level: its forward value is the integer ``t``, and its
+gradient is a straight-through relaxation, the derivative of the continuous
+twin ``abar(t_relaxed)`` standing in for the rounding's in the forward jump
+(:func:`ssni.diffusion.forward_jump`); the reverse grid follows the integer
+level and carries no gradient. So ``gradient = "exact"`` means exact through
+the classifier, the reverse steps, the jump and the score norm, with this
+relaxation at the level. Set ``ssni.differentiable = False`` to treat the
+levels as constants (the paper's attacks recompute them without gradient).
 """
 
 from __future__ import annotations

@@ -111,10 +111,15 @@ def forward_jump(
         t: ``[B]`` integer levels in ``0..T``.
         eps: standard Gaussian noise shaped like ``x0``.
         t_relaxed: optional real-valued ``[B]`` levels carrying a gradient. The
-            forward value still uses the integer ``t``; the gradient flows
-            through the continuous twin ``abar(t_relaxed)`` (straight-through
-            relaxation of the rounding), so an attacker can see how a change of
-            level changes the injected noise.
+            forward value still uses the integer ``t``; the backward pass uses the
+            derivative of the continuous twin ``abar(t_relaxed)`` in place of the
+            rounding's (zero almost everywhere). This is a straight-through
+            relaxation, not the derivative of the computed function, and the
+            only place a level carries a gradient: the reverse chain that follows
+            runs on the grid of the integer level, so what a change of level does
+            to the reverse steps (how many, at which levels) is invisible to the
+            gradient. An attacker sees how a change of level changes the injected
+            noise, to first order and through this jump only.
     """
     abar = schedule.abar(t, like=x0)
     if t_relaxed is not None:
