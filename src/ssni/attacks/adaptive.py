@@ -2,70 +2,82 @@
 
 SSNI gives an input with a low score norm ``e(x)`` little noise (METHOD §3), so the
 weakness it adds is that adversarial inputs that *look* clean are purified less. The
-attack restricts itself to the inputs the defense treats as clean,
+attack searches the inputs the defense treats as clean,
 
     maximise   L(x) = mean over draws of loss(defense(x), y)      (APGD's DLR, margin or CE)
     subject to x in the ball B(x0, eps) and c(x) = (e(x) - e_target) / s <= 0,
 
 where ``e_target`` is a score norm at which SSNI gives part of ``t*`` only
 (:func:`feasible_target`; SSNI-N: ``mu`` gives half of ``t* - 1 + b``, ``mu + tau``
-``sigmoid(1) = 73%`` of it) and ``s`` is a scale (SSNI-N: ``tau``). The constraint is
-handled by a per-sample augmented Lagrangian (Nocedal & Wright, eq. 17.65): APGD
-(schedule, momentum, checkpoints, restarts; :mod:`ssni.attacks.apgd`) ascends
+``sigmoid(1) = 73%`` of it) and ``s`` is a scale (SSNI-N: ``tau``).
 
-    L_A(x; lambda) = L(x) - (relu(lambda + rho c(x))^2 - lambda^2) / (2 rho),
+**The step** (a linearised feasible-direction method, Zoutendijk's / SQP's step restated for
+an l_p ball). At an iterate ``x_k`` with EOT estimates of ``g = grad L``, ``h = grad c`` and
+``c_k``, the step solves the linear programme
 
-and after every gradient estimate each sample's multiplier moves to
-``lambda <- max(0, lambda + rho c(x))`` with ``c`` averaged over that step's EOT draws.
-Inside the feasible set with ``lambda = 0`` the attack is plain APGD on ``L``; outside
-it the penalty's gradient pulls ``e(x)`` back down. Gradients are exact: the loss
-flows through the classifier, the purifier at the levels SSNI picks and, via the
-straight-through relaxed levels, through the score network; ``e(x)`` is the score
-norm the defense computed in that same forward pass (``return_score_norm``), so
-each forward runs the score network once, at the defense's ``resolution``.
+    max  g . d   subject to   c_k + h . d <= -m,   d in the trust region of radius eta_k,
 
-The first run starts at the clean input (feasible when ``e(x0) <= e_target``); run
-``r > 0`` starts at a random point of the ball of radius ``eps r / restarts``. The
-``shortlist`` iterates of highest ``L`` among those that met the constraint on the
-attack's own draws (and the clean start) are re-scored on ``heldout_draws`` fresh
-draws the gradient never used, on the defense that is scored (with ``gradient =
-"surrogate"``, the full defense, not the surrogate chain the gradient came from:
-``model.scored``). The output is the held-out-feasible candidate with
-the most misclassified held-out draws (ties: highest mean margin); when no candidate
-is feasible on held-out draws, the best-scoring one. ``levels`` (``[R, B]``, mean over
-held-out draws), ``score_norms`` and ``feasible`` record what the defense does with
-each output.
+(``m``: ``margin``), i.e. the steepest ascent of ``L`` among steps that keep the linearised
+constraint ``m`` inside the boundary, or, from an infeasible point, bring it back. For l_inf
+the region is the box ``[-eta, eta]`` cut by the ball and ``[0, 1]``, and the programme is a
+fractional knapsack (:func:`linf_step`): start from APGD's step (each pixel at the end of its
+range that ``g`` points to) and move the pixels of least loss per unit of ``c`` to their other end
+until the budget holds. For l_2 it has a closed form (:func:`l2_step`). Its multiplier is the
+ratio at which the knapsack stops: it is solved afresh at every step, so nothing accumulates.
 
-Measured on the MNIST demo (DiffPure t* = 300, 10 steps, SSNI-N; l_inf 0.3; 10 steps,
-EOT 2; 32 images, worst of 8 fresh draws): val 93.8% robust [79.9, 98.3], test 87.5%
-(PGD and APGD-DLR: 9.4% on both). The feasible set is nearly empty of useful points there:
-``e_target = mu + tau = 488.6`` while clean inputs average 473, and along the segment from
-a clean image to its PGD example ``e`` passes the target by ``l_inf = 0.015`` (e = 595,
-level 301 of 304); PGD's examples sit at e = 1440 and get the full level 304, yet fool.
-Sign descent on ``e`` alone can lower it (step 0.003: level 153 -> 36), so low-score-norm
-points exist, but not ones that also fool the classifier within 10 steps.
+**Step size and acceptance** (a trust region): ``eta`` starts at ``feasible_step * eps``
+(default ``eps / 8``; APGD's first step, ``2 eps``, leaves a thin feasible set at once). A
+trial point is accepted when it is feasible on its EOT draws (``c <= tolerance``) or, from an
+infeasible iterate, less infeasible; then ``eta`` grows by 1.25 (up to ``eps``). A rejected
+trial halves ``eta`` and sends the iterate back to the best feasible point so far, with that
+point's gradients. *Best* is the highest attack loss ``L`` among the iterates feasible on their
+own draws (never a penalised objective). No momentum: a mixed step would leave the
+linearised constraint.
+
+The first run starts at the clean input (feasible when ``e(x0) <= e_target``; otherwise the
+first steps restore feasibility); run ``r > 0`` at a random point of the ball of radius
+``eps r / restarts``. The ``shortlist`` feasible iterates of highest ``L`` (and the clean start)
+are re-scored on ``heldout_draws`` fresh draws the gradient never used, on the defense that is
+scored (with ``gradient = "surrogate"``, the full defense, not the surrogate chain:
+``model.scored``); the feasible candidate is the held-out-feasible one with the most
+misclassified held-out draws (ties: highest mean margin), else the best-scoring one.
+
+**Union with the unconstrained attack** (``unconstrained = True``, default): the attack also runs
+plain APGD (same loss, steps, EOT, restarts; its own ``initial_step``) and exposes both outputs
+as ``candidates`` (``[feasible, unconstrained]``), which the evaluation runner scores per sample,
+so the attack is never weaker than APGD at its budget. It returns, per sample, the candidate with
+more misclassified held-out draws (``from_unconstrained``). ``levels`` (``[R, B]``, mean over
+held-out draws), ``score_norms`` and ``feasible`` describe the *feasible* candidate: what
+SSNI does with the best clean-looking point found.
+
+Gradients: ``g`` is the exact gradient of the loss through the classifier, the purifier at the
+levels SSNI picks and, via the straight-through relaxed levels (:func:`ssni.diffusion.forward_jump`),
+the score network; ``h`` is the gradient of the score norm the defense computed in that same
+forward pass (``return_score_norm``). When that score norm carries no gradient (``gradient =
+"surrogate"``, or ``ssni.differentiable = False``) ``h`` comes from a differentiable score-norm
+pass with the same noise. Measured results: docs/adaptive/README.md.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor, nn
 
-from ..defense import Defense
+from ..defense import Defense, resize
 from ..errors import ConfigError
 from ..reweight import LinearReweight, Reweight
 from ..rng import SampleNoise, batch_ids
+from ..score_norm import score_norm
 from ..validation import check_images
 from .apgd import APGD, LOSSES, margin_loss
 from .base import ThreatModel
 
 TARGETS = ("mu", "mu+tau", "clean")
 SIGMOID_ONE = 1 / (1 + math.exp(-1))  # share of the sigmoid's range at mu + tau
-
-
+GROW = 1.25  # trust-region growth of an accepted step (a rejected one halves)
 def _number(value: object) -> float | None:
     if isinstance(value, bool):
         return None
@@ -100,60 +112,213 @@ def feasible_target(reweight: Reweight, target: str | float) -> tuple[float | No
     return cal.mean + (0.0 if target == "mu" else scale), scale
 
 
+
+def linf_step(g: Tensor, h: Tensor, budget: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+    """``d`` of ``max g.d`` subject to ``h.d <= budget`` and ``lo <= d <= hi`` (per sample; ``lo <= 0 <= hi``).
+
+    A fractional knapsack, solved exactly: start at the sign step (``d_i = hi_i`` where ``g_i > 0``,
+    ``lo_i`` where ``g_i < 0``, 0 where ``g_i = 0``), then move the pixels whose move lowers ``h.d`` to
+    the end of their range that lowers it, fewest units of ``g.d`` lost per unit of ``h.d`` saved first
+    (``|g_i| / |h_i|``), the last one only as far as the budget needs; all of them when it cannot be
+    met (the step of least ``h.d``). ``g, h, lo, hi``: ``[B, ...]``; ``budget``: ``[B]``.
+    """
+    a, b, low, high = (t.flatten(1) for t in (g, h, lo, hi))
+    d = torch.where(a > 0, high, torch.where(a < 0, low, torch.zeros_like(a)))
+    other = torch.where(b > 0, low, high)  # the end of the range that lowers h.d
+    movable = (a * b > 0) | ((a == 0) & (b != 0))
+    ratio = torch.where(movable, a.abs() / torch.where(movable, b.abs(), 1.0), torch.inf)
+    order = ratio.argsort(1)
+    each = torch.where(movable, b * (d - other), 0.0).gather(1, order)  # h.d saved by each move, in order
+    saved = each.cumsum(1)
+    need = (b * d).sum(1) - budget  # how far h.d must fall
+    moves = torch.where(need > 0, (saved < need[:, None]).sum(1) + 1, 0).clamp_max(a.shape[1])
+    last = (moves - 1).clamp_min(0)[:, None]
+    excess = (saved.gather(1, last) - need[:, None]).clamp_min(0)  # saved beyond the need by the last move
+    share = torch.ones_like(each).scatter(1, last, 1 - excess / each.gather(1, last).clamp_min(1e-30))
+    ranked = torch.where(torch.arange(a.shape[1], device=a.device) < moves[:, None], share, 0.0)
+    move = torch.zeros_like(ranked).scatter(1, order, ranked) * movable
+    return torch.where(move >= 1, other, d + move * (other - d)).clamp(low, high).reshape(g.shape)
+
+
+def l2_step(g: Tensor, h: Tensor, budget: Tensor, eta: Tensor) -> Tensor:
+    """``d`` of ``max g.d`` subject to ``h.d <= budget`` and ``||d||_2 <= eta`` (closed form, per sample).
+
+    The ascent ``eta g / ||g||`` when it meets the budget; else the point of the circle in the
+    plane of ``g`` and ``h`` with ``h.d = budget`` (``-eta h / ||h||`` when no point of the ball does)."""
+    a, b = g.flatten(1), h.flatten(1)
+    unit = lambda v: v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)  # noqa: E731
+    a_hat, b_hat = unit(a), unit(b)
+    alpha = (budget / (eta * b.norm(dim=1)).clamp_min(1e-12)).clamp(-1, 1)[:, None]
+    across = unit(a - (a * b_hat).sum(1, keepdim=True) * b_hat)
+    bound = alpha * b_hat + (1 - alpha ** 2).sqrt() * across
+    free = (eta * (b * a_hat).sum(1) <= budget)[:, None]
+    return (eta[:, None] * torch.where(free, a_hat, bound)).reshape(g.shape)
+
+
+@dataclass
+class Point:
+    """An iterate's EOT estimates: ``grad`` of the attack loss, ``grad_c`` of the constraint, ``[B]``
+    mean ``loss`` and ``c`` over the draws."""
+
+    grad: Tensor
+    grad_c: Tensor
+    loss: Tensor
+    c: Tensor
+
+    def where(self, mask: Tensor, other: Point) -> Point:
+        """Per sample: this point's estimates where ``mask``, else ``other``'s."""
+        pick = lambda a, b: torch.where(mask.reshape(-1, *[1] * (a.dim() - 1)), a, b)  # noqa: E731
+        return Point(*(pick(getattr(self, f.name), getattr(other, f.name)) for f in fields(Point)))
+
+
 @dataclass
 class AdaptiveAttack(APGD):
-    """APGD on the feasible set ``e(x) <= e_target`` of a :class:`ssni.Defense` with SSNI.
+    """A feasible-set attack on ``e(x) <= e_target`` of a :class:`ssni.Defense` with SSNI (module docstring).
 
-    Attributes (besides APGD's; ``restarts``, ``targeted``, ``loss`` work as there):
+    Attributes (besides APGD's; ``loss``, ``restarts``, ``targeted`` work as there and configure the
+    unconstrained run too, ``initial_step``, ``momentum``, ``rho`` and ``iterate`` only that run):
         score_target: ``"mu"``, ``"mu+tau"`` (default), ``"clean"`` or a number (:func:`feasible_target`).
-        penalty: ``rho`` of the augmented Lagrangian (per unit of ``c``).
-        tolerance: slack on the constraint, in units of the scale ``s``.
-        shortlist: iterates per sample re-scored on held-out draws (plus the clean start).
+        margin: how far inside the boundary a step aims, in units of the scale ``s``.
+        tolerance: slack on the constraint when judging an iterate feasible, in units of ``s``.
+        feasible_step: first trust-region radius of a feasible-set run, as a share of ``eps``.
+        shortlist: feasible iterates per sample re-scored on held-out draws (plus the clean start).
         heldout_draws: fresh draws for that choice.
+        unconstrained: also run plain APGD and expose both outputs as ``candidates``.
     """
 
     score_target: str | float = "mu+tau"
-    penalty: float = 1.0
+    margin: float = 0.25
     tolerance: float = 0.0
+    feasible_step: float = 0.125
     shortlist: int = 3
     heldout_draws: int = 2
+    unconstrained: bool = True
+    restore_steps: int = 2
     levels: Tensor | None = field(default=None, repr=False)
     score_norms: Tensor | None = field(default=None, repr=False)
     feasible: Tensor | None = field(default=None, repr=False)
     e_target: Tensor | None = field(default=None, repr=False)
+    candidates: list[Tensor] = field(default_factory=list, repr=False)
+    from_unconstrained: Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self):
         super().__post_init__()
-        if not self.penalty > 0 or self.tolerance < 0 or self.shortlist < 1 or self.heldout_draws < 1:
-            raise ConfigError("the adaptive attack needs penalty > 0, tolerance >= 0, shortlist >= 1 and "
-                              f"heldout_draws >= 1, found {self.penalty}, {self.tolerance}, "
-                              f"{self.shortlist}, {self.heldout_draws}")
+        if (self.margin < 0 or self.tolerance < 0 or not 0 < self.feasible_step <= 1 or self.shortlist < 1
+                or self.heldout_draws < 1):
+            raise ConfigError("the adaptive attack needs margin >= 0, tolerance >= 0, 0 < feasible_step <= 1, "
+                              f"shortlist >= 1 and heldout_draws >= 1, found {self.margin}, {self.tolerance}, "
+                              f"{self.feasible_step}, {self.shortlist}, {self.heldout_draws}")
         if _number(self.score_target) is None and self.score_target not in TARGETS:
             raise ConfigError(f"adaptive attack: score_target = {self.score_target!r}; choose one of "
                               f"{list(TARGETS)} or a score norm (a number)")
 
-    def objective(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None,
-                  draw: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """``([rows] L_A, logits)``; the score norm is the one the defense's forward pass computed."""
-        logits, e = model(x, sample_ids=sample_ids, draw=draw, return_score_norm=True)
-        k = logits.shape[0] // self._lam.shape[0]
-        t = None if self._target is None else self._target.repeat(k)
-        adv = LOSSES[self.loss](logits, y, t)
-        c = (e - self.e_target.repeat(k)) / self._scale.repeat(k)
-        lam = self._lam.repeat(k)
-        self._rows.append((adv.detach().reshape(k, -1), e.detach().reshape(k, -1)))
-        return adv - (torch.relu(lam + self.penalty * c) ** 2 - lam ** 2) / (2 * self.penalty), logits
+    def _forward(self, model: nn.Module, x_rows: Tensor, ids: Tensor, draws: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits, e)`` of one stacked pass; ``e`` carries a gradient (the pass's own score norm, or its
+        value with the gradient of a differentiable score-norm pass on the same noise)."""
+        logits, e = model(x_rows, sample_ids=ids, draw=draws, return_score_norm=True)
+        if e.requires_grad or not isinstance(model, Defense):
+            return logits, e
+        s = model.ssni
+        noise = model._noise(x_rows, ids, draws, 0)
+        with torch.enable_grad():
+            twin = score_norm(s.score_model, s.schedule, resize(x_rows, model.resolution), noise, s.n_levels,
+                              model.max_rows, model.purifier.checkpoint)
+        return logits, e.detach() + (twin - twin.detach())
 
-    def _estimate(self, model: nn.Module, x: Tensor, y: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """APGD's estimate; then the multiplier update and the candidate bookkeeping at ``x``."""
-        self._rows = []
-        grad, loss = super()._estimate(model, x, y, ids)
-        adv = torch.cat([a for a, _ in self._rows]).mean(0)
-        e = torch.cat([e for _, e in self._rows]).mean(0)
-        c = (e - self.e_target) / self._scale
-        self._lam = (self._lam + self.penalty * c).clamp_min(0)
-        self._remember(x, torch.where(c <= self.tolerance, adv, adv - 1e6))
-        return grad, loss
+    def _estimate(self, model: nn.Module, x: Tensor, y: Tensor, ids: Tensor) -> Point:
+        """EOT estimates at ``x`` (``eot_batch`` draws per stacked pass); records the trace and any-iterate
+        success."""
+        batch, grad, grad_c, losses, cs = x.shape[0], torch.zeros_like(x), torch.zeros_like(x), [], []
+        for start in range(0, self.eot, self.eot_batch):
+            k = min(self.eot_batch, self.eot - start)
+            x_var = x.detach().requires_grad_(True)
+            draws = model.reserve_draws(k) + torch.arange(k).repeat_interleave(batch)
+            logits, e = self._forward(model, x_var.repeat(k, *[1] * (x.dim() - 1)), ids.repeat(k), draws)
+            adv = LOSSES[self.loss](logits, y.repeat(k), None if self._target is None else self._target.repeat(k))
+            c = (e - self.e_target.repeat(k)) / self._scale.repeat(k)
+            grad_c += torch.autograd.grad(c.sum(), x_var, retain_graph=True)[0]
+            grad += torch.autograd.grad(adv.sum(), x_var)[0]
+            losses.append(adv.detach().reshape(k, batch))
+            cs.append(c.detach().reshape(k, batch))
+            self.fooled_any_iterate |= (logits.detach().argmax(1) != y.repeat(k)).reshape(k, batch).any(0)
+        point = Point(grad / self.eot, grad_c / self.eot, torch.cat(losses).mean(0), torch.cat(cs).mean(0))
+        self.loss_trace.append(float(point.loss.mean()))
+        return point
+
+    def _score_norm(self, model: nn.Module, x_rows: Tensor, ids: Tensor, draws: Tensor) -> Tensor:
+        """``e`` with a gradient from the score network alone (no purification), on the draws' noise."""
+        if not isinstance(model, Defense):
+            return model(x_rows, sample_ids=ids, draw=draws, return_score_norm=True)[1]
+        s = model.ssni
+        noise = model._noise(x_rows, ids, draws, 0)
+        with torch.enable_grad():
+            return score_norm(s.score_model, s.schedule, resize(x_rows, model.resolution), noise, s.n_levels,
+                              model.max_rows, model.purifier.checkpoint)
+
+    def _constraint(self, model: nn.Module, x: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """EOT estimates ``(grad c, [B] c)`` at ``x`` from score-norm passes only."""
+        batch, grad_c, cs = x.shape[0], torch.zeros_like(x), []
+        for start in range(0, self.eot, self.eot_batch):
+            k = min(self.eot_batch, self.eot - start)
+            x_var = x.detach().requires_grad_(True)
+            draws = model.reserve_draws(k) + torch.arange(k).repeat_interleave(batch)
+            e = self._score_norm(model, x_var.repeat(k, *[1] * (x.dim() - 1)), ids.repeat(k), draws)
+            c = (e - self.e_target.repeat(k)) / self._scale.repeat(k)
+            grad_c += torch.autograd.grad(c.sum(), x_var)[0]
+            cs.append(c.detach().reshape(k, batch))
+        return grad_c / self.eot, torch.cat(cs).mean(0)
+
+    def _restore(self, model: nn.Module, x_try: Tensor, x: Tensor, ids: Tensor, eta: Tensor) -> Tensor:
+        """Up to ``restore_steps`` Newton steps on ``c`` alone toward ``c = -margin``: ``-t sign(h)`` for
+        l_inf (``-t h / ||h||`` for l_2) with ``t = (c + margin) / ||h||_1`` (``||h||_2``), at most ``eta``."""
+        view = (-1, *[1] * (x.dim() - 1))
+        dual = 1 if self.threat.norm == "linf" else 2  # the dual norm of the ball's
+        for _ in range(self.restore_steps):
+            h, c = self._constraint(model, x_try, ids)
+            size = h.flatten(1).norm(p=dual, dim=1).clamp_min(1e-12)
+            t = torch.minimum((c + self.margin).clamp_min(0) / size, eta).reshape(view)
+            unit = h.sign() if dual == 1 else h / size.reshape(view)
+            x_try = self.threat.project(x_try - t * unit, x)
+        return x_try
+
+    def _step(self, x_k: Tensor, x: Tensor, p: Point, eta: Tensor) -> Tensor:
+        """The trial point: the linear programme's step from ``x_k`` (module docstring), projected."""
+        budget = -self.margin - p.c
+        if self.threat.norm == "l2":
+            return self.threat.project(x_k + l2_step(p.grad, p.grad_c, budget, eta), x)
+        view = (-1, *[1] * (x.dim() - 1))
+        r, eps = eta.reshape(view), self.threat.eps
+        lo = torch.maximum(-r, torch.maximum(x - eps, torch.zeros_like(x)) - x_k)
+        hi = torch.minimum(r, torch.minimum(x + eps, torch.ones_like(x)) - x_k)
+        return self.threat.project(x_k + linf_step(p.grad, p.grad_c, budget, lo, hi), x)
+
+    def _key(self, p: Point) -> Tensor:
+        """The attack loss where the point is feasible on its draws, else ``-inf``."""
+        return torch.where(p.c <= self.tolerance, p.loss, -torch.inf)
+
+    def _rank(self, p: Point) -> Tensor:
+        """The shortlist's key: the attack loss of a feasible point, above every infeasible one, which rank
+        by their violation (so a run that never gets feasible still offers its least infeasible point)."""
+        return torch.where(p.c <= self.tolerance, p.loss, -1e6 - p.c)
+
+    def _feasible_run(self, model: nn.Module, x: Tensor, y: Tensor, ids: Tensor, start: Tensor) -> None:
+        """One trust-region run from ``start`` (module docstring); its feasible iterates enter the shortlist."""
+        x_k, p = start, self._estimate(model, start, y, ids)
+        self._remember(x_k, self._rank(p))
+        best_x, best, best_key = x_k.clone(), p, self._key(p)
+        eta = torch.full_like(p.loss, self.feasible_step * self.threat.eps)
+        for _ in range(self.steps):
+            x_try = self._restore(model, self._step(x_k, x, p, eta), x, ids, eta)
+            trial = self._estimate(model, x_try, y, ids)
+            key = self._key(trial)
+            self._remember(x_try, self._rank(trial))
+            accept = (trial.c <= self.tolerance) | (trial.c < p.c)
+            eta = torch.where(accept, (eta * GROW).clamp_max(self.threat.eps), eta / 2)
+            better = key > best_key
+            best_x, best, best_key = _mix(better, x_try, best_x), trial.where(better, best), key.where(better, best_key)
+            back = ~accept & best_key.isfinite()  # rejected: back to the best feasible point
+            x_k, p = _mix(accept, x_try, _mix(back, best_x, x_k)), trial.where(accept, best.where(back, p))
+            self.step_trace.append(eta.clone())
 
     def _remember(self, x: Tensor, key: Tensor, slot: int | None = None) -> None:
         """Keep ``x`` in the candidate slot of lowest key when its key is higher (slot 0: the clean start)."""
@@ -166,13 +331,15 @@ class AdaptiveAttack(APGD):
         self._xs[worst[take], rows[take]] = x[take].detach()
         self._keys[worst[take], rows[take]] = key[take]
 
-    def _check(self, model: nn.Module) -> Defense:
-        if not isinstance(model, Defense) or model.ssni is None:
+    def _check(self, model: nn.Module) -> nn.Module:
+        """A model with SSNI's score norm (a :class:`ssni.Defense` with ``ssni``, or one that speaks its
+        interface: ``reserve_draws``, ``ssni.reweight`` and ``return_score_norm``)."""
+        if getattr(model, "ssni", None) is None or not hasattr(model, "reserve_draws"):
             raise ConfigError("the adaptive attack needs a Defense with SSNI ([ssni] reweight = 'sigmoid' | "
                               "'linear'); use pgd or apgd for other defenses")
         return model
 
-    def _set_target(self, model: Defense, x: Tensor, ids: Tensor) -> None:
+    def _set_target(self, model: nn.Module, x: Tensor, ids: Tensor) -> None:
         """``e_target`` and ``scale`` per sample; from the clean inputs' score norms where needed."""
         value, scale = feasible_target(model.ssni.reweight, self.score_target)
         clean = None
@@ -190,6 +357,14 @@ class AdaptiveAttack(APGD):
         ball = ThreatModel(self.threat.norm, self.threat.eps * restart / self.restarts)
         return self.threat.project(ball.random_point(x, SampleNoise.from_ids(self.seed, ids, restart)), x)
 
+    def _plain_apgd(self, model: nn.Module, x: Tensor, y: Tensor, ids: Tensor) -> Tensor:
+        """The unconstrained candidate: APGD with this attack's APGD settings."""
+        state = {"loss_trace", "step_trace", "fooled_any_iterate", "sample_loss"}
+        apgd = APGD(**{f.name: getattr(self, f.name) for f in fields(APGD) if f.init and f.name not in state})
+        out = apgd(model, x, y, ids)
+        self.fooled_any_iterate |= apgd.fooled_any_iterate
+        return out
+
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None = None) -> Tensor:
         check_images(x)
         model, x = self._check(model), x.detach()
@@ -198,19 +373,19 @@ class AdaptiveAttack(APGD):
         self.fooled_any_iterate = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         self._set_target(model, x, ids)
         self._xs = x.unsqueeze(0).repeat(self.shortlist + 1, *[1] * x.dim())
-        self._keys = torch.full((self.shortlist + 1, x.shape[0]), float("-inf"), device=x.device)
+        self._keys = torch.full((self.shortlist + 1, x.shape[0]), -torch.inf, device=x.device)
         self._remember(x, torch.zeros(x.shape[0], device=x.device), slot=0)
         try:
             for target in self._targets(model, x, y, ids):
                 self._target = target
                 for restart in range(self.restarts):
-                    self._lam = torch.zeros(x.shape[0], device=x.device)
-                    self._run(model, x, y, ids, self._start(x, ids, restart))
+                    self._feasible_run(model, x, y, ids, self._start(x, ids, restart))
         finally:
-            self._target, self._rows = None, []
-        return self._select(getattr(model, "scored", model), y, ids)  # chosen on the defense that is scored
+            self._target = None
+        other = self._plain_apgd(model, x, y, ids) if self.unconstrained else None
+        return self._select(getattr(model, "scored", model), y, ids, other)  # chosen on the defense that is scored
 
-    def _heldout(self, model: Defense, x: Tensor, y: Tensor, ids: Tensor,
+    def _heldout(self, model: nn.Module, x: Tensor, y: Tensor, ids: Tensor,
                  first: int) -> tuple[Tensor, Tensor]:
         """``(score [B], score norms [draws, B])`` on held-out draws: share of misclassified draws,
         ties broken by the mean margin."""
@@ -224,8 +399,9 @@ class AdaptiveAttack(APGD):
         n = self.heldout_draws
         return wrong / n + 0.01 * torch.tanh(margin / n), torch.stack(norms)
 
-    def _select(self, model: Defense, y: Tensor, ids: Tensor) -> Tensor:
-        """The output per sample among the candidates (module docstring); sets ``levels`` and co."""
+    def _select(self, model: nn.Module, y: Tensor, ids: Tensor, other: Tensor | None = None) -> Tensor:
+        """The feasible candidate per sample (module docstring), and the union with ``other``; sets
+        ``candidates``, ``from_unconstrained``, ``levels`` and co."""
         first = model.reserve_draws(self.heldout_draws)
         results = [self._heldout(model, cand, y, ids, first) for cand in self._xs]
         scores = torch.stack([s for s, _ in results])  # [K, B]
@@ -233,10 +409,28 @@ class AdaptiveAttack(APGD):
         ok = norms.mean(1) <= self.e_target + self.tolerance * self._scale
         best = torch.where(ok, scores, scores - 10).argmax(0)
         rows = torch.arange(len(y), device=y.device)
-        chosen = norms[best, :, rows].T  # [draws, B]
+        self._describe(model, norms[best, :, rows].T, ok[best, rows])
+        chosen = self._xs[best, rows].detach()
+        self.candidates, self.from_unconstrained = [chosen], torch.zeros_like(self.feasible)
+        if other is None:
+            return chosen
+        self.candidates.append(other.detach())
+        self.from_unconstrained = self._heldout(model, other, y, ids, first)[0] > scores[best, rows]
+        return _mix(self.from_unconstrained, other, chosen).detach()
+
+    def _describe(self, model: nn.Module, chosen: Tensor, feasible: Tensor) -> None:
+        """``levels``, ``score_norms`` and ``feasible`` of the feasible candidate (``chosen``: ``[draws, B]``
+        held-out score norms)."""
+        self.score_norms, self.feasible = chosen.mean(0), feasible
+        if not isinstance(model, Defense):
+            self.levels = None
+            return
         reweight, top = model.ssni.reweight, model.ssni.schedule.num_levels
         per_draw = [torch.stack([reweight.levels(e, t, top)[0] for e in chosen])
                     for t in model.purifier.t_stars]  # R x [draws, B]
         self.levels = torch.stack(per_draw).float().mean(1)  # [R, B]
-        self.score_norms, self.feasible = chosen.mean(0), ok[best, rows]
-        return self._xs[best, rows].detach()
+
+
+def _mix(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Per sample: ``a`` where ``mask``, else ``b``."""
+    return torch.where(mask.reshape(-1, *[1] * (a.dim() - 1)), a, b)

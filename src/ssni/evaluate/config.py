@@ -93,7 +93,6 @@ class AttackConfig:
     eot_batch: int = 1  # EOT draws stacked in one forward/backward pass (faster, eot_batch x the memory)
     random_start: bool = False
     sign_step: bool = False  # l_2 with sign steps, as the paper's code does
-    score_weight: float = 1.0  # adaptive: penalty rho of its augmented Lagrangian on the score norm
     score_target: str = "mu+tau"  # adaptive: keep e(x) <= mu | mu+tau | clean | a number such as "1234.5"
     version: str = "rand"  # autoattack: rand (APGD-CE + APGD-DLR) | apgd-ce | apgd-dlr
     gradient: str = "exact"  # exact | surrogate (the paper's attack: shorter reverse chain) | bpda

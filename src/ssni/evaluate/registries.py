@@ -11,7 +11,7 @@ parametrized over the registries cover a new entry. Models have their own data r
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 from ..attacks import PGD
 from ..attacks.adaptive import AdaptiveAttack
@@ -20,9 +20,6 @@ from ..attacks.autoattack import AutoAttackRand
 from ..attacks.transfer import TransferAttack
 from ..purifiers import GDMP, GNS, DiffPure, DiffPureSettings, GDMPSettings, GNSSettings
 from ..reweight import REWEIGHTS  # its registry lives with the reweightings
-
-if TYPE_CHECKING:
-    from .config import AttackConfig
 
 
 class PurifierEntry(NamedTuple):
@@ -46,7 +43,7 @@ class AttackEntry(NamedTuple):
     reads besides :data:`SHARED_ATTACK_KEYS` (a key it does not read is an error in a config) and
     the ``gradient`` modes it takes (``surrogate`` brings the key ``surrogate_steps``)."""
 
-    build: Callable[[AttackConfig, dict, dict], Any]
+    build: Callable[[Any, dict, dict], Any]  # (the attack's AttackConfig, PGD settings, APGD settings)
     keys: frozenset[str]
     gradients: tuple[str, ...] = ("exact",)
 
@@ -67,10 +64,9 @@ ATTACKS: dict[str, AttackEntry] = {
     "pgd": AttackEntry(lambda a, pgd, apgd: PGD(**pgd), _PGD, _ANY),
     "bpda": AttackEntry(lambda a, pgd, apgd: PGD(**pgd), _PGD, ("exact", "bpda")),  # PGD with gradient = "bpda"
     "apgd": AttackEntry(lambda a, pgd, apgd: APGD(**apgd), _APGD, _ANY),
-    # APGD on the feasible set e(x) <= score_target; score_weight is its penalty
-    "adaptive": AttackEntry(lambda a, pgd, apgd: AdaptiveAttack(**apgd, score_target=a.score_target,
-                                                                penalty=a.score_weight),
-                            _APGD | {"score_target", "score_weight"}, ("exact", "surrogate")),
+    # a trust-region feasible-direction attack on e(x) <= score_target, in union with plain APGD
+    "adaptive": AttackEntry(lambda a, pgd, apgd: AdaptiveAttack(**apgd, score_target=a.score_target),
+                            _APGD | {"score_target"}, ("exact", "surrogate")),
     "transfer": AttackEntry(lambda a, pgd, apgd: TransferAttack(APGD(**apgd)), _APGD),  # vs DiffPure at clean levels
     "autoattack": AttackEntry(lambda a, pgd, apgd: AutoAttackRand(pgd["threat"], version=a.version, seed=pgd["seed"],
                                                                   steps=a.steps, eot=a.eot, restarts=a.restarts),
