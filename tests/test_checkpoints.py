@@ -1,4 +1,3 @@
-import json
 
 import pytest
 import torch
@@ -84,7 +83,7 @@ def test_shipped_manifest_entries_name_their_reproduction_command():
     manifest = load_manifest(default_weights_dir())
     for entry in manifest.values():
         assert entry["command"].startswith("ssni train") and "seed" in entry and len(entry["sha256"]) == 64
-        assert json.dumps(entry["metrics"])
+        assert entry["metrics"] and all(isinstance(v, float) for v in entry["metrics"].values())
 
 
 @pytest.mark.parametrize("first", ["ssni.weights_io", "ssni.denoisers.score_sde", "ssni.checkpoints.public",
