@@ -1,6 +1,9 @@
 """Gather the per-study convergence.json files into one JSON, one plot and a markdown table.
 
 Usage: python docs/convergence/combine.py OUT_DIR STUDY_DIR [STUDY_DIR ...]
+       python docs/convergence/combine.py --rechoose OUT_DIR
+The second form applies the current choice rule to the studies already in OUT_DIR/convergence.json
+(keeping the first choice recorded there as ``choice_before``) and prints the old and new verdicts.
 """
 
 import json
@@ -31,7 +34,27 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def rechoose(out: Path) -> str:
+    """Re-apply the rule to a combined convergence.json; a markdown table of the verdicts before and now.
+    Points saved without per-sample verdicts (``robust_ids``) are compared by their counts."""
+    path = out / "convergence.json"
+    combined = json.loads(path.read_text())
+    lines = ["| defense | attack | before | now | compared on |", "|---|---|---|---|---|"]
+    for res in combined["studies"]:
+        res.setdefault("choice_before", res["choice"])
+        res["rule"], res["choice"] = RULE, choose_budget(res["points"])
+        paired = all("robust_ids" in p for p in res["points"])
+        for attack, choice in res["choice"].items():
+            lines.append(f"| {res['label']} | {attack} | {res['choice_before'][attack]['verdict']} | "
+                         f"{choice['verdict']} | {'per-sample verdicts' if paired else 'counts only'} |")
+    path.write_text(json.dumps(combined, indent=2) + "\n")
+    return "\n".join(lines)
+
+
 def main() -> None:
+    if sys.argv[1] == "--rechoose":
+        print(rechoose(Path(sys.argv[2])))
+        return
     out, studies = Path(sys.argv[1]), [Path(s) for s in sys.argv[2:]]
     results = [json.loads((s / "convergence.json").read_text()) for s in studies]
     measured = {}  # a budget point measured by two studies (same defense) is shown once
