@@ -291,6 +291,21 @@ def test_surrogate_gradient_chooses_the_output_on_the_scored_defense(classifier,
     assert torch.equal(x_adv, chosen["defense"])
 
 
+def test_stacked_draws_give_the_same_estimates(classifier, digits):
+    x, y, ids = digits
+    defense = ssni_defense(classifier, x)
+    points = []
+    for eot_batch in (1, 3):
+        adaptive = attack(eot=3, eot_batch=eot_batch)
+        adaptive._set_target(defense, x, ids)
+        adaptive._target, adaptive.loss_trace = None, []
+        adaptive.fooled_any_iterate = torch.zeros(len(x), dtype=torch.bool)
+        defense.draw = 500
+        points.append(adaptive._estimate(defense, x, y, ids))
+    for name in ("grad", "grad_c", "loss", "c"):
+        assert torch.allclose(getattr(points[0], name), getattr(points[1], name), rtol=1e-4, atol=1e-6), name
+
+
 @pytest.mark.parametrize("mode", ["exact", "surrogate"])
 def test_both_gradients_reach_the_input(mode, classifier, digits):
     x, y, ids = digits
