@@ -16,6 +16,18 @@ partners; dividing the scale by ``guide_batch = B`` gives exactly the reference'
 per-image pull: ``guide_scale / guide_batch`` is the per-sample strength
 (``60000 / 100 = 600`` on CIFAR-10).
 
+The ``8`` in ``m`` (``REFERENCE_PTB``) is, in the authors' code, ``config.attack.ptb``: the
+l_inf budget of *their attack config* in pixel units (``8`` in every CIFAR-10 config, ``4`` in
+the ImageNet ones), read by the purifier. So GDMP's guidance is tied to the evaluated epsilon:
+``m = (2 ptb / 255) / 3 / guide_scale``. Here a defense does not read the attack's settings (the
+same defense is attacked at several budgets, and an attacker should not be able to weaken the
+guidance by declaring a larger epsilon), so ``ptb`` is fixed at the CIFAR-10 value. Only
+``ptb / guide_scale`` enters ``m``: GDMP as its authors run it at another budget of ``P`` pixels
+(ImageNet: ``P = 4``) is ``guide_scale = 60000 * 8 / P``, and at a budget ``eps`` in ``[0, 1]``
+units ``guide_scale = 60000 * (8 / 255) / eps`` (the MNIST demo's ``eps = 0.3`` would give
+about 6275, a 9.6x weaker pull than the default). Every shipped GDMP preset is CIFAR-10 at
+``ptb = 8``, the reference's value, for l_2 too (GDMP's configs keep ``ptb = 8``).
+
 ``reference_compat=True`` keeps the reference code's quirks: the forward jump goes
 one level above the grid's start (it diffuses with ``abar`` at index ``t*``, i.e.
 level ``t* + 1``, then reverses from level ``t*``), and the step variance is
@@ -36,6 +48,8 @@ from ..diffusion import broadcast_to, forward_jump
 from ..errors import ConfigError
 from ..rng import SampleNoise
 from .base import Purifier, check_positive_levels
+
+REFERENCE_PTB = 8.0  # GDMP's config.attack.ptb (pixels) in m; fixed here, see the module docstring
 
 
 @dataclass(frozen=True)
@@ -81,7 +95,7 @@ class GDMP(Purifier):
     def guide_pull(self, a: Tensor, like: Tensor) -> Tensor:
         """``s_a * 2 / D``: the factor on ``(y_a - x_a)`` before the variance (``[B, 1, ...]``)."""
         abar_a = broadcast_to(self.schedule.abar(a, like=like), like)
-        m = (8 * 2 / 255) / 3 / (self.guide_scale / self.guide_batch)
+        m = (REFERENCE_PTB * 2 / 255) / 3 / (self.guide_scale / self.guide_batch)
         return (1 - abar_a).sqrt() / (m * abar_a.sqrt()) * 2 / like[0].numel()
 
     def reverse_step(self, x_a: Tensor, a: Tensor, c: Tensor, idx: Tensor, *, noise: SampleNoise,
