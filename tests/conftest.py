@@ -103,3 +103,22 @@ def write_toml(tmp_path):
 @pytest.fixture
 def tiny_config_file(write_toml):
     return write_toml(TINY_EXPERIMENT)
+
+
+def assert_same_rows(a: list[dict], b: list[dict], rel: float = 1e-5) -> None:
+    """Per-sample rows equal: every float (score norms, fresh or adversarial) to a relative ``rel``,
+    since a float sum can differ in its last bits between batch sizes and CPUs; everything else
+    (ids, predictions, levels, verdicts) exactly."""
+    def same(x, y) -> bool:
+        if isinstance(x, float) or isinstance(y, float):
+            return x == pytest.approx(y, rel=rel)
+        if isinstance(x, dict) and isinstance(y, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        if isinstance(x, list) and isinstance(y, list):
+            return len(x) == len(y) and all(same(u, v) for u, v in zip(x, y))
+        return x == y
+
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+        assert same(strip(ra), strip(rb)), (ra, rb)

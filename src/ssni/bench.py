@@ -38,7 +38,11 @@ from .evaluate.build import calibrate
 from .evaluate.config import ExperimentConfig, SSNIConfig
 from .purifiers import DiffPure
 from .reweight import make_reweight
+from .evaluate.units import _sync
 from .rng import SampleNoise
+from .runtime import on_device, precision_mode
+
+CPU = torch.device("cpu")
 
 
 class _TorchCalls(TorchFunctionMode):
@@ -59,19 +63,22 @@ def count_torch_calls(fn) -> int:
 
 
 def _timed(fn, repeats: int = 3, warmup: bool = True) -> float:
-    """Best wall time of ``repeats`` runs (after one warm-up run unless ``warmup=False``)."""
+    """Best wall time of ``repeats`` runs (after one warm-up run unless ``warmup=False``), the device's
+    queue drained before and after each."""
     if warmup:
         fn()
     best = float("inf")
     for _ in range(repeats):
+        _sync()
         start = time.perf_counter()
         fn()
+        _sync()
         best = min(best, time.perf_counter() - start)
     return best
 
 
 def purification(batch: int = 32, t_star: int = 300, steps: int = 300, repeats: int = 3,
-                 stream_batches: int = 4) -> dict:
+                 stream_batches: int = 4, device: torch.device = CPU) -> dict:
     """Throughput of mixed-level purification under the three schedules, the floor and SSNI's overhead.
 
     Defaults follow the paper's construction at the demo's level: a grid of ``n = t*``
@@ -80,7 +87,7 @@ def purification(batch: int = 32, t_star: int = 300, steps: int = 300, repeats: 
     ``stream_batches * batch`` images are also purified at width ``batch`` by continuous batching.
     Times are the best of ``repeats`` runs after a warm-up.
     """
-    unet, ssni, stream = _demo_ssni(stream_batches * batch)
+    unet, ssni, stream = _demo_ssni(stream_batches * batch, device)
     data = stream.head(batch)
     stream_noise = SampleNoise.from_ids(0, stream.ids)
     noise = stream_noise.subset(torch.arange(batch))
@@ -100,11 +107,13 @@ def purification(batch: int = 32, t_star: int = 300, steps: int = 300, repeats: 
     return results | _purification_ratios(results)
 
 
-def _demo_ssni(n_images: int) -> tuple[CountingModel, SSNI, ImageSet]:
-    """The shipped MNIST UNet (counting its calls), the demo's SSNI-N on it, ``n_images`` test images."""
+def _demo_ssni(n_images: int, device: torch.device = CPU) -> tuple[CountingModel, SSNI, ImageSet]:
+    """The shipped MNIST UNet (counting its calls), the demo's SSNI-N on it, ``n_images`` test images,
+    on ``device``."""
     weights = default_weights_dir()
-    unet = CountingModel(load_named("mnist-unet", weights))
+    unet = CountingModel(load_named("mnist-unet", weights).to(device))
     stream = load_split("mnist-5k", "test").head(n_images)
+    stream = stream.to(device)
     cfg = ExperimentConfig(ssni=SSNIConfig(reweight="sigmoid"))
     reweight = make_reweight("sigmoid", calibrate(cfg, unet.model, weights), bias=cfg.ssni.bias)
     return unet, SSNI(unet, reweight, n_levels=cfg.ssni.n_levels), stream
@@ -160,7 +169,7 @@ def floor_unit(unet, x_t, levels, t, steps: int, sizes: int = 6, repeats: int = 
     return min(_timed(lambda: unet(x_t[:k], levels[:k]), repeats) / k for k in picked), picked
 
 
-def precision(batch: int = 16, t_star: int = 300, steps: int = 30, repeats: int = 3) -> dict:
+def precision(batch: int = 16, t_star: int = 300, steps: int = 30, repeats: int = 3, device: torch.device = CPU) -> dict:
     """bf16 autocast against fp32: speed and error of the networks, and what it changes end to end.
 
     On the trained MNIST UNet and classifier: output error of one network call, and the
@@ -168,17 +177,18 @@ def precision(batch: int = 16, t_star: int = 300, steps: int = 30, repeats: int 
     UNet (about 33M parameters, random weights, batch 8): time per call.
     """
     weights = default_weights_dir()
-    unet, classifier = load_named("mnist-unet", weights), load_named("mnist-cnn", weights)
+    unet, classifier = load_named("mnist-unet", weights).to(device), load_named("mnist-cnn", weights).to(device)
     data = load_split("mnist-5k", "test").head(batch)
+    data = data.to(device)
     noise = SampleNoise.from_ids(0, data.ids)
     purifier = DiffPure(unet, t_star=t_star, steps=steps)
-    results: dict = {"device": "cpu", "cpu_has_native_bf16": _cpu_has_native_bf16()}
+    results: dict = {"device": str(device), "cpu_has_native_bf16": _cpu_has_native_bf16()}
 
     def bf16():
-        return torch.autocast("cpu", torch.bfloat16)
+        return precision_mode("bf16", device)
 
     with torch.inference_mode():
-        x_t, levels = 2 * data.images - 1, torch.full((batch,), t_star)
+        x_t, levels = 2 * data.images - 1, torch.full((batch,), t_star, device=device)
         exact = unet(x_t, levels)
         with bf16():
             approx = unet(x_t, levels).float()
@@ -190,8 +200,8 @@ def precision(batch: int = 16, t_star: int = 300, steps: int = 30, repeats: int 
         results["prediction_agreement"] = (classifier(purified_bf16).argmax(1) ==
                                            classifier(purified).argmax(1)).float().mean().item()
         big = UNet(UNetConfig(in_channels=3, base_channels=128, channel_mults=(1, 2, 2, 2), blocks_per_level=2,
-                              attention=True)).eval()
-        x, t = torch.randn(8, 3, 32, 32), torch.randint(1, 1000, (8,))
+                              attention=True)).eval().to(device)
+        x, t = on_device(device, torch.randn(8, 3, 32, 32), torch.randint(1, 1000, (8,)))
         results["cifar_unet_params"] = sum(p.numel() for p in big.parameters())
         results["cifar_unet_fp32_seconds"] = _timed(lambda: big(x, t), repeats)
         with bf16():
@@ -249,9 +259,10 @@ def diffusers_loop_seconds(unet, images, t, steps: int) -> float | None:
             x0 = 2 * images[t == level] - 1
             grid = [g - 1 for g in unique_grid(level, steps)[:-1]]  # diffusers counts from 0
             scheduler.set_timesteps(timesteps=grid)
-            x = scheduler.add_noise(x0, torch.randn(x0.shape, generator=gen), torch.tensor([level - 1]))
+            x = scheduler.add_noise(x0, torch.randn(x0.shape, generator=gen).to(x0.device),
+                                    torch.tensor([level - 1], device=x0.device))
             for step in scheduler.timesteps:
-                eps = unet(x, torch.full((x.shape[0],), int(step) + 1))
+                eps = unet(x, torch.full((x.shape[0],), int(step) + 1, device=x.device))
                 x = scheduler.step(eps, step, x, generator=gen).prev_sample
 
     return _timed(run, 1, warmup=False)
@@ -268,12 +279,14 @@ from ssni.evaluate.plan import attack_cost, measure_units, steps_per_sample
 from ssni.purifiers import DiffPure
 from ssni.reweight import Calibration, make_reweight
 steps, use_checkpoint, n, eot_batch, repeats, with_ssni = (int(v) for v in sys.argv[1:7])
+device = torch.device(sys.argv[7])
 w = default_weights_dir()
-unet = load_named("mnist-unet", w)
+unet = load_named("mnist-unet", w).to(device)
 ssni = SSNI(unet, make_reweight("sigmoid", Calibration.load(w / "mnist-unet.calibration.json")), n_levels=10)
-defense = Defense(load_named("mnist-cnn", w), DiffPure(unet, t_star=300 if with_ssni else 150, steps=steps,
+defense = Defense(load_named("mnist-cnn", w).to(device), DiffPure(unet, t_star=300 if with_ssni else 150, steps=steps,
                   checkpoint=bool(use_checkpoint)), ssni if with_ssni else None).eval()
 data = load_split("mnist-5k", "test").head(n)
+data = data.to(device)
 attack = PGD(ThreatModel("linf", 0.3), steps=2, step_size=0.05, eot=2, eot_batch=eot_batch)
 attack(defense, data.images[:1], data.labels[:1])  # warm-up
 best = float("inf")
@@ -295,7 +308,7 @@ ATTACK_SETTINGS = ((10, False, 1, True), (10, True, 1, True), (10, False, 1, Fal
                    (10, False, 2, False), (10, True, 2, False), (40, False, 1, False), (40, True, 1, False))
 
 
-def attack_cost(n: int = 16, repeats: int = 1, settings=ATTACK_SETTINGS) -> list[dict]:
+def attack_cost(n: int = 16, repeats: int = 1, settings=ATTACK_SETTINGS, device: torch.device = CPU) -> list[dict]:
     """PGD(2 steps) + EOT(2) through DiffPure (t* = 150), or through the demo's DiffPure (t* = 300)
     + SSNI-N, each setting in a fresh process for a clean peak RSS. The floor is the one ``--plan``
     predicts (:func:`ssni.evaluate.plan.attack_cost`): PGD steps x EOT x (score-norm rows + the
@@ -303,7 +316,7 @@ def attack_cost(n: int = 16, repeats: int = 1, settings=ATTACK_SETTINGS) -> list
     checkpointing) + the classifier, with units measured at the rows the attack's passes have."""
     rows = []
     for steps, use_checkpoint, eot_batch, with_ssni in settings:
-        args = [str(v) for v in (steps, int(use_checkpoint), n, eot_batch, repeats, int(with_ssni))]
+        args = [str(v) for v in (steps, int(use_checkpoint), n, eot_batch, repeats, int(with_ssni), device)]
         done = subprocess.run([sys.executable, "-c", ATTACK_SCRIPT, *args], capture_output=True, text=True, check=True)
         row = {"defense": "DiffPure t*=300 + SSNI-N (demo)" if with_ssni else "DiffPure t*=150",
                "reverse_steps": steps, "checkpoint": use_checkpoint, "eot_batch": eot_batch, "n": n,
@@ -340,10 +353,11 @@ def host_overhead(shape=(1, 28, 28), batch: int = 40, steps: int = 10, t_star: i
             "host_over_network": None if net_s is None else host / net_s}
 
 
-def machine() -> dict:
+def machine(device: torch.device = CPU) -> dict:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "python": platform.python_version(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-            "processor": _cpu_name()}
+            "processor": _cpu_name(), "device": str(device), "gpu": gpu}
 
 
 def _cpu_name() -> str:
@@ -356,13 +370,16 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def run_bench(out: Path | None = None, quick: bool = True, compile_: bool = False) -> dict:
-    results = {"machine": machine(), "purification": purification(batch=16 if quick else 32, repeats=1 if quick else 3,
-                                                                  stream_batches=2 if quick else 4),
-               "precision": precision(repeats=1 if quick else 3),
-               "host": [host_overhead(batch=b, net=load_named("mnist-unet", default_weights_dir()),
-                                      repeats=3 if quick else 5) for b in (40, 100)],
-               "attack": attack_cost(4 if quick else 16, 1 if quick else 3)}
+def run_bench(out: Path | None = None, quick: bool = True, compile_: bool = False, device: torch.device = CPU) -> dict:
+    """Every measurement of the module docstring on ``device`` (GPU memory in the attack rows is the
+    peak RSS of the host process: the device's own peak is not read)."""
+    net = load_named("mnist-unet", default_weights_dir()).to(device)
+    results = {"machine": machine(device), "purification": purification(
+                   batch=16 if quick else 32, repeats=1 if quick else 3, stream_batches=2 if quick else 4, device=device),
+               "precision": precision(repeats=1 if quick else 3, device=device),
+               "host": [host_overhead(batch=b, net=net, repeats=3 if quick else 5, device=str(device))
+                        for b in (40, 100)],
+               "attack": attack_cost(4 if quick else 16, 1 if quick else 3, device=device)}
     if compile_:
         results["compile"] = compiled(batch=16 if quick else 32)
     if out is not None:

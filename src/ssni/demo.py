@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
+from .progress import tqdm
 
 from .checkpoints.registry import default_weights_dir, load_named
 from .data import load_split
@@ -63,6 +63,7 @@ class DemoConfig:
     rescore_draws: int = 8
     all_methods: bool = False
     gns_votes: int = 3
+    device: str = "auto"  # speed only: per-sample results agree across devices within float rounding (README)
 
 
 QUICK = {"n_test": 40}
@@ -76,7 +77,7 @@ def method_configs(cfg: DemoConfig) -> dict[str, ExperimentConfig]:
         models=ModelsConfig(f"{prefix}-unet", f"{prefix}-cnn"),
         ssni=SSNIConfig(n_levels=cfg.n_levels, bias=cfg.bias, tau=cfg.tau, calibration_size=cfg.calibration_size),
         attacks=(AttackConfig("pgd", "linf", cfg.eps, cfg.pgd_steps, cfg.step_size, cfg.eot),),
-        evaluate=EvaluateConfig(seed=cfg.seed, batch_size=cfg.batch_size, rescore="worst",
+        evaluate=EvaluateConfig(device=cfg.device, seed=cfg.seed, batch_size=cfg.batch_size, rescore="worst",
                                 rescore_draws=cfg.rescore_draws))
 
     def variant(method: str, reweight: str = "none", **purifier) -> ExperimentConfig:

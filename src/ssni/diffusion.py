@@ -12,7 +12,9 @@ can sit at its own level.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +97,38 @@ class VPSchedule:
         return torch.where(lower_closer, idx - 1, idx)
 
 
+_TRUSTED = [0]  # depth of trusted_levels() blocks (a plain global: torch.compile guards on it)
+
+
+@contextlib.contextmanager
+def trusted_levels() -> Iterator[None]:
+    """Inside this block networks skip the range check of their levels (:class:`ssni.denoisers.protocol.EpsAdapter`).
+
+    A purification checks its levels once, at its boundary (:meth:`VPSchedule.check_levels`, one
+    host read), and every reverse step and score-norm call inside it runs without reading a
+    value back to the host: a per-call check would wait for the device's queue at every step,
+    and break a compiled graph. Code outside such a block keeps the per-call check."""
+    _TRUSTED[0] += 1
+    try:
+        yield
+    finally:
+        _TRUSTED[0] -= 1
+
+
+def levels_trusted() -> bool:
+    return _TRUSTED[0] > 0
+
+
+def with_trusted_levels(fn):
+    """``fn`` run inside :func:`trusted_levels` (also when activation checkpointing recomputes it in the
+    backward pass, which runs outside the block that made the forward)."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        with trusted_levels():
+            return fn(*args, **kwargs)
+    return run
+
+
 def broadcast_to(values: Tensor, x: Tensor) -> Tensor:
     """Reshape a ``[B]`` tensor to ``[B, 1, 1, ...]`` to broadcast against ``x``."""
     return values.reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
@@ -139,7 +173,7 @@ def to_image_scale(x: Tensor) -> Tensor:
     return ((x + 1) / 2).clamp(0, 1)
 
 
-__all__ = ["VPSchedule", "forward_jump", "broadcast_to", "to_model_scale", "to_image_scale"]
+__all__ = ["VPSchedule", "forward_jump", "broadcast_to", "to_model_scale", "to_image_scale", "trusted_levels"]
 
 
 @functools.lru_cache(maxsize=32)

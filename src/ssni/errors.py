@@ -10,6 +10,10 @@ class SSNIError(Exception):
     """Base class of every user-causable error raised by ``ssni``."""
 
 
+class SSNIWarning(UserWarning):
+    """Something a user should know that does not stop the run (the CLI prints ``warning: ...``)."""
+
+
 class InputError(SSNIError, ValueError):
     """An image batch, label tensor or noise level is not what the API expects."""
 
@@ -24,3 +28,7 @@ class ConfigError(SSNIError, ValueError):
 
 class ResumeError(SSNIError):
     """A run cannot resume from the state found in its output folder."""
+
+
+class ResourceError(SSNIError):
+    """The device lacks what a run needs (memory for one sample, or the device itself)."""

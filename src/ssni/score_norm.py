@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint as recompute_in_backward
 
 from .denoisers.protocol import EpsModel, eps_to_score
-from .diffusion import VPSchedule, forward_jump, to_model_scale
+from .diffusion import VPSchedule, forward_jump, to_model_scale, trusted_levels, with_trusted_levels
 from .rng import SampleNoise
 
 NOISE_KEY = "score-norm"
@@ -53,10 +53,11 @@ def score_norm(model: EpsModel, schedule: VPSchedule, x: Tensor, noise: SampleNo
     recompute = checkpoint and torch.is_grad_enabled()
     rows = max_rows or (batch if recompute else x_t.shape[0])
 
-    def call(chunk: Tensor, chunk_levels: Tensor) -> Tensor:
+    def call(chunk: Tensor, chunk_levels: Tensor) -> Tensor:  # levels 1..N: valid by construction
         if recompute:
-            return recompute_in_backward(model, chunk, chunk_levels, use_reentrant=False)
-        return model(chunk, chunk_levels)
+            return recompute_in_backward(with_trusted_levels(model), chunk, chunk_levels, use_reentrant=False)
+        with trusted_levels():
+            return model(chunk, chunk_levels)
 
     eps = torch.cat([call(x_t[i:i + rows], levels[i:i + rows]) for i in range(0, x_t.shape[0], rows)])
     expected_score = eps_to_score(schedule, levels, eps).reshape(n_levels, batch, *x.shape[1:]).mean(0)

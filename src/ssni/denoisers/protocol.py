@@ -14,7 +14,8 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from ..diffusion import VPSchedule, broadcast_to
+from ..diffusion import VPSchedule, broadcast_to, levels_trusted
+from ..errors import InputError
 
 
 class EpsModel(Protocol):
@@ -36,14 +37,20 @@ def eps_to_score(schedule: VPSchedule, t: Tensor, eps: Tensor) -> Tensor:
 class EpsAdapter(nn.Module):
     """Base of every adapter from a published network to the protocol.
 
-    ``forward(x_t, t)`` checks the levels once, here, (a ``[B]`` integer tensor in ``1..T``: a
-    network has no input at level 0, the clean image) and calls :meth:`eps`, where a subclass
-    keeps only its format's quirk (label scaling, output channels, ``.sample``, sigma).
+    ``forward(x_t, t)`` checks the levels (a ``[B]`` integer tensor in ``1..T``: a network has no
+    input at level 0, the clean image) and calls :meth:`eps`, where a subclass keeps only its
+    format's quirk (label scaling, output channels, ``.sample``, sigma). Inside a purification or
+    a score-norm pass, which check their levels once at their boundary
+    (:func:`ssni.diffusion.trusted_levels`), only the shape is checked: no host read per call.
     """
 
     schedule: VPSchedule = VPSchedule()
 
     def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
+        if levels_trusted():
+            if t.shape != (x_t.shape[0],):
+                raise InputError(f"expected {x_t.shape[0]} noise levels (one per sample), found shape {tuple(t.shape)}")
+            return self.eps(x_t, t.long())
         return self.eps(x_t, self.schedule.check_levels(t, batch=x_t.shape[0], low=1))
 
     def eps(self, x_t: Tensor, t: Tensor) -> Tensor:

@@ -38,14 +38,13 @@ def load_models(cfg: ExperimentConfig, weights_dir: Path) -> tuple[nn.Module, nn
 
 def check_models(cfg: ExperimentConfig, weights_dir: Path) -> None:
     """Raise a :class:`CheckpointError` that says how to get them if the named models are unknown."""
-    names = (cfg.models.diffusion, cfg.models.classifier)
-    missing = [n for n in names if find_model(n, weights_dir) is None]
+    missing = [(kind, name) for kind, name in (("score", cfg.models.diffusion), ("classifier", cfg.models.classifier))
+               if find_model(name, weights_dir) is None]
     if missing:
-        ds = cfg.data.dataset
-        raise CheckpointError(f"{weights_dir} has no {' or '.join(missing)} and no public model has that name "
-                              f"(`ssni models` lists them); train them with "
-                              f"`ssni train score --dataset {ds} --name {names[0]}` and "
-                              f"`ssni train classifier --dataset {ds} --name {names[1]}`")
+        names = " or ".join(name for _, name in missing)
+        train = " and ".join(f"`ssni train {kind} --dataset {cfg.data.dataset} --name {name}`" for kind, name in missing)
+        raise CheckpointError(f"{weights_dir} has no {names} and no public model has that name (`ssni models` "
+                              f"lists them); train {'it' if len(missing) == 1 else 'them'} with {train}")
 
 
 def load_eval_data(cfg: ExperimentConfig, n: int | None = None) -> ImageSet:
@@ -114,7 +113,8 @@ def build_model(cfg: ExperimentConfig, unet: nn.Module, classifier: nn.Module,
     p = cfg.purifier
     if p.method == "none":
         return classifier.eval()
-    common = {"steps": p.steps or None, "eta": p.eta, "checkpoint": p.checkpoint, "solver": p.solver}
+    # "auto" starts off; ssni.evaluate.auto turns it on when the attack would not fit without it
+    common = {"steps": p.steps or None, "eta": p.eta, "checkpoint": p.checkpoint is True, "solver": p.solver}
     if p.clip_x0 is not None:  # None keeps each method's reference default
         common["clip_x0"] = p.clip_x0
     purifier = PURIFIERS[p.method].build(unet, **asdict(p.settings), **common)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from ..runtime import PRECISIONS
 from .config_checks import check_attack, check_cross, check_section, misplaced_purifier_key
 from .registries import ATTACKS, PURIFIERS, REWEIGHTS, Names
 
@@ -55,7 +56,7 @@ class PurifierConfig:
     clip_x0: bool | None = None  # None: the method's reference default (DiffPure, GNS: off; GDMP: on)
     solver: str = "ddpm"  # ddpm | sde (reverse VP-SDE, Euler-Maruyama: DiffPure's own; not for gdmp)
     votes: int = 1
-    checkpoint: bool = True
+    checkpoint: bool | str = True  # activation checkpointing under attack; "auto": off when memory allows
     resolution: int | None = None  # the diffusion model's size (ImageNet: 224 -> 256 -> 224)
     settings: Any = None
 
@@ -90,7 +91,7 @@ class AttackConfig:
     steps: int = 20
     step_size: float = 0.05
     eot: int = 2
-    eot_batch: int = 1  # EOT draws stacked in one forward/backward pass (faster, eot_batch x the memory)
+    eot_batch: int | str = 1  # EOT draws stacked in one forward/backward pass (faster, eot_batch x the memory); "auto"
     random_start: bool = False
     sign_step: bool = False  # l_2 with sign steps, as the paper's code does
     score_target: str = "mu+tau"  # adaptive: keep e(x) <= mu | mu+tau | clean | a number such as "1234.5"
@@ -108,11 +109,14 @@ class AttackConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    device: str = "cpu"
-    precision: str = "fp32"  # fp32 | bf16 (autocast of the networks; measure its error first)
-    compile: bool = False  # torch.compile the diffusion network (dynamic shapes); pays off on long GPU runs
+    device: str = "auto"  # auto (cuda when available, else cpu) | cpu | cuda | cuda:N (ssni.runtime)
+    # fp32: real fp32 (TF32 off) | tf32 | bf16 (autocast of the networks): opt-in speed modes whose
+    # measured effect on the verdicts is in the README; part of the config hash
+    precision: str = "fp32"
+    compile: bool = False  # torch.compile the diffusion network (static shapes, bucketed rows); pays off on GPUs
+    channels_last: bool = False  # networks and images in channels_last layout (measure: slower for DDPM++ on an H100)
     seed: int = 0
-    batch_size: int = 50
+    batch_size: int | str = 50  # or "auto": the fastest batch that fits, measured on the device (--plan)
     # Most rows per network call of the score-norm pass, which otherwise runs all n_levels x batch rows
     # in one call, holding that many rows' activations (ImageNet's 256x256 UNet: 0.56 GiB per row at
     # inference); None: no cap. Results agree within float rounding (speed and memory, as batch_size).
@@ -146,19 +150,22 @@ class ExperimentConfig:
         """sha256 of the canonical JSON of the resolved config (first 16 hex digits).
 
         Settings that change how fast a run goes but not its per-sample results (device, batch
-        size, compile, stacked EOT draws; tested to agree) are left out, so a run can resume with
-        other values of them.
+        size, compile, layout, activation checkpointing, stacked EOT draws; tested to agree) are
+        left out, so a run can resume with other values of them.
         """
         data = self.to_dict()
-        for key in SPEED_ONLY["evaluate"]:
-            data["evaluate"].pop(key)
+        for section in ("evaluate", "purifier"):
+            for key in SPEED_ONLY[section]:
+                data[section].pop(key)
         for attack in data["attacks"]:
             for key in SPEED_ONLY["attacks"]:
                 attack.pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-SPEED_ONLY = {"evaluate": ("device", "batch_size", "compile", "max_rows"), "attacks": ("eot_batch",)}
+SPEED_ONLY = {"evaluate": ("device", "batch_size", "compile", "max_rows", "channels_last"),
+              "purifier": ("checkpoint",), "attacks": ("eot_batch",)}
+
 CHOICES = {("purifier", "method"): Names(PURIFIERS, "none"),
            ("purifier", "solver"): ("ddpm", "sde"),
            ("ssni", "reweight"): Names(REWEIGHTS, "none"),
@@ -171,7 +178,7 @@ CHOICES = {("purifier", "method"): Names(PURIFIERS, "none"),
            ("ssni", "calibration_split"): ("train", "val"),
            ("data", "subset"): ("first", "paper"),
            ("evaluate", "rescore"): ("single", "majority", "worst", "any_iterate"),
-           ("evaluate", "precision"): ("fp32", "bf16")}
+           ("evaluate", "precision"): PRECISIONS}
 SECTIONS = {"data": DataConfig, "models": ModelsConfig, "purifier": PurifierConfig, "ssni": SSNIConfig,
             "evaluate": EvaluateConfig}  # [purifier] is read by _purifier (shared keys + its method's table)
 
@@ -238,6 +245,7 @@ def from_dict(data: dict[str, Any]) -> ExperimentConfig:
     unknown = sorted(set(data) - set(SECTIONS) - {"attacks"})
     if unknown:
         raise ConfigError(f"unknown section(s) {unknown}; valid: {sorted([*SECTIONS, 'attacks'])}")
+    _check_shape(data)
     parts = {name: _build(cls, name, data.get(name, {})) for name, cls in SECTIONS.items() if name != "purifier"}
     check_cross(data.get("attacks", [{}]))
     attacks = tuple(_attack(k, a) for k, a in enumerate(data.get("attacks", [{}])))
@@ -246,25 +254,63 @@ def from_dict(data: dict[str, Any]) -> ExperimentConfig:
     return ExperimentConfig(purifier=_purifier(data.get("purifier", {})), attacks=attacks, **parts)
 
 
+def _check_shape(data: dict[str, Any]) -> None:
+    """Each section is a table and ``attacks`` an array of tables (``[attacks]`` and ``[[attacks]]``
+    are easy to mix up in TOML, and ``data = 5`` is a value, not a table)."""
+    for name in SECTIONS:
+        if name in data and not isinstance(data[name], dict):
+            raise ConfigError(f"{name} = {data[name]!r} at the top level: {name} is a table, written as a "
+                              f"[{name}] line with its keys below it")
+    attacks = data.get("attacks", [])
+    if isinstance(attacks, dict):
+        raise ConfigError("[attacks] is written as one table (one bracket); each attack is an entry of the "
+                          "array [[attacks]] (two brackets)")
+    if not isinstance(attacks, list) or not all(isinstance(a, dict) for a in attacks):
+        raise ConfigError(f"attacks = {attacks!r}: give each attack as an [[attacks]] line with its keys below it")
+
+
 def _attack(k: int, values: dict[str, Any]) -> AttackConfig:
     attack = _build(AttackConfig, "attacks", values)
     check_attack(k, values)
     return attack
 
 
-def load_config(path: Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+def load_config(path: Path, overrides: dict[str, Any] | None = None,
+                notes: list[str] | None = None) -> ExperimentConfig:
     """Read a TOML preset and apply ``{"section.key": value}`` overrides (``purifier.gdmp.rounds``
     reaches a sub-table, ``attacks.K.key`` the K-th ``[[attacks]]`` entry). A flat method key
-    (``purifier.t_star``) replaces the value of the ``[purifier.<method>]`` table that holds it."""
+    (``purifier.t_star``) replaces the value of the ``[purifier.<method>]`` table that holds it.
+
+    The file is checked as written first, so an override (``--limit``, ``--set``) does not hide a bad
+    value in it; an empty file is refused. ``notes`` receives what the file leaves to the defaults
+    that a user may not expect (no ``[[attacks]]``: the default attack)."""
+    data = _read_toml(path)
+    try:
+        cfg = from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    if notes is not None and not data.get("attacks"):
+        a = cfg.attacks[0]
+        notes.append(f"{path} has no [[attacks]]: using the default attack ({a.name}, {a.norm} eps {a.eps}, "
+                     f"{a.steps} steps, EOT {a.eot})")
+    if not overrides:
+        return cfg
+    for dotted, value in overrides.items():
+        _override(data, dotted, value)
+    return from_dict(data)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         data = tomllib.loads(Path(path).read_text())
     except OSError as err:
         raise ConfigError(f"cannot read config {path}: {err.strerror}") from err
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{path} is not valid TOML: {err}") from err
-    for dotted, value in (overrides or {}).items():
-        _override(data, dotted, value)
-    return from_dict(data)
+    if not data:
+        raise ConfigError(f"{path} is empty; start from a preset in configs/ (e.g. "
+                          "configs/mnist-diffpure-ssni-n.toml) and change what you need")
+    return data
 
 
 def _override(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -29,6 +29,8 @@ RANGES: dict[tuple[str, str], tuple[float | None, float | None]] = {
     ("evaluate", "max_rows"): (1, None),
     ("evaluate", "seed"): (0, None),
 }
+# keys that also take "auto": the fastest value that fits, measured on the device (ssni.evaluate.auto)
+AUTO = {("evaluate", "batch_size"), ("attacks", "eot_batch"), ("purifier", "checkpoint")}
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
@@ -36,9 +38,23 @@ def check_section(cls: type, section: str, values: dict[str, Any]) -> None:
     """Raise a :class:`ConfigError` for the first value of ``[section]`` of the wrong type or range."""
     hints = typing.get_type_hints(cls)
     for f in fields(cls):
+        if (section, f.name) in AUTO and values.get(f.name) == "auto":
+            continue
         if f.name in values:
             bounds = f.metadata.get("range", RANGES.get((section, f.name), (None, None)))
-            _check_value(f"[{section}] {f.name} = {values[f.name]!r}", values[f.name], hints[f.name], bounds)
+            where = f"[{section}] {f.name} = {values[f.name]!r}"
+            if (section, f.name) not in AUTO:
+                _check_value(where, values[f.name], hints[f.name], bounds)
+                continue
+            try:
+                _check_value(where, values[f.name], _without_str(hints[f.name]), bounds)
+            except ConfigError as err:
+                raise ConfigError(f'{err} or "auto"') from None
+
+
+def _without_str(hint: Any) -> Any:
+    """``int | str`` -> ``int``: the type of an AUTO key's value other than ``"auto"``."""
+    return next(a for a in typing.get_args(hint) if a is not str)
 
 
 def check_cross(attacks: list[dict[str, Any]]) -> None:

@@ -26,182 +26,23 @@ of it (an upper bound: later attacks only see samples still robust).
 from __future__ import annotations
 
 import math
-import time
-import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..attacks.apgd import APGD
 from ..data import IMAGE_FORMATS
 from ..defense import Defense
 from .config import AttackConfig, ExperimentConfig
+from .units import Units, measure_units, peak_live_bytes, saved_bytes  # noqa: F401  (the plan's units, re-exported)
 
 ITERATIONS = {"pgd": lambda a: a.steps, "bpda": lambda a: a.steps, "adaptive": lambda a: a.steps * a.restarts,
               "apgd": lambda a: a.steps * a.restarts, "transfer": lambda a: a.steps * a.restarts,
               "autoattack": lambda a: a.steps * a.restarts * (1 if a.version.startswith("apgd") else 2)}
 TARGETED_RUNS = APGD.target_classes  # a targeted APGD runs once per likely other class
 MEMORY_MARGIN = 0.8  # share of free device memory a plan lets a run use
-
-
-def _best(fn, repeats: int = 3) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up (synchronising CUDA around each)."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        _sync()
-        start = time.perf_counter()
-        fn()
-        _sync()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def saved_bytes(fn, held: nn.Module | None = None) -> int:
-    """Bytes autograd keeps for backward while ``fn()`` runs (distinct storages, counted once), less
-    the parameters and buffers of ``held``, which are in memory anyway (a convolution saves its weight)."""
-    seen: dict[int, int] = {}
-    resident = set() if held is None else {t.untyped_storage().data_ptr()
-                                          for t in (*held.parameters(), *held.buffers())}
-
-    def pack(t: Tensor):
-        if t.untyped_storage().data_ptr() not in resident:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
-class _LiveBytes(TorchDispatchMode):
-    """Counts the storages that ops create and that are alive at once (freed with their last tensor)."""
-
-    def __init__(self):
-        super().__init__()
-        self.storages: dict[int, list[int]] = {}  # address -> [bytes, tensors alive that use it]
-        self.seen = WeakIdKeyDictionary()
-        self.now = self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        outside = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
-        for t in tree_leaves(out):
-            if isinstance(t, Tensor) and t not in self.seen:
-                self._track(t, outside)
-        return out
-
-    def _track(self, t: Tensor, outside: set[int]) -> None:
-        key = t.untyped_storage().data_ptr()
-        if key not in self.storages:
-            if key == 0 or key in outside:  # empty, or a view of a tensor made before the count began
-                return
-            self.storages[key] = [t.untyped_storage().nbytes(), 0]
-            self.now += self.storages[key][0]
-            self.peak = max(self.peak, self.now)
-        self.storages[key][1] += 1
-        self.seen[t] = True
-        weakref.finalize(t, self._release, key)
-
-    def _release(self, key: int) -> None:
-        entry = self.storages[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.now -= entry[0]
-            del self.storages[key]
-
-
-def peak_live_bytes(fn, device: torch.device) -> int:
-    """Most bytes of tensors that ``fn()`` creates and holds at the same time (an inference pass's
-    activations): the allocator's peak on CUDA, else counted op by op (kernels' own scratch unseen)."""
-    if device.type == "cuda":
-        _sync()
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        fn()
-        return torch.cuda.max_memory_allocated(device) - before
-    count = _LiveBytes()
-    with count:
-        fn()
-    return count.peak
-
-
-@dataclass
-class Units:
-    """Per-row seconds and bytes measured on the device (see the module docstring)."""
-
-    step: float
-    step_grad: float
-    step_ck: float
-    classifier: float
-    classifier_grad: float
-    step_saved_bytes: float
-    step_input_bytes: float
-    classifier_saved_bytes: float
-    weight_bytes: int
-    cuda_step_peak_bytes: float | None = None
-    step_live_bytes: float = 0.0  # most bytes one inference step holds at once, per row
-
-
-def _step_fn(model: Defense, x: Tensor, rows: int):
-    """``(inputs in model scale, one reverse step of them)`` for ``rows`` rows cycled from ``x``."""
-    from ..rng import SampleNoise
-
-    x_model = 2 * x[torch.arange(rows) % x.shape[0]] - 1
-    purifier, noise = model.purifier, SampleNoise.from_ids(0, range(rows))
-    a = torch.full((rows,), max(purifier.t_stars), device=x.device)
-    idx = torch.arange(rows, device=x.device)
-    return x_model, lambda z: purifier.reverse_step(z, a, (a - 1).clamp_min(0), idx, noise=noise, round_=0,
-                                                    x_orig=x_model)
-
-
-def measure_units(model: Defense, x: Tensor, rows: int, grad_rows: int, repeats: int = 3) -> Units:
-    """Time one reverse step and the classifier at ``rows`` rows (inference) and ``grad_rows`` rows
-    (forward + backward: the attack's rows, ``eot_batch x batch``)."""
-    from torch.utils.checkpoint import checkpoint
-
-    from ..defense import resize
-
-    x_inf, step_inf = _step_fn(model, resize(x, model.resolution), rows)
-    x_model, step = _step_fn(model, resize(x, model.resolution), grad_rows)
-    x_cls, x_cls_grad = x[torch.arange(rows) % x.shape[0]], x[torch.arange(grad_rows) % x.shape[0]]
-
-    def grad_of(fn):
-        def run():
-            z = x_model.detach().requires_grad_(True)
-            torch.autograd.grad(fn(z).square().sum(), z)
-        return run
-
-    with torch.no_grad():
-        t_step = _best(lambda: step_inf(x_inf), repeats)
-        t_cls = _best(lambda: model.classifier(x_cls), repeats)
-        live = peak_live_bytes(lambda: step_inf(x_inf), x.device) / rows
-    t_grad = _best(grad_of(step), repeats)
-    t_ck = _best(grad_of(lambda z: checkpoint(step, z, use_reentrant=False)), repeats)
-    t_cls_grad = _best(lambda: torch.autograd.grad(model.classifier(x_cls_grad.requires_grad_(True)).sum(),
-                                                   x_cls_grad), repeats)
-    z = x_model.detach().requires_grad_(True)
-    peak = None
-    if x.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(x.device)
-        before = torch.cuda.memory_allocated(x.device)
-        step(z)  # the peak is read from the allocator; the output itself is not needed
-        peak = (torch.cuda.max_memory_allocated(x.device) - before) / grad_rows
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    g = grad_rows
-    return Units(t_step / rows, t_grad / g, t_ck / g, t_cls / rows, t_cls_grad / g,
-                 saved_bytes(lambda: step(z), model) / g, x_model[0].numel() * x_model.element_size(),
-                 saved_bytes(lambda: model.classifier(x_cls_grad), model) / g, weights, peak, live)
 
 
 def steps_per_sample(model: Defense, x: Tensor) -> tuple[float, float]:
@@ -265,47 +106,74 @@ def free_bytes(device: torch.device) -> tuple[int, str]:
     return 0, "unknown"
 
 
-def make_plan(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor | None, n: int, world: int = 1,
-              repeats: int = 3) -> dict:
-    """The prediction for ``n`` samples over ``world`` shards; ``x, y``: a probe of the evaluated images."""
-    per_shard = math.ceil(n / world)
-    batch = min(cfg.evaluate.batch_size, per_shard)
-    if not isinstance(model, Defense):
-        return {"n": n, "shards": world, "note": "no purifier: the classifier alone costs little"}
-    baseline, votes, ck = resident_bytes(x.device), model.votes, model.purifier.checkpoint
-    eot_batch = max((a.eot_batch for a in cfg.attacks), default=1)
-    cap, own_cap = cfg.evaluate.max_rows, model.max_rows
-    model.max_rows = cap or x.shape[0]  # the probes themselves: at most one level's rows per score-norm call
+@dataclass
+class RunShape:
+    """What a probe of the evaluated images says about the run, per sample and vote."""
+
+    score: float  # score-norm rows
+    reverse: float  # reverse steps
+    accuracy: float  # clean accuracy on the probe: the attacked share
+    votes: int
+    rounds: int
+
+
+def probe_shape(model: Defense, x: Tensor, y: Tensor | None, max_rows: int | None) -> RunShape:
+    """Levels and clean accuracy of the probe ``x, y`` (no labels: every sample counts as attacked)."""
+    own_cap = model.max_rows
+    model.max_rows = max_rows or x.shape[0]  # the probes themselves: at most one level's rows per score-norm call
     try:
-        with torch.no_grad():  # no labels (a synthetic probe): every sample counts as attacked
+        with torch.no_grad():
             accuracy = 1.0 if y is None else float((model.predict(x, draw=0) == y).float().mean())
         score, reverse = steps_per_sample(model, x)
     finally:
         model.max_rows = own_cap
+    return RunShape(score, reverse, accuracy, model.votes, len(model.purifier.t_stars))
+
+
+def predict(cfg: ExperimentConfig, shape: RunShape, u: Units, batch: int, eot_batch: int, checkpointed: bool,
+            per_shard: int, usable: float) -> dict:
+    """Seconds and bytes of one shard of ``per_shard`` samples at these speed settings (per-row units ``u``)."""
+    one_pass = shape.score * u.step + shape.reverse * u.step + u.classifier
+    clean = shape.votes * one_pass + shape.score * u.step  # predict, then explain's score norm
+    attacked = per_shard * shape.accuracy
+    attacks = [{"name": a.name, "seconds": attacked * (
+        attack_cost(a, u, shape.score, shape.reverse, shape.votes, checkpointed, shape.rounds)
+        + cfg.evaluate.rescore_draws * shape.votes * one_pass)} for a in cfg.attacks]
+    row_bytes = attack_row_bytes(u, shape.score, shape.reverse, checkpointed) * shape.votes
+    memory, inference_batch_fit = _inference_memory(max(shape.score, 1), batch, cfg.evaluate.max_rows,
+                                                    u.step_live_bytes, usable)
+    rows_fit = max(int(usable // row_bytes), 0) if row_bytes > 0 and math.isfinite(usable) else 10 ** 9
+    return {"batch": batch, "eot_batch": eot_batch, "checkpoint": checkpointed, "clean_seconds": per_shard * clean,
+            "attacks": attacks, "seconds": per_shard * clean + sum(a["seconds"] for a in attacks),
+            "attack_bytes": eot_batch * batch * row_bytes, "attack_bytes_per_sample": eot_batch * row_bytes,
+            "fits": eot_batch * batch * row_bytes <= usable and memory["inference_fits"], **memory,
+            "max_batch": min(rows_fit // eot_batch, inference_batch_fit),
+            "max_eot_batch": rows_fit // batch if memory["inference_fits"] else 0}
+
+
+def make_plan(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor | None, n: int, world: int = 1,
+              repeats: int = 3) -> dict:
+    """The prediction for ``n`` samples over ``world`` shards; ``x, y``: a probe of the evaluated images."""
+    from .auto import without_auto
+
+    cfg = without_auto(cfg)
+    per_shard = math.ceil(n / world)
+    batch = min(cfg.evaluate.batch_size, per_shard)
+    if not isinstance(model, Defense):
+        return {"n": n, "shards": world, "note": "no purifier: the classifier alone costs little"}
+    baseline, ck = resident_bytes(x.device), model.purifier.checkpoint
+    eot_batch = max((a.eot_batch for a in cfg.attacks), default=1)
+    shape = probe_shape(model, x, y, cfg.evaluate.max_rows)
     u, measured_rows = _measure_fitting_units(model, x, batch, eot_batch, repeats)
-    one_pass = score * u.step + reverse * u.step + u.classifier
-    clean = votes * one_pass + score * u.step  # predict, then explain's score norm
-    attacked = per_shard * accuracy
-    rounds = len(model.purifier.t_stars)
-    attacks = [{"name": a.name, "seconds": attacked * (attack_cost(a, u, score, reverse, votes, ck, rounds)
-                                                       + a_rescore(cfg) * votes * one_pass)} for a in cfg.attacks]
-    row_bytes = attack_row_bytes(u, score, reverse, ck) * votes
     free, how = free_bytes(x.device)
-    usable = MEMORY_MARGIN * free  # free is read with the models loaded
-    memory, inference_batch_fit = _inference_memory(max(score, 1), batch, cap, u.step_live_bytes, usable)
-    rows_fit = max(int(usable // row_bytes), 0)
-    batch_fit = min(rows_fit // eot_batch, inference_batch_fit)
-    seconds = per_shard * clean + sum(a["seconds"] for a in attacks)
-    return {"n": n, "shards": world, "per_shard": per_shard, "batch": batch, "eot_batch": eot_batch,
-            "device": str(x.device), "checkpoint": ck, "votes": votes, "score_rows": score,
-            "reverse_steps": reverse, "probe_clean_accuracy": accuracy, "units": vars(u),
-            "clean_seconds": per_shard * clean, "attacks": attacks, "seconds": seconds,
-            "peak_bytes": baseline + max(eot_batch * batch * row_bytes, memory["inference_bytes"]), "free_bytes": free,
-            "baseline_bytes": baseline, "attack_bytes_per_sample": eot_batch * row_bytes, **memory,
+    run = predict(cfg, shape, u, batch, eot_batch, ck, per_shard, MEMORY_MARGIN * free)  # free: models loaded
+    return {"n": n, "shards": world, "per_shard": per_shard, **run, "device": str(x.device), "votes": shape.votes,
+            "score_rows": shape.score, "reverse_steps": shape.reverse, "probe_clean_accuracy": shape.accuracy,
+            "units": vars(u), "peak_bytes": baseline + max(run["attack_bytes"], run["inference_bytes"]),
+            "free_bytes": free, "baseline_bytes": baseline,
             "memory_method": f"models loaded ({'CUDA memory_allocated' if x.device.type == 'cuda' else 'process RSS'})"
                              f" + the larger of autograd's saved bytes (attack) and the score-norm call's live bytes"
                              f" (inference); free memory from {how}",
-            "max_batch": batch_fit, "max_eot_batch": rows_fit // batch if memory["inference_fits"] else 0,
             "measured_rows": measured_rows}
 
 
@@ -336,15 +204,15 @@ def _inference_memory(score: float, batch: int, cap: int | None, live_per_row: f
             "inference_fits": rows <= most_rows, "max_rows_fit": most_rows}, batch_fit
 
 
-def a_rescore(cfg: ExperimentConfig) -> int:
-    return cfg.evaluate.rescore_draws
-
-
 def format_plan(p: dict) -> str:
     if "attacks" not in p:
         return f"plan: {p['note']}"
     gib = 2 ** 30
-    lines = [f"plan: {p['n']} samples, {p['shards']} shard(s) of {p['per_shard']}, batch {p['batch']}, "
+    from .auto import format_choice
+    from .roofline import format_roofline
+
+    lines = [format_choice(p["auto"])] if p.get("auto") else []
+    lines += [f"plan: {p['n']} samples, {p['shards']} shard(s) of {p['per_shard']}, batch {p['batch']}, "
              f"eot_batch {p['eot_batch']}, on {p['device']} (checkpointing {'on' if p['checkpoint'] else 'off'}, "
              f"votes {p['votes']})",
              f"  per sample and draw: {p['score_rows']:.0f} score-norm rows + {p['reverse_steps']:.1f} reverse steps;"
@@ -364,7 +232,20 @@ def format_plan(p: dict) -> str:
               f"  score-norm pass without gradient: {p['inference_rows_per_call']:.0f} rows per call, "
               f"{p['inference_bytes'] / gib:.2f} GiB (evaluate.max_rows caps the rows; at most "
               f"{p['max_rows_fit']} fit)"]
+    if p.get("roofline"):
+        lines.append(format_roofline(p["roofline"]))
+    if p["shards"] == 1:
+        lines.append("  on K devices (torchrun shards): " + ", ".join(
+            f"K={k}: {shard_hours(p, k):.2f} h" for k in (2, 4, 8)))
     return "\n".join(lines)
+
+
+def shard_hours(p: dict, k: int) -> float:
+    """Wall time of the same run over ``k`` shards: the clean pass and attacks scale with the samples per
+    shard; the calibration runs once per shard (every rank fits it)."""
+    samples = p["per_shard"] / max(math.ceil(p["n"] / k), 1)
+    fixed = p.get("calibration_seconds", 0.0)
+    return ((p["seconds"] - fixed) / samples + fixed) / 3600
 
 
 def plan_run(cfg: ExperimentConfig, weights_dir: Path | None = None, world: int | None = None,
@@ -380,13 +261,16 @@ def plan_run(cfg: ExperimentConfig, weights_dir: Path | None = None, world: int 
 
     from ..checkpoints.registry import default_weights_dir
     from ..errors import InputError
+    from ..runtime import resolve_device
     from .build import build_model, load_eval_data, load_models, saved_calibration
-    from .runner import to_device
+    from .auto import resolve_auto
+    from .roofline import roofline
+    from .runner import precision, to_device
 
     world = int(os.environ.get("WORLD_SIZE", 1)) if world is None else world
     weights_dir = Path(weights_dir or default_weights_dir())
     unet, classifier = to_device(cfg, *load_models(cfg, weights_dir))
-    device = torch.device(cfg.evaluate.device)
+    device = resolve_device(cfg.evaluate.device)
     try:
         data = load_eval_data(cfg, min(probe, cfg.data.n))
         x, y, synthetic = data.images.to(device), data.labels.to(device), False
@@ -401,7 +285,12 @@ def plan_run(cfg: ExperimentConfig, weights_dir: Path | None = None, world: int 
         if calibration is None:  # the run fits one: counted below, not run here
             calibration, to_fit = _probe_calibration(cfg, unet, x), cfg.ssni.calibration_size
     model = build_model(cfg, unet, classifier, calibration)
-    plan = make_plan(cfg, model, x, y, cfg.data.n, world)
+    with precision(cfg):
+        cfg, choice = resolve_auto(cfg, model, x, y, world)
+        plan = make_plan(cfg, model, x, y, cfg.data.n, world)
+        plan["auto"] = choice
+        if "units" in plan:
+            plan["roofline"] = roofline(cfg, model, x, plan)
     if "units" in plan:
         plan["calibration_images"] = to_fit
         plan["calibration_seconds"] = to_fit * cfg.ssni.n_levels * plan["units"]["step"]

@@ -20,12 +20,14 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
+from ..progress import tqdm
 
 from ..checkpoints.registry import default_weights_dir
 from ..defense import Defense
 from ..errors import InputError
+from ..runtime import is_out_of_memory, on_device, precision_mode, resolve_device, smaller_after_oom
 from .build import build_attack, build_model, calibrate, load_eval_data, load_models
+from .auto import format_choice, has_auto, resolve_auto, without_auto
 from .config import ExperimentConfig
 from .scoring import candidate_fields, robust_under, still_attackable, stored_candidate, union_verdicts
 from .store import RESULTS_FILE as RESULTS
@@ -62,11 +64,10 @@ def worst_candidate(model: nn.Module, candidates: list[Tensor], y: Tensor, ids: 
 
 
 def to_device(cfg: ExperimentConfig, *models: nn.Module) -> tuple[nn.Module, ...]:
-    """Move the networks to ``evaluate.device`` (``cuda:N`` by ``LOCAL_RANK`` under torchrun)."""
-    device = torch.device(cfg.evaluate.device)
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    fmt = torch.channels_last if device.type == "cuda" else torch.preserve_format
+    """Move the networks to the run's device (:func:`ssni.runtime.resolve_device` of ``evaluate.device``;
+    ``cuda:N`` by ``LOCAL_RANK`` under torchrun), in the layout ``evaluate.channels_last`` asks for."""
+    device = resolve_device(cfg.evaluate.device)
+    fmt = torch.channels_last if cfg.evaluate.channels_last else torch.preserve_format
     return tuple(m.to(device=device, memory_format=fmt) for m in models)
 
 
@@ -74,7 +75,8 @@ def prepare_model(cfg: ExperimentConfig, weights_dir: Path, out: Path | None = N
     """The configured model on its device: networks loaded, SSNI calibrated (saved into ``out``),
     the diffusion network compiled if asked."""
     unet, classifier = to_device(cfg, *load_models(cfg, weights_dir))
-    calibration = calibrate(cfg, unet, weights_dir) if cfg.ssni.reweight != "none" else None
+    with precision(cfg):
+        calibration = calibrate(without_auto(cfg), unet, weights_dir) if cfg.ssni.reweight != "none" else None
     if calibration is not None and out is not None:
         calibration.save(out / "calibration.json")
     if cfg.evaluate.compile:
@@ -82,10 +84,10 @@ def prepare_model(cfg: ExperimentConfig, weights_dir: Path, out: Path | None = N
     return build_model(cfg, unet, classifier, calibration)
 
 
-def autocast(cfg: ExperimentConfig):
-    """bf16 autocast of the networks when ``evaluate.precision = "bf16"`` (a no-op context otherwise)."""
-    return torch.autocast(torch.device(cfg.evaluate.device).type, torch.bfloat16,
-                          enabled=cfg.evaluate.precision == "bf16")
+def precision(cfg: ExperimentConfig):
+    """The context every network call of the run goes through: ``evaluate.precision`` on its device
+    (:func:`ssni.runtime.precision_mode`: fp32 is real fp32, tf32 and bf16 are opt-in)."""
+    return precision_mode(cfg.evaluate.precision, resolve_device(cfg.evaluate.device))
 
 
 def shard_positions(n: int, rank: int, world: int) -> Tensor:
@@ -165,28 +167,66 @@ def evaluate(cfg: ExperimentConfig, out: Path, weights_dir: Path | None = None, 
     name = RESULTS if world == 1 else f"shard-{rank}-of-{world}.sqlite"
     with exclusive(out / name):
         store = Store(out / name, cfg.hash(), json.dumps(cfg.to_dict(), sort_keys=True))
-        (out / "config.json").write_text(json.dumps({"hash": cfg.hash(), **cfg.to_dict()}, indent=2) + "\n")
         model = prepare_model(cfg, weights_dir, out if rank == 0 else None)
+        data = load_eval_data(cfg)
+        data = data.subset(shard_positions(len(data), rank, world))
+        cfg, choice = choose_speed(cfg, model, data, world)
+        if choice and progress:
+            tqdm.write(format_choice(choice))
+        (out / "config.json").write_text(json.dumps({"hash": cfg.hash(), **cfg.to_dict()}, indent=2) + "\n")
+        if choice:
+            (out / "speed.json").write_text(json.dumps(choice, indent=2) + "\n")
         attacks = [build_attack(a, model, cfg.evaluate.seed) for a in cfg.attacks]
         for attack, _ in attacks:  # a nested bar per attack shows its iterations with an ETA
             if hasattr(attack, "progress"):
                 attack.progress = progress
-        data = load_eval_data(cfg)
-        data = data.subset(shard_positions(len(data), rank, world))
         done = store.done_ids()
         todo = torch.tensor([i for i, sid in enumerate(data.ids.tolist()) if sid not in done], dtype=torch.long)
-        bs = cfg.evaluate.batch_size
         bar = tqdm(total=len(data), initial=len(data) - len(todo), desc=f"evaluate[{rank}]", unit="img",
                    disable=not progress)
-        for b in range(0, len(todo), bs):
-            idx = todo[b:b + bs]
-            x, y = data.images[idx].to(cfg.evaluate.device), data.labels[idx].to(cfg.evaluate.device)
-            with autocast(cfg):
-                store.add(*run_batch(cfg, model, attacks, x, y, data.ids[idx]))
-            bar.update(len(idx))
+        run_all_batches(cfg, model, attacks, data, todo, store, bar)
         bar.close()
         store.close()
     return merge_shards(cfg, out, rank, world)
+
+
+def choose_speed(cfg: ExperimentConfig, model: nn.Module, data, world: int = 1,
+                 probe: int = 16) -> tuple[ExperimentConfig, dict]:
+    """``cfg`` with its ``"auto"`` speed settings measured on the first ``probe`` images
+    (:func:`ssni.evaluate.auto.resolve_auto`), and the choice (empty when nothing was ``"auto"``)."""
+    if not has_auto(cfg):
+        return cfg, {}
+    x, y = on_device(resolve_device(cfg.evaluate.device), data.images[:probe], data.labels[:probe])
+    with precision(cfg):
+        return resolve_auto(cfg, model, x, y, world)
+
+
+def run_all_batches(cfg: ExperimentConfig, model: nn.Module, attacks: list, data, todo: Tensor, store: Store,
+                    bar) -> None:
+    """Evaluate the samples at positions ``todo`` batch by batch, committing each batch's rows.
+
+    A batch that runs out of device memory is run again at half the rows, and the run keeps the
+    smaller batch (batch size is speed-only: the rows are the same); one row that does not fit
+    ends the run with a :class:`ssni.errors.ResourceError`."""
+    device, size, start = resolve_device(cfg.evaluate.device), cfg.evaluate.batch_size, 0
+    while start < len(todo):
+        idx = todo[start:start + size]
+        x, y, ids = on_device(device, data.images[idx], data.labels[idx], data.ids[idx])
+        try:
+            with precision(cfg):
+                rows, images = run_batch(cfg, model, attacks, x, y, ids)
+        except RuntimeError as err:
+            if not is_out_of_memory(err):
+                raise
+            rows = None  # leave the handler first, so the failed batch's tensors can be freed
+        if rows is None:
+            size = smaller_after_oom(len(idx), device)
+            bar.write(f"out of memory on {device} at a batch of {len(idx)}: continuing at {size} "
+                      f"(results do not depend on the batch size)")
+            continue
+        store.add(rows, images)
+        start += len(idx)
+        bar.update(len(idx))
 
 
 def merge_shards(cfg: ExperimentConfig, out: Path, rank: int, world: int) -> Path:
@@ -220,7 +260,7 @@ def run_sanity(cfg: ExperimentConfig, weights_dir: Path | None = None, n: int = 
     data = load_eval_data(cfg, min(n, cfg.data.n))
     attack, target = next((build_attack(a, model, cfg.evaluate.seed) for a in cfg.attacks
                            if a.name in ("pgd", "apgd", "bpda")), (None, model))  # the checks compare budgets
-    x, y = data.images.to(cfg.evaluate.device), data.labels.to(cfg.evaluate.device)
+    x, y = on_device(resolve_device(cfg.evaluate.device), data.images, data.labels)
     checks = defense_checks(model, x, y)
     if isinstance(attack, PGD):
         checks += sanity_checks(model, attack, x, y, data.ids, cfg.evaluate.rescore_draws, target)

@@ -24,6 +24,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
+from ..diffusion import trusted_levels, with_trusted_levels
+
 # step(x_a [b,...], a [b], c [b], idx [b]) -> x_c [b,...]; idx are the rows' positions in the batch.
 StepFn = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
@@ -44,9 +46,11 @@ def unique_grid(t: int, n: int | None) -> list[int]:
 
 
 def _apply(step: StepFn, x: Tensor, a: Tensor, c: Tensor, idx: Tensor, use_checkpoint: bool) -> Tensor:
+    """One step on levels the caller has checked (recomputed in the backward pass when checkpointed)."""
     if use_checkpoint and torch.is_grad_enabled():
-        return checkpoint(step, x, a, c, idx, use_reentrant=False)
-    return step(x, a, c, idx)
+        return checkpoint(with_trusted_levels(step), x, a, c, idx, use_reentrant=False)
+    with trusted_levels():
+        return step(x, a, c, idx)
 
 
 def join_plan(grids: list[list[int]], width: int | None = None) -> list[tuple[list[int], list[int], list[int]]]:

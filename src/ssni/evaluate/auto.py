@@ -1,0 +1,137 @@
+"""``"auto"`` speed settings: the fastest batch size, stacked EOT draws and checkpointing that fit.
+
+``evaluate.batch_size``, ``attacks[*].eot_batch`` and ``purifier.checkpoint`` may be ``"auto"``.
+Before a run (and in ``--plan``) one reverse step of the purifier and the classifier are timed on
+the run's device at growing row counts (1, 2, 4, ... until the time per row stops falling by
+:data:`SATURATION`, the device runs out of memory, or the largest useful width is reached). Every
+candidate (batch, eot_batch, checkpointing) is then predicted by the plan's cost model
+(:func:`ssni.evaluate.plan.predict`) with the units measured at its own row counts (the attack's
+rows are ``batch x eot_batch x`` the attacked share), and the fastest candidate that fits in
+memory wins; among candidates within :data:`TIE` of the fastest, one without checkpointing (no
+recomputed forward) and then the one that needs the least memory. All three settings are speed-only (outside the config hash): results do not depend on them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import fields, replace
+
+import torch
+from torch import Tensor, nn
+
+from ..defense import Defense
+from ..runtime import is_out_of_memory
+from .config import ExperimentConfig
+
+FALLBACK = {"batch_size": 16, "eot_batch": 1, "checkpoint": True}  # where nothing is measured: small and safe
+SATURATION = 0.05  # a doubled width that saves less than this per row twice running ends the measurement
+TIE = 0.02
+_INFERENCE_FIELDS = ("step", "classifier", "step_live_bytes")  # the rest of Units is the attack's (with gradient)
+
+
+def has_auto(cfg: ExperimentConfig) -> bool:
+    return "auto" in (cfg.evaluate.batch_size, cfg.purifier.checkpoint, *(a.eot_batch for a in cfg.attacks))
+
+
+def resolved(cfg: ExperimentConfig, batch: int, eot_batch: int, checkpoint: bool) -> ExperimentConfig:
+    """``cfg`` with each ``"auto"`` replaced by the given value (set values are kept)."""
+    pick = lambda value, chosen: chosen if value == "auto" else value  # noqa: E731
+    return replace(cfg, evaluate=replace(cfg.evaluate, batch_size=pick(cfg.evaluate.batch_size, batch)),
+                   purifier=replace(cfg.purifier, checkpoint=pick(cfg.purifier.checkpoint, checkpoint)),
+                   attacks=tuple(replace(a, eot_batch=pick(a.eot_batch, eot_batch)) for a in cfg.attacks))
+
+
+def without_auto(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with :data:`FALLBACK` values in place of ``"auto"`` (for code that measures nothing)."""
+    return resolved(cfg, FALLBACK["batch_size"], FALLBACK["eot_batch"], FALLBACK["checkpoint"])
+
+
+def _powers(limit: int) -> list[int]:
+    return sorted({2 ** k for k in range(max(limit, 1).bit_length()) if 2 ** k <= limit} | {max(limit, 1)})
+
+
+def measure_widths(model: Defense, x: Tensor, max_width: int, repeats: int = 2) -> dict:
+    """Per-row units (:class:`ssni.evaluate.plan.Units`) at widths 1, 2, 4, ... up to ``max_width``."""
+    from .plan import measure_units
+
+    units, best, flat = {}, math.inf, 0
+    for width in _powers(max_width):
+        try:
+            u = measure_units(model, x, width, width, repeats)
+        except RuntimeError as err:
+            if not is_out_of_memory(err) or not units:
+                raise
+            break
+        units[width] = u
+        per_row = u.step + u.step_grad
+        flat = flat + 1 if per_row > (1 - SATURATION) * best else 0
+        best = min(best, per_row)
+        if flat == 2:
+            break
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return units
+
+
+def units_for(units: dict, batch: int, attack_rows: int):
+    """Units of a candidate: inference fields at ``batch`` rows, the rest at ``attack_rows`` (the largest
+    measured width not above each; past the last width the time per row has stopped falling)."""
+    from .plan import Units
+
+    at = lambda rows: units[max([w for w in units if w <= rows] or [min(units)])]  # noqa: E731
+    inference, attack = at(batch), at(attack_rows)
+    return Units(**{f.name: getattr(inference if f.name in _INFERENCE_FIELDS else attack, f.name)
+                    for f in fields(Units)})
+
+
+def resolve_auto(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor | None, world: int = 1,
+                 repeats: int = 2) -> tuple[ExperimentConfig, dict]:
+    """``(cfg without "auto", what was chosen and why)``; the model's checkpointing is set to the choice."""
+    if not has_auto(cfg):
+        return cfg, {}
+    if not isinstance(model, Defense):
+        return resolved(cfg, FALLBACK["batch_size"], 1, False), {"note": "no purifier: nothing to measure"}
+    from .plan import MEMORY_MARGIN, free_bytes, predict, probe_shape
+
+    per_shard = math.ceil(cfg.data.n / world)
+    shape = probe_shape(model, x, y, cfg.evaluate.max_rows)
+    given = {"batch": cfg.evaluate.batch_size, "ck": cfg.purifier.checkpoint,
+             "eot": {a.eot_batch for a in cfg.attacks} - {"auto"}}
+    batches = _powers(per_shard) if given["batch"] == "auto" else [min(given["batch"], per_shard)]
+    eots = _powers(max(a.eot for a in cfg.attacks)) if not given["eot"] else [max(given["eot"])]
+    checkpoints = [False, True] if given["ck"] == "auto" else [given["ck"]]
+    units = measure_widths(model, x, max(batches) * max(eots), repeats)
+    usable = MEMORY_MARGIN * free_bytes(x.device)[0]
+    options = []
+    for ck in checkpoints:
+        for eot_batch in eots:
+            for batch in batches:
+                rows = max(1, round(batch * eot_batch * shape.accuracy))
+                run = predict(resolved(cfg, batch, eot_batch, ck), shape, units_for(units, batch, rows), batch,
+                              eot_batch, ck, per_shard, usable)
+                if run["fits"]:
+                    options.append((run["seconds"], run["attack_bytes"], batch, eot_batch, ck))
+    fastest = min(options)[0] if options else None
+    near = [o for o in options if o[0] <= (1 + TIE) * fastest] if options else []
+    seconds, memory, batch, eot_batch, ck = (min(near, key=lambda o: (o[4], o[1])) if near  # no recompute, least memory
+                                             else (None, None, 1, 1, True))
+    model.purifier.checkpoint = ck if given["ck"] == "auto" else model.purifier.checkpoint
+    choice = {"batch_size": batch, "eot_batch": eot_batch, "checkpoint": ck, "predicted_seconds": seconds,
+              "predicted_attack_bytes": memory, "candidates": len(options), "fits": bool(options),
+              "widths": {w: {"step": u.step, "step_grad": u.step_grad} for w, u in units.items()}}
+    return resolved(cfg, batch, eot_batch, ck), choice
+
+
+def format_choice(choice: dict) -> str:
+    """The first lines of a run that had ``"auto"`` settings."""
+    if not choice:
+        return ""
+    if "note" in choice:
+        return f"auto: {choice['note']}"
+    how = (f"fastest of {choice['candidates']} candidates that fit, predicted {choice['predicted_seconds']:.1f} s"
+           if choice["fits"] else "no candidate fits the free memory: the smallest, and batches halve on "
+                                  "out-of-memory errors")
+    widths = ", ".join(f"{w}: {1e3 * u['step_grad']:.2f}" for w, u in choice["widths"].items())
+    return (f"auto: batch_size {choice['batch_size']}, eot_batch {choice['eot_batch']}, checkpoint "
+            f"{'on' if choice['checkpoint'] else 'off'} ({how}; ms per row of a reverse step with gradient at "
+            f"widths {widths})")

@@ -1,0 +1,168 @@
+"""The run's runtime policy, in one place: device, precision, per-sample tensors, memory errors.
+
+- **Device.** ``"auto"`` (the default) is ``cuda`` when torch sees a GPU, else ``cpu``; a named
+  device is checked before anything loads, so a machine without it gets one clear error.
+  Under ``torchrun`` a bare ``cuda`` is the process's ``cuda:LOCAL_RANK``.
+- **Per-sample tensors** (images, labels, ids, levels, masks) are put on the run's device by
+  :func:`on_device` when a batch is made; nothing downstream moves them.
+- **Precision.** ``fp32`` is real fp32: TensorFloat-32 is off for convolutions and matrix
+  products (cuDNN would otherwise run fp32 convolutions in TF32, which moved score norms by up
+  to 8.4e-4 relative on an H100 and changed 27 of 40 clean levels). ``tf32`` and ``bf16``
+  (autocast of the networks) are opt-in speed modes whose measured effect is recorded beside
+  the results (``benchmarks/``). On a CPU ``tf32`` computes exactly what ``fp32`` does.
+- **Memory.** A batch that runs out of device memory is retried at half the rows
+  (:func:`smaller_after_oom`); when one row does not fit the run stops with one
+  :class:`ssni.errors.ResourceError` that says what to change.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .errors import ConfigError, ResourceError
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda or cuda:N"
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """The device a run uses, checked against this machine (:class:`ConfigError` if it lacks it)."""
+    if name is None or name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigError(f"unknown device {str(name)!r}; use {DEVICE_HELP}") from None
+    if device.type == "cpu":
+        return torch.device("cpu")
+    if device.type != "cuda":
+        raise ConfigError(f"device {str(name)!r} is not supported; use {DEVICE_HELP}")
+    if not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise ConfigError(f"device {str(name)!r}: CUDA is not available on this machine (torch {torch.__version__}, "
+                          f"{build}, {torch.cuda.device_count()} GPU(s) visible); use --device cpu or auto")
+    index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"device {str(name)!r}: this machine has {torch.cuda.device_count()} GPU(s), "
+                          f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return torch.device("cuda", index)
+
+
+def describe_device(device: torch.device, precision: str = "fp32") -> str:
+    """One line for the first output of a command: which device and precision a run uses."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        what = f"{props.name}, {props.total_memory / 2 ** 30:.0f} GiB, torch {torch.__version__}"
+    else:
+        what = f"{torch.get_num_threads()} thread(s), torch {torch.__version__}"
+    return f"device: {device} ({what}); precision {precision}"
+
+
+def on_device(device: torch.device, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """The one place a batch's per-sample tensors move to the run's device."""
+    return tuple(t.to(device) for t in tensors)
+
+
+@contextlib.contextmanager
+def precision_mode(precision: str, device: torch.device) -> Iterator[None]:
+    """Run the block at ``precision`` (see the module docstring); the previous TF32 flags come back after."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r}; choose one of {list(PRECISIONS)}")
+    saved = _tf32_flags()
+    _set_tf32(precision == "tf32")
+    try:
+        with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+            yield
+    finally:
+        _set_tf32(*saved)
+
+
+def _tf32_flags() -> tuple:
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+
+
+def _set_tf32(conv: bool | str, matmul: bool | str | None = None) -> None:
+    """TF32 on (``True``) or off (``False``) for cuDNN convolutions and CUDA matmuls, or the saved flags.
+
+    torch >= 2.9 has per-backend ``fp32_precision`` strings and refuses a mix with the older
+    ``allow_tf32`` booleans, so only one of the two interfaces is ever used."""
+    matmul = conv if matmul is None else matmul
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision") and getattr(torch.backends.cudnn, "conv", None):
+        as_text = lambda v: v if isinstance(v, str) else ("tf32" if v else "ieee")  # noqa: E731
+        torch.backends.cudnn.conv.fp32_precision = as_text(conv)
+        torch.backends.cuda.matmul.fp32_precision = as_text(matmul)
+    else:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = bool(conv), bool(matmul)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A device allocation failure (CUDA's ``OutOfMemoryError``, or the same text from another backend)."""
+    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError)
+                                                        and "out of memory" in str(err).lower())
+
+
+def smaller_after_oom(rows: int, device: torch.device, what: str = "batch") -> int:
+    """Half of ``rows`` after an out-of-memory error (cached blocks freed); at one row, a
+    :class:`ResourceError` that says what else lowers memory. Speed-only: results do not depend on it."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    if rows <= 1:
+        free = f" ({torch.cuda.mem_get_info(device)[0] / 2 ** 30:.1f} GiB free)" if device.type == "cuda" else ""
+        raise ResourceError(f"one sample does not fit in the memory of {device}{free}: set purifier.checkpoint = true, "
+                            "a smaller evaluate.max_rows and eot_batch = 1, or another device; `ssni evaluate --plan` "
+                            "with the same config prints the largest batch and max_rows that fit")
+    return rows // 2
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the reads of tensor values back to the host while active: scalar reads (``.item()``,
+    ``bool``/``int``/``float`` of a tensor, ``if tensor``), copies from an accelerator to the CPU, and
+    ``tolist``/``numpy`` (which bypass the dispatcher). Each one waits for the device's queue."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        self._patched: dict[str, object] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        elif func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
+            devices = {a.device.type for a in (*args, *(kwargs or {}).values()) if isinstance(a, Tensor)}
+            target = (kwargs or {}).get("device")
+            if devices - {"cpu", "meta"} and (target is not None and torch.device(target).type == "cpu"):
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        for name in ("tolist", "numpy"):
+            original = getattr(Tensor, name)
+            self._patched[name] = original
+
+            def counted(tensor, *a, _original=original, **k):
+                self.count += 1
+                return _original(tensor, *a, **k)
+
+            setattr(Tensor, name, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._patched.items():
+            setattr(Tensor, name, original)
+        return super().__exit__(*exc)
+
+
+def count_host_reads(fn) -> int:
+    """How many times ``fn()`` reads tensor values back to the host (:class:`HostReads`)."""
+    with HostReads() as reads:
+        fn()
+    return reads.count

@@ -1,0 +1,221 @@
+"""The runtime policy: device resolution, precision modes, out-of-memory retries, host reads, "auto"."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import assert_same_rows
+
+from ssni import DiffPure, SampleNoise
+from ssni.denoisers.protocol import EDMAdapter
+from ssni.errors import ConfigError, ResourceError
+from ssni.evaluate import load_config
+from ssni.evaluate import runner as runner_module
+from ssni.evaluate.runner import evaluate
+from ssni.evaluate.store import Store
+from ssni.runtime import count_host_reads, precision_mode, resolve_device
+
+
+def test_auto_and_cpu_resolve_here_and_unknown_devices_are_config_errors():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto")
+    for bad in ("foo", "cuda:x", "tpu", "mps"):
+        with pytest.raises(ConfigError, match="device"):
+            resolve_device(bad)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_a_gpu_is_one_clear_error():
+    for name in ("cuda", "cuda:0", "cuda:3"):
+        with pytest.raises(ConfigError, match="CUDA is not available on this machine.*--device cpu"):
+            resolve_device(name)
+
+
+def test_cli_device_errors_are_one_line_and_the_first_line_names_the_device(tiny_config_file, tiny_weights,
+                                                                             tmp_path):
+    from typer.testing import CliRunner
+
+    from ssni.cli import app, main  # noqa: F401  (main maps SSNIError to exit 2)
+    import subprocess
+    import sys
+
+    bad = subprocess.run([sys.executable, "-m", "ssni.cli", "evaluate", "--config", str(tiny_config_file),
+                          "--out", str(tmp_path / "x"), "--device", "foo"], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown device 'foo'")
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+    result = CliRunner().invoke(app, ["evaluate", "--config", str(tiny_config_file), "--out", str(tmp_path / "r"),
+                                      "--weights-dir", str(tiny_weights), "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0].startswith("device: cpu (")
+
+
+def test_precision_modes_set_tf32_and_autocast_and_restore_them():
+    before = (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    with precision_mode("fp32", torch.device("cpu")):
+        assert torch.backends.cudnn.conv.fp32_precision == "ieee" == torch.backends.cuda.matmul.fp32_precision
+        assert not torch.is_autocast_enabled("cpu")
+    with precision_mode("tf32", torch.device("cpu")):
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32" == torch.backends.cuda.matmul.fp32_precision
+    with precision_mode("bf16", torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        assert (torch.randn(4, 4) @ torch.randn(4, 4)).dtype == torch.bfloat16
+    assert (torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == before
+    with pytest.raises(ConfigError, match="fp16"):
+        with precision_mode("fp16", torch.device("cpu")):
+            pass
+
+
+def test_the_run_records_its_precision_and_tf32_changes_nothing_on_a_cpu(tiny_config_file, tiny_weights, tmp_path):
+    cfg = load_config(tiny_config_file)
+    tf32 = replace(cfg, evaluate=replace(cfg.evaluate, precision="tf32"))
+    assert tf32.hash() != cfg.hash()  # precision changes results on a GPU: it is part of the hash
+    for name, run in (("fp32", cfg), ("tf32", tf32)):
+        evaluate(run, tmp_path / name, tiny_weights, progress=False)
+        assert json.loads((tmp_path / name / "config.json").read_text())["evaluate"]["precision"] == name
+    a, b = (_rows(tmp_path / n, c) for n, c in (("fp32", cfg), ("tf32", tf32)))
+    assert [r["clean_pred"] for r in a] == [r["clean_pred"] for r in b]
+    assert [r["score_norm"] for r in a] == [r["score_norm"] for r in b]  # TF32 does not exist on a CPU
+
+
+def _rows(out, cfg) -> list[dict]:
+    store = Store(out / "results.sqlite", cfg.hash(), json.dumps(cfg.to_dict(), sort_keys=True))
+    found = [{k: v for k, v in r.items() if k != "seconds"} for r in store.rows()]
+    store.close()
+    return found
+
+
+def test_a_batch_out_of_memory_is_retried_at_half_the_rows_with_the_same_results(tiny_config_file, tiny_weights,
+                                                                                 tmp_path, monkeypatch, capsys):
+    cfg = load_config(tiny_config_file, {"data.n": 4, "evaluate.batch_size": 4})
+    evaluate(cfg, tmp_path / "plain", tiny_weights, progress=False)
+    real, sizes = runner_module.run_batch, []
+
+    def fits_one_row(cfg_, model, attacks, x, y, ids):
+        sizes.append(len(ids))
+        if len(ids) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 38.00 GiB (simulated)")
+        return real(cfg_, model, attacks, x, y, ids)
+
+    monkeypatch.setattr(runner_module, "run_batch", fits_one_row)
+    evaluate(cfg, tmp_path / "retried", tiny_weights, progress=False)
+    assert sizes == [4, 2, 1, 1, 1, 1]  # halved twice, then the run keeps the batch that fits
+    said = capsys.readouterr()
+    assert (said.out + said.err).count("out of memory on cpu") == 2
+    assert_same_rows(_rows(tmp_path / "plain", cfg), _rows(tmp_path / "retried", cfg))
+
+
+def test_one_row_that_does_not_fit_is_a_resource_error_naming_what_to_change(tiny_config_file, tiny_weights,
+                                                                            tmp_path, monkeypatch):
+    def never_fits(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    monkeypatch.setattr(runner_module, "run_batch", never_fits)
+    with pytest.raises(ResourceError, match="one sample does not fit.*--plan"):
+        evaluate(load_config(tiny_config_file), tmp_path / "run", tiny_weights, progress=False)
+
+
+def test_other_runtime_errors_are_not_taken_for_memory(tiny_config_file, tiny_weights, tmp_path, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(runner_module, "run_batch", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        evaluate(load_config(tiny_config_file), tmp_path / "run", tiny_weights, progress=False)
+
+
+def test_auto_settings_are_resolved_recorded_and_change_no_result(tiny_config_file, tiny_weights, tmp_path, capsys):
+    cfg = load_config(tiny_config_file, {"data.n": 4})
+    auto = load_config(tiny_config_file, {"data.n": 4, "evaluate.batch_size": "auto", "attacks.0.eot_batch": "auto",
+                                          "purifier.checkpoint": "auto"})
+    assert auto.hash() == cfg.hash()  # speed-only keys
+    evaluate(cfg, tmp_path / "fixed", tiny_weights, progress=False)
+    evaluate(auto, tmp_path / "auto", tiny_weights, progress=True)
+    said = capsys.readouterr()
+    assert "auto: batch_size" in said.out + said.err
+    speed = json.loads((tmp_path / "auto" / "config.json").read_text())
+    assert isinstance(speed["evaluate"]["batch_size"], int) and isinstance(speed["purifier"]["checkpoint"], bool)
+    choice = json.loads((tmp_path / "auto" / "speed.json").read_text())
+    assert choice["fits"] and choice["widths"] and choice["batch_size"] == speed["evaluate"]["batch_size"]
+    assert_same_rows(_rows(tmp_path / "fixed", cfg), _rows(tmp_path / "auto", auto))
+
+
+def test_auto_picks_the_fastest_candidate_that_fits(monkeypatch, tiny_unet, tiny_classifier, images):
+    """With per-row costs that fall until 4 rows and memory for 6 attack rows, the choice is the widest
+    call that fits: batch x eot_batch <= 6 and as wide as the saturation allows."""
+    from ssni import Defense
+    from ssni.evaluate import auto, plan
+    from ssni.evaluate.config import AttackConfig, ExperimentConfig, from_dict
+
+    def units(model, x, rows, grad_rows, repeats=2):
+        per_row = 1.0 / min(rows, 4)  # wider calls are cheaper per row up to 4 rows
+        return plan.Units(step=per_row, step_grad=3 * per_row, step_ck=4 * per_row, classifier=0.1 * per_row,
+                          classifier_grad=0.3 * per_row, step_saved_bytes=1.0, step_input_bytes=0.1,
+                          classifier_saved_bytes=0.0, weight_bytes=0)
+
+    monkeypatch.setattr(plan, "measure_units", units)
+    monkeypatch.setattr(plan, "free_bytes", lambda device: (6 * 2 * 3 / plan.MEMORY_MARGIN + 1e-9, "test"))
+    model = Defense(tiny_classifier, DiffPure(tiny_unet, t_star=2, steps=2)).eval()
+    cfg = from_dict({"data": {"n": 8}, "evaluate": {"batch_size": "auto"}, "purifier": {"checkpoint": "auto"},
+                     "attacks": [{"eot": 4, "eot_batch": "auto"}]})
+    resolved, choice = auto.resolve_auto(cfg, model, images, None)
+    # each attack row keeps (0 score + 2 reverse) x 1 byte x ... : without checkpointing 2 bytes per row
+    assert choice["fits"] and choice["batch_size"] * choice["eot_batch"] >= 4
+    assert resolved.evaluate.batch_size == choice["batch_size"] and resolved.attacks[0].eot_batch == choice["eot_batch"]
+    assert "auto" not in (resolved.evaluate.batch_size, resolved.purifier.checkpoint, resolved.attacks[0].eot_batch)
+
+
+class _LevelNet(torch.nn.Module):
+    """An EDM-style denoiser: the adapter around it checks levels as every published network does."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x, sigma):
+        return self.conv(x) / (1 + sigma.reshape(-1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("scheduler,solver", [("join", "ddpm"), ("common", "ddpm"), ("join", "sde")])
+def test_host_reads_of_a_purification_do_not_grow_with_its_steps(scheduler, solver, images):
+    net = EDMAdapter(_LevelNet())
+    t = torch.tensor([40, 30, 20, 10, 5])
+    counts = []
+    for steps in (2, 10):
+        purifier = DiffPure(net, t_star=40, steps=steps, scheduler=scheduler, solver=solver)
+        with torch.no_grad():
+            counts.append(count_host_reads(lambda: purifier.purify(images, t, SampleNoise.from_ids(0, range(5)))))
+    assert counts[0] == counts[1] <= 8
+    outside = count_host_reads(lambda: net(2 * images - 1, t))  # a direct call still checks its levels
+    assert outside >= 1
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_host_reads_of_an_attack_step_do_not_grow_with_the_reverse_steps(checkpoint, images):
+    from ssni import SSNI, Calibration, Defense, make_reweight
+    from ssni.attacks import PGD, ThreatModel
+    from ssni.classifiers import SmallCNN, SmallCNNConfig
+
+    net = EDMAdapter(_LevelNet())
+    classifier = SmallCNN(SmallCNNConfig(width=4)).eval()
+    reweight = make_reweight("sigmoid", Calibration.fit(torch.tensor([1.0, 2.0, 3.0])))
+    y = torch.zeros(len(images), dtype=torch.long)
+    counts = []
+    for steps in (2, 10):
+        defense = Defense(classifier, DiffPure(net, t_star=40, steps=steps, checkpoint=checkpoint),
+                          SSNI(net, reweight, n_levels=3)).eval()
+        attack = PGD(ThreatModel("linf", 0.1), steps=1, eot=1)
+        counts.append(count_host_reads(lambda: attack(defense, images, y)))
+    assert counts[0] == counts[1]
+
+
+def test_the_read_counter_sees_each_kind_of_read():
+    x = torch.arange(4.0)
+    assert count_host_reads(lambda: x.sum().item()) == 1
+    assert count_host_reads(lambda: bool((x > 1).any())) == 1
+    assert count_host_reads(lambda: x.tolist()) == 1
+    assert count_host_reads(lambda: x.numpy()) == 1
+    assert count_host_reads(lambda: x * 2 + 1) == 0
