@@ -10,7 +10,8 @@ from torch import nn
 
 from ssni import SSNI, Calibration, Defense, DiffPure, SampleNoise, VPSchedule, make_reweight, score_norm
 from ssni.attacks import APGD, ThreatModel
-from ssni.attacks.adaptive import SIGMOID_ONE, AdaptiveAttack, feasible_target, l2_step, linf_step
+from ssni.attacks.adaptive import SIGMOID_ONE, AdaptiveAttack, feasible_target
+from ssni.attacks.feasible_steps import l2_step, linf_step
 from ssni.attacks.gradient_modes import gradient_target
 from ssni.attacks.transfer import FixedLevelDefense, TransferAttack
 from ssni.checkpoints.registry import default_weights_dir, load_named

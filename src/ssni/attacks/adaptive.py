@@ -11,51 +11,44 @@ where ``e_target`` is a score norm at which SSNI gives part of ``t*`` only
 (:func:`feasible_target`; SSNI-N: ``mu`` gives half of ``t* - 1 + b``, ``mu + tau``
 ``sigmoid(1) = 73%`` of it) and ``s`` is a scale (SSNI-N: ``tau``).
 
-**The step** (a linearised feasible-direction method, Zoutendijk's / SQP's step restated for
-an l_p ball). At an iterate ``x_k`` with EOT estimates of ``g = grad L``, ``h = grad c`` and
-``c_k``, the step solves the linear programme
+**One iteration.** (1) The step: the linear programme of :mod:`ssni.attacks.feasible_steps`, the
+steepest ascent of ``L`` among steps whose linearised ``c`` stays ``margin`` inside the boundary,
+within a trust region of radius ``eta``. (2) Restoration: ``restore_steps`` Newton steps on ``c``
+alone toward ``c = -margin``, each from a score-norm-only estimate at the point reached (the score
+norm is far from linear: on the MNIST demo an l_inf step of 0.04 along the linearised-feasible
+direction raises ``c`` by about 28). (3) Acceptance: the trial point, estimated on fresh draws, is
+accepted when feasible on them (``c <= tolerance``) or, from an infeasible iterate, less infeasible;
+``eta`` then grows by 1.25 (up to ``eps``). A rejected trial halves ``eta`` and sends the iterate back
+to the best feasible point so far, with its gradients. ``eta`` starts at ``feasible_step * eps``
+(default ``eps / 8``; APGD's first step, ``2 eps``, leaves a thin feasible set at once). *Best* is the
+highest attack loss ``L`` among the iterates feasible on their own draws, never a penalised objective;
+the multiplier of the constraint is the knapsack's ratio, solved afresh at every step, so nothing
+accumulates. No momentum: a mixed step would leave the linearised constraint.
 
-    max  g . d   subject to   c_k + h . d <= -m,   d in the trust region of radius eta_k,
+**Runs and the choice.** The first run starts at the clean input (feasible when ``e(x0) <= e_target``;
+otherwise the first steps restore feasibility); run ``r > 0`` at a random point of the ball of radius
+``eps r / restarts``. The ``shortlist`` feasible iterates of highest ``L`` (and the clean start; a run
+that never gets feasible offers its least infeasible iterates) are re-scored on ``heldout_draws`` fresh
+draws the gradient never used, on the defense that is scored (with ``gradient = "surrogate"``, the full
+defense, not the surrogate chain: ``model.scored``); the feasible candidate is the held-out-feasible one
+with the most misclassified held-out draws (ties: highest mean margin), else the best-scoring one.
 
-(``m``: ``margin``), i.e. the steepest ascent of ``L`` among steps that keep the linearised
-constraint ``m`` inside the boundary, or, from an infeasible point, bring it back. For l_inf
-the region is the box ``[-eta, eta]`` cut by the ball and ``[0, 1]``, and the programme is a
-fractional knapsack (:func:`linf_step`): start from APGD's step (each pixel at the end of its
-range that ``g`` points to) and move the pixels of least loss per unit of ``c`` to their other end
-until the budget holds. For l_2 it has a closed form (:func:`l2_step`). Its multiplier is the
-ratio at which the knapsack stops: it is solved afresh at every step, so nothing accumulates.
+**Union with the unconstrained attack** (``unconstrained = True``, default): the attack also runs plain
+APGD (same loss, steps, EOT, restarts, with APGD's own step schedule) and exposes both outputs as
+``candidates`` (``[feasible, unconstrained]``), which the evaluation runner scores per sample, so the
+attack is never weaker there than APGD at its budget. It returns, per sample, the candidate with more
+misclassified held-out draws (``from_unconstrained``). ``levels`` (``[R, B]``, mean over held-out
+draws), ``score_norms`` and ``feasible`` describe the *feasible* candidate: what SSNI does with the best
+clean-looking point found.
 
-**Step size and acceptance** (a trust region): ``eta`` starts at ``feasible_step * eps``
-(default ``eps / 8``; APGD's first step, ``2 eps``, leaves a thin feasible set at once). A
-trial point is accepted when it is feasible on its EOT draws (``c <= tolerance``) or, from an
-infeasible iterate, less infeasible; then ``eta`` grows by 1.25 (up to ``eps``). A rejected
-trial halves ``eta`` and sends the iterate back to the best feasible point so far, with that
-point's gradients. *Best* is the highest attack loss ``L`` among the iterates feasible on their
-own draws (never a penalised objective). No momentum: a mixed step would leave the
-linearised constraint.
-
-The first run starts at the clean input (feasible when ``e(x0) <= e_target``; otherwise the
-first steps restore feasibility); run ``r > 0`` at a random point of the ball of radius
-``eps r / restarts``. The ``shortlist`` feasible iterates of highest ``L`` (and the clean start)
-are re-scored on ``heldout_draws`` fresh draws the gradient never used, on the defense that is
-scored (with ``gradient = "surrogate"``, the full defense, not the surrogate chain:
-``model.scored``); the feasible candidate is the held-out-feasible one with the most
-misclassified held-out draws (ties: highest mean margin), else the best-scoring one.
-
-**Union with the unconstrained attack** (``unconstrained = True``, default): the attack also runs
-plain APGD (same loss, steps, EOT, restarts; its own ``initial_step``) and exposes both outputs
-as ``candidates`` (``[feasible, unconstrained]``), which the evaluation runner scores per sample,
-so the attack is never weaker than APGD at its budget. It returns, per sample, the candidate with
-more misclassified held-out draws (``from_unconstrained``). ``levels`` (``[R, B]``, mean over
-held-out draws), ``score_norms`` and ``feasible`` describe the *feasible* candidate: what
-SSNI does with the best clean-looking point found.
-
-Gradients: ``g`` is the exact gradient of the loss through the classifier, the purifier at the
-levels SSNI picks and, via the straight-through relaxed levels (:func:`ssni.diffusion.forward_jump`),
-the score network; ``h`` is the gradient of the score norm the defense computed in that same
-forward pass (``return_score_norm``). When that score norm carries no gradient (``gradient =
-"surrogate"``, or ``ssni.differentiable = False``) ``h`` comes from a differentiable score-norm
-pass with the same noise. Measured results: docs/adaptive/README.md.
+**Gradients.** ``g`` is the gradient of the loss through the classifier, the purifier at the levels
+SSNI picks and, via the straight-through relaxed levels (:func:`ssni.diffusion.forward_jump`: exact
+but for that relaxation), the score network; ``h`` is the gradient of the score norm the defense
+computed in that same forward pass (``return_score_norm``). When that score norm carries no gradient
+(``gradient = "surrogate"``, or ``ssni.differentiable = False``) ``h`` comes from a differentiable
+score-norm pass with the same noise. Cost per iteration: one forward and backward pass of the defense
+per EOT draw, plus ``restore_steps`` score-norm passes per draw; the union adds one APGD run.
+Measured results: docs/adaptive/README.md.
 """
 
 from __future__ import annotations
@@ -74,10 +67,13 @@ from ..score_norm import score_norm
 from ..validation import check_images
 from .apgd import APGD, LOSSES, margin_loss
 from .base import ThreatModel
+from .feasible_steps import Point, l2_step, linf_step, mix, newton_restore, trust_box
 
 TARGETS = ("mu", "mu+tau", "clean")
 SIGMOID_ONE = 1 / (1 + math.exp(-1))  # share of the sigmoid's range at mu + tau
 GROW = 1.25  # trust-region growth of an accepted step (a rejected one halves)
+
+
 def _number(value: object) -> float | None:
     if isinstance(value, bool):
         return None
@@ -110,65 +106,6 @@ def feasible_target(reweight: Reweight, target: str | float) -> tuple[float | No
         share = 0.5 if target == "mu" else SIGMOID_ONE
         return cal.min + share * (cal.max - cal.min), cal.std
     return cal.mean + (0.0 if target == "mu" else scale), scale
-
-
-
-def linf_step(g: Tensor, h: Tensor, budget: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """``d`` of ``max g.d`` subject to ``h.d <= budget`` and ``lo <= d <= hi`` (per sample; ``lo <= 0 <= hi``).
-
-    A fractional knapsack, solved exactly: start at the sign step (``d_i = hi_i`` where ``g_i > 0``,
-    ``lo_i`` where ``g_i < 0``, 0 where ``g_i = 0``), then move the pixels whose move lowers ``h.d`` to
-    the end of their range that lowers it, fewest units of ``g.d`` lost per unit of ``h.d`` saved first
-    (``|g_i| / |h_i|``), the last one only as far as the budget needs; all of them when it cannot be
-    met (the step of least ``h.d``). ``g, h, lo, hi``: ``[B, ...]``; ``budget``: ``[B]``.
-    """
-    a, b, low, high = (t.flatten(1) for t in (g, h, lo, hi))
-    d = torch.where(a > 0, high, torch.where(a < 0, low, torch.zeros_like(a)))
-    other = torch.where(b > 0, low, high)  # the end of the range that lowers h.d
-    movable = (a * b > 0) | ((a == 0) & (b != 0))
-    ratio = torch.where(movable, a.abs() / torch.where(movable, b.abs(), 1.0), torch.inf)
-    order = ratio.argsort(1)
-    each = torch.where(movable, b * (d - other), 0.0).gather(1, order)  # h.d saved by each move, in order
-    saved = each.cumsum(1)
-    need = (b * d).sum(1) - budget  # how far h.d must fall
-    moves = torch.where(need > 0, (saved < need[:, None]).sum(1) + 1, 0).clamp_max(a.shape[1])
-    last = (moves - 1).clamp_min(0)[:, None]
-    excess = (saved.gather(1, last) - need[:, None]).clamp_min(0)  # saved beyond the need by the last move
-    share = torch.ones_like(each).scatter(1, last, 1 - excess / each.gather(1, last).clamp_min(1e-30))
-    ranked = torch.where(torch.arange(a.shape[1], device=a.device) < moves[:, None], share, 0.0)
-    move = torch.zeros_like(ranked).scatter(1, order, ranked) * movable
-    return torch.where(move >= 1, other, d + move * (other - d)).clamp(low, high).reshape(g.shape)
-
-
-def l2_step(g: Tensor, h: Tensor, budget: Tensor, eta: Tensor) -> Tensor:
-    """``d`` of ``max g.d`` subject to ``h.d <= budget`` and ``||d||_2 <= eta`` (closed form, per sample).
-
-    The ascent ``eta g / ||g||`` when it meets the budget; else the point of the circle in the
-    plane of ``g`` and ``h`` with ``h.d = budget`` (``-eta h / ||h||`` when no point of the ball does)."""
-    a, b = g.flatten(1), h.flatten(1)
-    unit = lambda v: v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)  # noqa: E731
-    a_hat, b_hat = unit(a), unit(b)
-    alpha = (budget / (eta * b.norm(dim=1)).clamp_min(1e-12)).clamp(-1, 1)[:, None]
-    across = unit(a - (a * b_hat).sum(1, keepdim=True) * b_hat)
-    bound = alpha * b_hat + (1 - alpha ** 2).sqrt() * across
-    free = (eta * (b * a_hat).sum(1) <= budget)[:, None]
-    return (eta[:, None] * torch.where(free, a_hat, bound)).reshape(g.shape)
-
-
-@dataclass
-class Point:
-    """An iterate's EOT estimates: ``grad`` of the attack loss, ``grad_c`` of the constraint, ``[B]``
-    mean ``loss`` and ``c`` over the draws."""
-
-    grad: Tensor
-    grad_c: Tensor
-    loss: Tensor
-    c: Tensor
-
-    def where(self, mask: Tensor, other: Point) -> Point:
-        """Per sample: this point's estimates where ``mask``, else ``other``'s."""
-        pick = lambda a, b: torch.where(mask.reshape(-1, *[1] * (a.dim() - 1)), a, b)  # noqa: E731
-        return Point(*(pick(getattr(self, f.name), getattr(other, f.name)) for f in fields(Point)))
 
 
 @dataclass
@@ -269,16 +206,12 @@ class AdaptiveAttack(APGD):
         return grad_c / self.eot, torch.cat(cs).mean(0)
 
     def _restore(self, model: nn.Module, x_try: Tensor, x: Tensor, ids: Tensor, eta: Tensor) -> Tensor:
-        """Up to ``restore_steps`` Newton steps on ``c`` alone toward ``c = -margin``: ``-t sign(h)`` for
-        l_inf (``-t h / ||h||`` for l_2) with ``t = (c + margin) / ||h||_1`` (``||h||_2``), at most ``eta``."""
-        view = (-1, *[1] * (x.dim() - 1))
-        dual = 1 if self.threat.norm == "linf" else 2  # the dual norm of the ball's
+        """Up to ``restore_steps`` Newton steps on ``c`` alone toward ``c = -margin`` (:func:`newton_restore`),
+        each from a fresh score-norm estimate at the point reached."""
         for _ in range(self.restore_steps):
             h, c = self._constraint(model, x_try, ids)
-            size = h.flatten(1).norm(p=dual, dim=1).clamp_min(1e-12)
-            t = torch.minimum((c + self.margin).clamp_min(0) / size, eta).reshape(view)
-            unit = h.sign() if dual == 1 else h / size.reshape(view)
-            x_try = self.threat.project(x_try - t * unit, x)
+            step = newton_restore(h, (c + self.margin).clamp_min(0), eta, self.threat.norm)
+            x_try = self.threat.project(x_try + step, x)
         return x_try
 
     def _step(self, x_k: Tensor, x: Tensor, p: Point, eta: Tensor) -> Tensor:
@@ -286,10 +219,7 @@ class AdaptiveAttack(APGD):
         budget = -self.margin - p.c
         if self.threat.norm == "l2":
             return self.threat.project(x_k + l2_step(p.grad, p.grad_c, budget, eta), x)
-        view = (-1, *[1] * (x.dim() - 1))
-        r, eps = eta.reshape(view), self.threat.eps
-        lo = torch.maximum(-r, torch.maximum(x - eps, torch.zeros_like(x)) - x_k)
-        hi = torch.minimum(r, torch.minimum(x + eps, torch.ones_like(x)) - x_k)
+        lo, hi = trust_box(x_k, x, self.threat.eps, eta)
         return self.threat.project(x_k + linf_step(p.grad, p.grad_c, budget, lo, hi), x)
 
     def _key(self, p: Point) -> Tensor:
@@ -315,9 +245,9 @@ class AdaptiveAttack(APGD):
             accept = (trial.c <= self.tolerance) | (trial.c < p.c)
             eta = torch.where(accept, (eta * GROW).clamp_max(self.threat.eps), eta / 2)
             better = key > best_key
-            best_x, best, best_key = _mix(better, x_try, best_x), trial.where(better, best), key.where(better, best_key)
+            best_x, best, best_key = mix(better, x_try, best_x), trial.where(better, best), key.where(better, best_key)
             back = ~accept & best_key.isfinite()  # rejected: back to the best feasible point
-            x_k, p = _mix(accept, x_try, _mix(back, best_x, x_k)), trial.where(accept, best.where(back, p))
+            x_k, p = mix(accept, x_try, mix(back, best_x, x_k)), trial.where(accept, best.where(back, p))
             self.step_trace.append(eta.clone())
 
     def _remember(self, x: Tensor, key: Tensor, slot: int | None = None) -> None:
@@ -416,7 +346,7 @@ class AdaptiveAttack(APGD):
             return chosen
         self.candidates.append(other.detach())
         self.from_unconstrained = self._heldout(model, other, y, ids, first)[0] > scores[best, rows]
-        return _mix(self.from_unconstrained, other, chosen).detach()
+        return mix(self.from_unconstrained, other, chosen).detach()
 
     def _describe(self, model: nn.Module, chosen: Tensor, feasible: Tensor) -> None:
         """``levels``, ``score_norms`` and ``feasible`` of the feasible candidate (``chosen``: ``[draws, B]``
@@ -429,8 +359,3 @@ class AdaptiveAttack(APGD):
         per_draw = [torch.stack([reweight.levels(e, t, top)[0] for e in chosen])
                     for t in model.purifier.t_stars]  # R x [draws, B]
         self.levels = torch.stack(per_draw).float().mean(1)  # [R, B]
-
-
-def _mix(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """Per sample: ``a`` where ``mask``, else ``b``."""
-    return torch.where(mask.reshape(-1, *[1] * (a.dim() - 1)), a, b)
