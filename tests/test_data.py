@@ -147,3 +147,14 @@ def test_paper_subset_keeps_ids_and_every_head_is_the_reference_draw():
         order_subset(test_set, "random")
     mnist = load_split("mnist-5k", "test", subset="paper").head(5)
     assert len(mnist) == 5 and mnist.name == "mnist-5k/test"
+
+
+def test_a_16_bit_grey_image_is_scaled_to_8_bits_not_clipped():
+    from ssni.data import convert_image
+
+    ramp = np.arange(0, 256, dtype=np.uint16).reshape(16, 16)
+    sixteen = Image.fromarray(ramp * 257)  # mode I;16: 0..65535
+    assert np.array_equal(np.asarray(convert_image(sixteen, "L")), ramp)
+    assert np.array_equal(np.asarray(convert_image(sixteen, "RGB")), np.repeat(ramp[..., None], 3, -1))
+    eight = Image.fromarray(ramp.astype(np.uint8))
+    assert convert_image(eight, "L").tobytes() == eight.tobytes()

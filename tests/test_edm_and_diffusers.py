@@ -18,11 +18,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from ssni.checkpoints.edm_files import load_edm
 from ssni.checkpoints.edm_pickle import read_edm_pickle
 from ssni.checkpoints.public import load_public
 from ssni.cli import app
 from ssni.denoisers.edm import (EDMConfig, EDMDenoiser, SongUNet, SongUNetConfig, _Block, _Conv,
-                                _FourierEmbedding, _GroupNorm, _Linear, _PositionalEmbedding, load_edm)
+                                _FourierEmbedding, _GroupNorm, _Linear, _PositionalEmbedding)
 from ssni.denoisers.protocol import EDMAdapter
 from ssni.errors import CheckpointError
 

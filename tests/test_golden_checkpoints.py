@@ -22,7 +22,7 @@ from ssni.checkpoints.edm_pickle import convert_edm_pickle
 from ssni.classifiers.resnet import ImageNetResNet, ResNetConfig, load_into
 from ssni.classifiers.wideresnet import (CIFAR10_MEAN, CIFAR10_STD, DMWideResNetConfig, WideResNetConfig,
                                          load_dm_wideresnet, load_paper_wrn_70_16, load_wideresnet)
-from ssni.denoisers.edm import load_edm
+from ssni.checkpoints.edm_files import load_edm
 from ssni.denoisers.guided_diffusion import GuidedDiffusionConfig, GuidedDiffusionEps, load_guided_diffusion
 from ssni.denoisers.protocol import EDMAdapter
 from ssni.denoisers.score_sde import ScoreSDEConfig, ScoreSDEEps, load_score_sde

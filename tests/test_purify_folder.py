@@ -7,12 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from ssni.cli import app
 from ssni.data import load_split
-from ssni.errors import InputError, ResumeError
+from ssni.errors import InputError, ResumeError, SSNIWarning
+from ssni.purify_folder import read_images
 
 QUICK = ["--set", "purifier.steps=3", "--set", "purifier.t_star=60", "--no-progress"]
 
@@ -128,3 +130,44 @@ def test_a_larger_square_image_is_resized(digits, tmp_path):
     result = _run(digits, tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert _pixels(tmp_path / "out" / only.relative_to(digits)).shape == (28, 28)
+
+
+def test_a_purified_image_deleted_after_the_run_is_purified_again(digits, tmp_path):
+    assert _run(digits, tmp_path / "out").exit_code == 0
+    victim = sorted((tmp_path / "out").rglob("*.png"))[2]
+    before, table = victim.read_bytes(), (tmp_path / "out" / "purify.csv").read_text()
+    victim.unlink()
+    with pytest.warns(SSNIWarning, match="missing"):
+        result = _run(digits, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert victim.read_bytes() == before  # the same randomness per file: the same image again
+    rows = (tmp_path / "out" / "purify.csv").read_text().splitlines()
+    assert len(rows) == 8 and sorted(rows) == sorted(table.splitlines())  # listed once, same values
+
+
+def test_16_bit_images_are_scaled_not_clipped(digits, tmp_path):
+    first = sorted(digits.rglob("*.png"))[0]
+    eight = _pixels(first)
+    (tmp_path / "16").mkdir()
+    Image.fromarray(eight.astype(np.uint16) * 257).save(tmp_path / "16" / "a.png")  # 255 -> 65535
+    with Image.open(tmp_path / "16" / "a.png") as img:
+        assert img.mode == "I;16"
+    x16 = read_images(tmp_path / "16", [Path("a.png")], "mnist-5k")
+    x8 = read_images(first.parent, [Path(first.name)], "mnist-5k")
+    assert torch.equal(x16, x8)
+
+
+def test_a_decompression_bomb_is_one_error(digits, tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 28x28 = 784 > 2x the limit: PIL refuses to decode
+    first = sorted(digits.rglob("*.png"))[0]
+    with pytest.raises(InputError, match="too large to decode safely"):
+        read_images(first.parent, [Path(first.name)], "mnist-5k")
+
+
+def test_a_much_larger_image_is_shrunk_with_a_warning_that_gives_the_factor(digits, tmp_path):
+    first = sorted(digits.rglob("*.png"))[0]
+    Image.open(first).resize((280, 280)).save(tmp_path / "big.png")
+    Image.open(first).resize((56, 56)).save(tmp_path / "twice.png")
+    with pytest.warns(SSNIWarning, match=r"1 image\(s\) shrunk.*big.png \(280x280, by 10x\)"):
+        x = read_images(tmp_path, [Path("big.png"), Path("twice.png")], "mnist-5k")
+    assert x.shape == (2, 1, 28, 28)

@@ -79,7 +79,7 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write the record here")
     args = ap.parse_args()
     overrides = {"data.n": args.n, **({"data.split": args.split} if args.split else {})}
-    overrides |= {k: json.loads(v) if v[:1] in "0123456789-[{tf" else v
+    overrides |= {k: json.loads(v) if v[:1] in '0123456789-[{tf"' else v
                   for k, v in (s.split("=", 1) for s in args.set)}
     cfg = load_config(Path(args.config), overrides)
     model = prepare_model(cfg, default_weights_dir())

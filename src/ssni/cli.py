@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from .errors import SSNIError
-
 if TYPE_CHECKING:
     from .evaluate.config import ExperimentConfig
 
@@ -29,12 +27,21 @@ def _command_line() -> str:
     return "ssni " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
+def _not_saved_until_the_end() -> None:
+    from .console import on_interrupt
+
+    on_interrupt(lambda: "nothing was saved (training writes its weights when it ends); run the command again "
+                         "to start over")
+
+
 @train_app.command("score")
 def train_score(
     steps: int = typer.Option(3000, min=1, help="optimiser steps"),
-    batch_size: int = typer.Option(128, min=1),
-    lr: float = typer.Option(2e-3, min=0.0),
-    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(128, min=1, help="training images per optimiser step"),
+    lr: float = typer.Option(2e-3, min=0.0, help="peak learning rate of Adam (one-cycle schedule: 5% warm-up, "
+                             "then cosine decay)"),
+    seed: int = typer.Option(0, help="seeds the initial weights, data order, augmentation and diffusion noise "
+                             "(the same seed and torch build give the same file)"),
     base_channels: int = typer.Option(16, min=8),
     mults: str = typer.Option("1,2,4", help="channel multipliers per resolution"),
     dataset: str = typer.Option("mnist-5k"),
@@ -48,6 +55,7 @@ def train_score(
 
     arch = UNetConfig(base_channels=base_channels, channel_mults=tuple(int(m) for m in mults.split(",")))
     cfg = TrainConfig(dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema=0.999)
+    _not_saved_until_the_end()
     entry = train_and_register("score", cfg, arch, weights_dir, name, _command_line(), force=force)
     typer.echo(f"{name}: {entry['metrics']} in {entry['train_seconds']} s -> {weights_dir / entry['file']}")
 
@@ -55,9 +63,11 @@ def train_score(
 @train_app.command("classifier")
 def train_classifier(
     steps: int = typer.Option(1500, min=1, help="optimiser steps"),
-    batch_size: int = typer.Option(128, min=1),
-    lr: float = typer.Option(2e-3, min=0.0),
-    seed: int = typer.Option(0),
+    batch_size: int = typer.Option(128, min=1, help="training images per optimiser step"),
+    lr: float = typer.Option(2e-3, min=0.0, help="peak learning rate of Adam (one-cycle schedule: 5% warm-up, "
+                             "then cosine decay)"),
+    seed: int = typer.Option(0, help="seeds the initial weights, data order and augmentation (the same seed "
+                             "and torch build give the same file)"),
     width: int = typer.Option(32, min=4),
     dataset: str = typer.Option("mnist-5k"),
     weights_dir: Path = typer.Option(Path("trained"), help="where the weights and manifest go"),
@@ -69,6 +79,7 @@ def train_classifier(
     from .train import TrainConfig, train_and_register
 
     cfg = TrainConfig(dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema=0.99)
+    _not_saved_until_the_end()
     entry = train_and_register("classifier", cfg, SmallCNNConfig(width=width), weights_dir, name, _command_line(),
                                force=force)
     typer.echo(f"{name}: {entry['metrics']} in {entry['train_seconds']} s -> {weights_dir / entry['file']}")
@@ -94,11 +105,18 @@ def demo(
 
     Example: ssni demo --quick --out out/demo
     """
+    from .console import on_interrupt
     from .demo import demo_config, run_demo
+    from .errors import ConfigError
     from .report import format_table
 
+    if split not in ("test", "val"):  # train is what the models and SSNI's calibration were fit on
+        raise ConfigError(f"--split {split!r}: the demo evaluates test or val (train is the split the shipped "
+                          "models and SSNI's calibration were fit on)")
     cfg = demo_config(quick, dataset=dataset, split=split, all_methods=all_methods or None, n_test=n_test, eps=eps, pgd_steps=pgd_steps,
                       eot=eot, t_star=t_star, rescore_draws=draws, batch_size=batch_size)
+    on_interrupt(lambda: f"the finished evaluations are kept under {out / 'runs'}; run the same command again "
+                         "to resume")
     results = run_demo(cfg, out, weights_dir)
     typer.echo(format_table(results["rows"]))
     typer.echo(f"score-norm AUROC clean vs adversarial: {results['auroc_score_norm']:.3f}")
@@ -165,6 +183,7 @@ def evaluate(
 
         typer.echo(format_plan(plan_run(cfg, weights_dir)))
         return
+    _claim(out, "evaluate", cfg.data.n)
     _init_distributed()
     run(cfg, out, weights_dir, progress=progress)
     _summarize_evaluation(out, cfg, weights_dir, sanity, sanity_n)
@@ -174,7 +193,6 @@ def _evaluate_config(config: Path, set_: list[str], limit: int | None, device: s
                      dry_run: bool) -> ExperimentConfig:
     """``ssni evaluate``'s experiment: the TOML with ``--set``, ``--limit`` and ``--device`` applied
     (in that order), shrunk by ``--dry-run``."""
-    from .evaluate import load_config
     from .evaluate.config import dry_run as shrink
 
     overrides = _parse_overrides(set_)
@@ -182,10 +200,31 @@ def _evaluate_config(config: Path, set_: list[str], limit: int | None, device: s
         overrides["data.n"] = limit
     if device is not None:
         overrides["evaluate.device"] = device
-    cfg = load_config(config, overrides)
+    cfg = _load_config(config, overrides)
     if dry_run:
         cfg = shrink(cfg, n=limit or 2)
     return cfg
+
+
+def _load_config(config: Path, overrides: dict) -> ExperimentConfig:
+    """The experiment, with a ``note:`` line for what the file leaves to defaults a user may not expect."""
+    from .evaluate import load_config
+
+    notes: list[str] = []
+    cfg = load_config(config, overrides, notes)
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
+    return cfg
+
+
+def _claim(out: Path, command: str, total: int | None = None) -> None:
+    """Make ``out`` the command's folder before anything is written (refused: a file, a folder of another
+    command, no write access); after Ctrl-C, say what it keeps and how to resume."""
+    from .console import on_interrupt
+    from .folders import claim, stored
+
+    claim(out, command)
+    on_interrupt(lambda: f"{stored(out, command, total)}; run the same command again to resume")
 
 
 def _summarize_evaluation(out: Path, cfg: ExperimentConfig, weights_dir: Path | None, sanity: bool,
@@ -221,14 +260,22 @@ def converge(
     Example: ssni converge --config configs/mnist-diffpure-ssni-n.toml --out runs/conv
     --ladder "steps=5,10,20,40 eot=1,2,4,8" --attack pgd --attack apgd --limit 40
     """
-    from .evaluate import load_config
+    from .errors import ConfigError
     from .evaluate.convergence import parse_ladder, run_convergence
+    from .evaluate.registries import ATTACKS
 
     overrides = _parse_overrides(set_)
     if limit is not None:
         overrides["data.n"] = limit
     rungs = parse_ladder(ladder + (f" restarts={restarts}" if restarts else ""))
-    result = run_convergence(load_config(config, overrides), out, list(attack) or None, rungs, weights_dir,
+    if not rungs:
+        raise ConfigError("--ladder is empty; give the rungs to run, e.g. --ladder 'steps=10,20,50 eot=1,2,4'")
+    unknown = [a for a in attack if a not in ATTACKS]
+    if unknown:
+        raise ConfigError(f"unknown attack(s) {unknown} for --attack; choose from {sorted(ATTACKS)}")
+    cfg = _load_config(config, overrides)
+    _claim(out, "converge")
+    result = run_convergence(cfg, out, list(attack) or None, rungs, weights_dir,
                              progress, label)
     for name, choice in result["choice"].items():
         typer.echo(f"{name}: {choice['verdict']}")
@@ -306,7 +353,9 @@ def purify(
     """
     from .checkpoints.registry import default_weights_dir
     from .errors import ConfigError
+    from .console import on_interrupt
     from .evaluate import load_config
+    from .folders import stored
     from .purify_folder import purify_folder
 
     overrides = _parse_overrides(set_)
@@ -317,6 +366,7 @@ def purify(
         raise ConfigError("no --config given and the default configs/mnist-diffpure-ssni-n.toml is not here "
                           "(installed without the source tree); pass --config FILE")
     cfg = load_config(config or default, overrides)
+    on_interrupt(lambda: f"{stored(out, 'purify')}; run the same command again to resume")
     table = purify_folder(cfg, source, out, Path(weights_dir or default_weights_dir()), width, chunk, progress)
     typer.echo(f"wrote purified images and {table}")
 
@@ -324,7 +374,13 @@ def purify(
 @app.command()
 def report(out: Path = typer.Argument(..., help="a folder written by ssni evaluate")) -> None:
     """Print the table of an evaluation and write OUT/summary.json. Example: ssni report runs/n"""
+    from .errors import ResumeError
     from .evaluate.report import report as make_report
+    from .folders import owner
+
+    if owner(out) not in (None, "evaluate"):
+        raise ResumeError(f"{out} holds the results of `ssni {owner(out)}`, not of `ssni evaluate`")
+
 
     typer.echo(make_report(out))
 
@@ -332,22 +388,9 @@ def report(out: Path = typer.Argument(..., help="a folder written by ssni evalua
 @app.command()
 def models(weights_dir: Path = typer.Option(None, help="also list the models trained into this folder")) -> None:
     """List the shipped models and the public checkpoints (file, size, source, license). Example: ssni models"""
-    from .checkpoints.models import all_models
-    from .checkpoints.public import PUBLIC
-    from .checkpoints.registry import default_weights_dir, load_manifest
+    from .checkpoints.models import format_models
 
-    folder = weights_dir or default_weights_dir()
-    manifest = load_manifest(folder)
-    typer.echo(f"name (source: shipped = trained by ssni, in {folder}; public = download into --weights-dir)")
-    for entry in all_models(folder):
-        typer.echo(f"  {entry.name:<28} {entry.source:<8} {entry.kind:<10} {entry.file}")
-        if entry.source == "shipped":
-            info = manifest[entry.name]
-            metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(info["metrics"].items()))
-            typer.echo(f"  {'':<28} {info['size_bytes'] / 1e6:.2f} MB, {metrics}; reproduce: {info['command']}")
-        else:
-            info = PUBLIC[entry.name]
-            typer.echo(f"  {'':<28} {info.size}; {info.url}  [{info.license}]")
+    typer.echo(format_models(weights_dir))
 
 
 @app.command()
@@ -360,7 +403,13 @@ def fetch(
 
     Example: ssni fetch imagenet-resnet50 --weights-dir weights-public
     """
-    from .checkpoints.fetch import fetch_cifar10, fetch_public
+    from .checkpoints.fetch import fetch_cifar10, fetch_public, shipped_file
+    from .checkpoints.public import PUBLIC
+
+    shipped = shipped_file(name)
+    if shipped is not None and name not in PUBLIC:
+        typer.echo(f"{name} is shipped with the package ({shipped}): nothing to download")
+        return
 
     path = fetch_cifar10(weights_dir) if name == "cifar10-data" else fetch_public(name, weights_dir)
     typer.echo(f"{name} -> {path}")
@@ -398,17 +447,18 @@ def bench(
 ) -> None:
     """Measure purification and attack costs on this machine and print the table. Example: ssni bench"""
     from .bench import format_bench, run_bench
+    from .folders import check_output_file
 
+    check_output_file(out)  # before the benchmark runs, not after
     typer.echo(format_bench(run_bench(out, quick=not full, compile_=compile_)))
     typer.echo(f"wrote {out}")
 
 
 def main() -> None:
-    try:
-        app()
-    except SSNIError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise SystemExit(2) from None
+    """The ``ssni`` entry point: one line and exit 2 for a user error, 130 and what was kept after Ctrl-C."""
+    from .console import run
+
+    run(app)
 
 
 if __name__ == "__main__":

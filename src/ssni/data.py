@@ -49,6 +49,12 @@ class ImageSet:
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def to(self, device: torch.device) -> ImageSet:
+        """The same set with images, labels and ids on ``device`` (:func:`ssni.runtime.on_device`)."""
+        from .runtime import on_device
+
+        return ImageSet(*on_device(device, self.images, self.labels, self.ids), self.name)
+
     def subset(self, index: Tensor | slice, name: str | None = None) -> ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.ids[index], name or self.name)
 
@@ -182,12 +188,29 @@ def load_image_folder(root: Path, size: int = 224, pick: Pick | None = None) -> 
     for i in ids.tolist():
         try:
             with Image.open(files[i]) as img:
-                images.append(_resize_crop(img.convert("RGB"), size))
+                images.append(_resize_crop(convert_image(img, "RGB", files[i]), size))
         except (UnidentifiedImageError, OSError) as err:
             raise InputError(f"{files[i]} is not a readable image: {err}") from err
     pixels = np.stack(images).transpose(0, 3, 1, 2) if images else np.zeros((0, 3, size, size), np.uint8)
     picked = _from_uint8(pixels, np.array(labels, dtype=np.int64)[ids.numpy()], Path(root).name)
     return ImageSet(picked.images, picked.labels, ids, picked.name)
+
+
+def convert_image(img, mode: str, name: object = "an image"):
+    """``img`` in PIL ``mode`` (``"L"`` or ``"RGB"``), 16-bit greys scaled to 8 bits.
+
+    PIL's own ``convert`` clips a 16-bit grey (mode ``I;16``, or ``I`` for older Pillow's 16-bit
+    PNGs) at 255, which turns every non-zero pixel white; here ``v / 65535`` keeps the image.
+    """
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        pixels = np.asarray(img, dtype=np.float64)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise InputError(f"{name} is a {img.mode} image with values in [{pixels.min():.0f}, "
+                             f"{pixels.max():.0f}]; only 8- and 16-bit images are read")
+        img = Image.fromarray(np.round(pixels * (255 / 65535)).astype(np.uint8))  # 2-D uint8: mode L
+    return img.convert(mode)
 
 
 def _resize_crop(img, size: int) -> np.ndarray:

@@ -113,11 +113,14 @@ class Defense(nn.Module):
         self.in_channels = None if first_conv is None else first_conv.in_channels
 
     def check_input(self, x: Tensor) -> Tensor:
-        """``x`` checked against what the networks take (channels, and ``image_size`` when known);
-        float64 is converted to float32, the networks' precision, the only conversion made."""
-        size = None if self.image_size is None else (self.image_size, self.image_size)
-        x = check_images(x, self.in_channels, size)
-        return x.float() if x.dtype == torch.float64 else x
+        """``x`` checked against what the networks take: channels, and the size when known (``image_size``,
+        else the size a named classifier was trained at, see :func:`ssni.checkpoints.registry.load_named`).
+        Other float types (float64, float16, bfloat16) are converted to the classifier's, the only
+        conversion made (a reduced precision inside the networks is ``evaluate.precision``'s choice)."""
+        size = self.image_size or getattr(self.classifier, "image_size", None)
+        x = check_images(x, self.in_channels, None if size is None else (size, size))
+        dtype = next((p.dtype for p in self.classifier.parameters() if p.is_floating_point()), torch.float32)
+        return x.to(dtype) if x.dtype != dtype else x
 
     def _noise(self, x: Tensor, sample_ids: Tensor | None, draw: int | Tensor | None, vote: int) -> SampleNoise:
         ids = batch_ids(x, sample_ids)

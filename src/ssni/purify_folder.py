@@ -15,21 +15,25 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from .data import IMAGE_FORMATS, _resize_crop
+from .data import IMAGE_FORMATS, _resize_crop, convert_image
 from .defense import Defense
-from .errors import ConfigError, InputError, ResumeError
+from .errors import ConfigError, InputError, ResumeError, SSNIWarning
 from .evaluate.config import ExperimentConfig
-from .evaluate.runner import autocast, prepare_model
+from .evaluate.runner import precision, prepare_model
+from .folders import claim, read_json
+from .progress import tqdm
+from .runtime import on_device, resolve_device
 
 SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 COLUMNS = ["file", "score_norm", "t_star", "prediction"]
+SHRINK_WARNING = 4.0  # a side shrunk by more than this factor loses most of the image's detail: say so
 
 
 def find_images(source: Path) -> list[Path]:
@@ -55,19 +59,30 @@ def output_name(file: Path) -> Path:
 
 
 def read_images(source: Path, files: list[Path], dataset: str) -> torch.Tensor:
-    """``[B, C, S, S]`` in ``[0, 1]`` in the dataset's format (square images resized to ``S``);
-    a bad, non-square or far too small file names itself."""
+    """``[B, C, S, S]`` in ``[0, 1]`` in the dataset's format (square images resized to ``S``; 16-bit
+    greys scaled, not clipped); a bad, non-square, far too small or far too large file names itself,
+    and images shrunk by more than :data:`SHRINK_WARNING` are named in one :class:`SSNIWarning`."""
     from PIL import Image, UnidentifiedImageError
 
     mode, size = IMAGE_FORMATS[dataset]
-    pixels = []
+    pixels, shrunk = [], []
     for file in files:
         try:
             with Image.open(source / file) as img:
                 check_geometry(source / file, img.width, img.height, size)
-                pixels.append(_resize_crop(img.convert(mode), size).reshape(size, size, -1))
+                image = convert_image(img, mode, source / file)
+                pixels.append(_resize_crop(image, size).reshape(size, size, -1))
+                shrunk += [(img.width / size, file, img.width)] if img.width > SHRINK_WARNING * size else []
+        except Image.DecompressionBombError as err:
+            raise InputError(f"{source / file} is too large to decode safely ({err}); shrink it "
+                             "first") from err
         except (UnidentifiedImageError, OSError) as err:
             raise InputError(f"{source / file} is not a readable image ({err}); remove or replace it") from err
+    if shrunk:
+        factor, file, side = max(shrunk)
+        warnings.warn(f"{len(shrunk)} image(s) shrunk more than {SHRINK_WARNING:g}x to the model's "
+                      f"{size}x{size}, most {source / file} ({side}x{side}, by {factor:.0f}x): their detail "
+                      "is lost", SSNIWarning)
     return torch.from_numpy(np.stack(pixels).transpose(0, 3, 1, 2).copy()).float() / 255
 
 
@@ -87,23 +102,31 @@ def image_id(file: Path) -> int:
     return zlib.crc32(file.as_posix().encode())
 
 
-def _open_table(table: Path):
-    """``purify.csv`` for appending, with its header; return it and the files it lists.
-
-    A run killed mid-write can leave an empty file or a last line without its newline: both
-    are repaired (the unfinished row's file is simply purified again).
-    """
-    text = table.read_text() if table.is_file() else ""
-    lines = text.splitlines(keepends=True)
+def _read_table(table: Path) -> list[str]:
+    """The lines of ``purify.csv`` (header first; none if it is missing). A run killed mid-write
+    can leave an empty file or a last line without its newline: that line is dropped (its file
+    is simply purified again)."""
+    lines = (table.read_text() if table.is_file() else "").splitlines(keepends=True)
     if lines and not lines[-1].endswith("\n"):
         lines = lines[:-1]
-    header = ",".join(COLUMNS) + "\n"
-    if lines and lines[0] != header:
+    if lines and lines[0] != ",".join(COLUMNS) + "\n":
         raise ResumeError(f"{table} is not a table written by ssni purify (header {lines[0].strip()!r}); "
                           "use a new --out folder")
-    table.write_text("".join(lines) or header)
-    done = {row["file"] for row in csv.DictReader(lines)} if lines else set()
-    return open(table, "a", newline=""), done
+    return lines
+
+
+def _resume_table(out: Path, lines: list[str]):
+    """``purify.csv`` rewritten without the rows whose PNG is gone (said in a warning: those files
+    are purified again, to the same result), open for appending; return it and the files done."""
+    rows = list(csv.DictReader(lines))
+    kept = [(line, row["file"]) for line, row in zip(lines[1:], rows)
+            if (out / output_name(Path(row["file"]))).is_file()]
+    if len(kept) < len(rows):
+        gone = sorted({row["file"] for row in rows} - {file for _, file in kept})
+        warnings.warn(f"{len(gone)} purified image(s) listed in {out / 'purify.csv'} are missing (e.g. "
+                      f"{gone[0]}); they are purified again", SSNIWarning)
+    (out / "purify.csv").write_text(",".join(COLUMNS) + "\n" + "".join(line for line, _ in kept))
+    return open(out / "purify.csv", "a", newline=""), {file for _, file in kept}
 
 
 def _write_png(image: torch.Tensor, target: Path) -> None:
@@ -117,11 +140,11 @@ def _write_png(image: torch.Tensor, target: Path) -> None:
 
 
 def _check_same_config(path: Path, cfg: ExperimentConfig, resuming: bool) -> None:
-    """A folder holds one config's results: resume only with the same config (and record it)."""
-    if resuming and path.is_file() and json.loads(path.read_text()).get("hash") != cfg.hash():
-        raise ResumeError(f"{path.parent} holds images purified with another config (hash "
-                          f"{json.loads(path.read_text()).get('hash')}, now {cfg.hash()}); use a new --out folder")
-    path.write_text(json.dumps({"hash": cfg.hash(), **cfg.to_dict()}, indent=2) + "\n")
+    """A folder holds one config's results: resume only with the same config."""
+    found = read_json(path).get("hash") if resuming and path.is_file() else None
+    if found not in (None, cfg.hash()):
+        raise ResumeError(f"{path.parent} holds images purified with another config (hash {found}, now "
+                          f"{cfg.hash()}); use a new --out folder")
 
 
 def _check_request(cfg: ExperimentConfig, source: Path, out: Path) -> None:
@@ -136,9 +159,9 @@ def _check_request(cfg: ExperimentConfig, source: Path, out: Path) -> None:
 def _purify_chunk(cfg: ExperimentConfig, defense: Defense, source: Path, out: Path, part: list[Path],
                   writer: csv.DictWriter, width: int) -> None:
     """Purify ``part``, write its PNGs and its rows of ``purify.csv``."""
-    x = read_images(source, part, cfg.data.dataset).to(cfg.evaluate.device)
-    ids = torch.tensor([image_id(f) for f in part])
-    with torch.inference_mode(), autocast(cfg):
+    device = resolve_device(cfg.evaluate.device)
+    x, ids = on_device(device, read_images(source, part, cfg.data.dataset), torch.tensor([image_id(f) for f in part]))
+    with torch.inference_mode(), precision(cfg):
         purified, levels = defense.purify(x, ids, draw=0, width=width)
         prediction = defense.classifier(purified).argmax(1)
     for j, file in enumerate(part):
@@ -158,10 +181,12 @@ def purify_folder(cfg: ExperimentConfig, source: Path, out: Path, weights_dir: P
     source, out = Path(source).resolve(), Path(out).resolve()
     _check_request(cfg, source, out)
     files = find_images(source)
-    out.mkdir(parents=True, exist_ok=True)
-    handle, done = _open_table(out / "purify.csv")
+    claim(out, "purify")
+    lines = _read_table(out / "purify.csv")
+    _check_same_config(out / "config.json", cfg, len(lines) > 1)
+    (out / "config.json").write_text(json.dumps({"hash": cfg.hash(), **cfg.to_dict()}, indent=2) + "\n")
+    handle, done = _resume_table(out, lines)
     with handle:
-        _check_same_config(out / "config.json", cfg, bool(done))
         todo = [f for f in files if f.as_posix() not in done]
         defense: Defense = prepare_model(cfg, weights_dir)
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from .weights_io import save_weights
 from .checkpoints.registry import load_manifest, register
@@ -26,6 +25,7 @@ from .data import SPLIT_SEED, ImageSet, load_split
 from .denoisers.unet import UNet, UNetConfig
 from .diffusion import VPSchedule, forward_jump, to_model_scale
 from .errors import InputError
+from .progress import tqdm
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -35,7 +36,14 @@ def save_weights(path: Path, module: nn.Module, metadata: dict | None = None) ->
     meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=meta)
+    os.chmod(path, 0o666 & ~_umask())  # safetensors writes 0600; a weight file is as readable as any other
     return file_sha256(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
 
 
 def load_state_dict(path: Path, allow_pickle: bool = False) -> dict[str, Tensor]:

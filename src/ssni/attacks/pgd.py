@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
 from ..errors import ConfigError
+from ..progress import tqdm
 from ..rng import SampleNoise, batch_ids
 from ..validation import check_images
 from .base import ThreatModel

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,16 @@ def _persistent_record(meta: dict) -> PersistentRecord:
 
 
 def _storage_from_bytes(data: bytes):
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    """A tensor storage, read by torch's safe loader; anything else in its bytes is refused in one line."""
+    try:
+        with warnings.catch_warnings():  # torch warns about the protocol of the inner pickle; say nothing
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        text = str(err).split("WeightsUnpickler error:")[-1].strip()
+        reason = text.splitlines()[0] if text else type(err).__name__
+        raise CheckpointError(f"a tensor storage in the pickle is not plain tensor data (torch's safe loader "
+                              f"refused it: {reason}); nothing in it was run") from None
 
 
 def _parameter(data: Tensor, *_args) -> Tensor:
@@ -182,6 +192,8 @@ def read_edm_pickle(path: Path, key: str = "ema"):
     try:
         with open(path, "rb") as handle:
             data = _EDMUnpickler(handle).load()
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from err
     except CheckpointError as err:
         raise CheckpointError(f"{path}: {err}") from err
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:

@@ -15,9 +15,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tqdm import tqdm
-
 from ..errors import CheckpointError
+from ..progress import tqdm
 
 CHUNK = 1 << 20
 CIFAR10_DATA = {"url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
@@ -70,6 +69,9 @@ def fetch_public(name: str, weights_dir: Path, progress: bool = True) -> Path:
     from .public import PUBLIC
 
     if name not in PUBLIC:
+        shipped = shipped_file(name)
+        if shipped is not None:
+            raise CheckpointError(f"{name} is shipped with the package ({shipped}): nothing to download")
         raise CheckpointError(f"unknown model {name!r}; fetchable: {sorted(n for n, e in PUBLIC.items() if e.download)}"
                               " and cifar10-data")
     entry = PUBLIC[name]
@@ -77,6 +79,14 @@ def fetch_public(name: str, weights_dir: Path, progress: bool = True) -> Path:
         raise CheckpointError(f"{name} has no direct download; get {entry.file} from {entry.url} into {weights_dir}")
     target = Path(weights_dir) / entry.download.rsplit("/", 1)[-1]
     return download(entry.download, target, sha256=entry.sha256, progress=progress)
+
+
+def shipped_file(name: str) -> Path | None:
+    """The weight file of ``name`` if it is shipped with the package (the default weights folder)."""
+    from .registry import default_weights_dir, load_manifest
+
+    entry = load_manifest(default_weights_dir()).get(name)
+    return None if entry is None else default_weights_dir() / entry["file"]
 
 
 def fetch_cifar10(dest: Path, progress: bool = True, url: str | None = None) -> Path:

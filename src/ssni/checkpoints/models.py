@@ -53,3 +53,33 @@ def load_model(name: str, weights_dir: Path | None = None, *, random_init: bool 
     if entry.source == "shipped":
         return load_named(name, weights_dir)
     return PUBLIC[name].build().eval() if random_init else load_public(name, weights_dir, allow_pickle)
+
+
+def format_models(weights_dir: Path | None = None) -> str:
+    """``ssni models``: the shipped models, those of ``weights_dir`` when it is another folder, and
+    the public checkpoints (file, size, metrics or source, license)."""
+    shipped_dir = default_weights_dir()
+    lines = [f"shipped (trained by ssni, in {shipped_dir}; the default --weights-dir):"]
+    lines += _manifest_lines(shipped_dir)
+    folders = [shipped_dir]
+    if weights_dir is not None and Path(weights_dir).resolve() != shipped_dir.resolve():
+        lines += [f"in {weights_dir} (with --weights-dir {weights_dir}, these replace the shipped list):"]
+        lines += _manifest_lines(Path(weights_dir)) or ["  (no manifest.json models)"]
+        folders = [Path(weights_dir)]
+    names = set(load_manifest(folders[0]))
+    lines.append("public (download into --weights-dir: `ssni fetch NAME` or by hand from the URL):")
+    for name, info in PUBLIC.items():
+        if name not in names:  # a manifest entry of that name shadows the public checkpoint
+            lines += [f"  {name:<28} {info.kind:<10} {info.file}", f"  {'':<28} {info.size}; {info.url}  "
+                      f"[{info.license}]"]
+    return "\n".join(lines)
+
+
+def _manifest_lines(folder: Path) -> list[str]:
+    lines = []
+    for name, info in sorted(load_manifest(folder).items()):
+        metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(info.get("metrics", {}).items()))
+        size = f"{info['size_bytes'] / 1e6:.2f} MB" if "size_bytes" in info else "size not recorded"
+        lines += [f"  {name:<28} {KINDS[info['arch']]:<10} {info['file']}",
+                  f"  {'':<28} {size}, {metrics or 'no metrics'}; reproduce: {info.get('command', 'not recorded')}"]
+    return lines

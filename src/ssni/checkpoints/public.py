@@ -24,13 +24,14 @@ from ..classifiers.wideresnet import (DMWideResNet, DMWideResNetConfig, WideResN
                                       load_dm_wideresnet, load_paper_wrn_70_16, load_wideresnet,
                                       paper_wrn_70_16_config)
 from ..denoisers.diffusers_unet import DiffusersEps, build_diffusers_unet, load_diffusers_unet
-from ..denoisers.edm import EDMDenoiser, load_edm
+from ..denoisers.edm import EDMDenoiser
 from ..denoisers.guided_diffusion import (GuidedDiffusionConfig, GuidedDiffusionEps, GuidedDiffusionUNet,
                                           load_guided_diffusion)
 from ..denoisers.protocol import EDMAdapter
 from ..denoisers.score_sde import ScoreSDEEps, ScoreSDENet, load_score_sde
 from ..errors import CheckpointError
 from ..weights_io import file_sha256
+from .edm_files import load_edm
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,8 @@ def build_model(arch: str, config: dict) -> nn.Module:
 
 
 def load_named(name: str, weights_dir: Path | None = None) -> nn.Module:
-    """Build and load the model ``name`` of the manifest, sha256-checked, in eval mode."""
+    """Build and load the model ``name`` of the manifest, sha256-checked, in eval mode, with the side of
+    the images it was trained at as ``model.image_size`` (``None`` when the manifest does not say)."""
     weights_dir = Path(weights_dir or default_weights_dir())
     manifest = load_manifest(weights_dir)
     if name not in manifest:
@@ -68,7 +69,15 @@ def load_named(name: str, weights_dir: Path | None = None) -> nn.Module:
                               "or retrain with the command in the manifest")
     model = build_model(entry["arch"], entry["config"])
     match_state_dict(model, load_state_dict(path), str(path))
+    model.image_size = trained_size(entry)  # a Defense checks its inputs against the classifier's
     return model.eval()
+
+
+def trained_size(entry: dict) -> int | None:
+    """The image side a manifest entry's model was trained at (its dataset's format), if known."""
+    from ..data import IMAGE_FORMATS
+
+    return IMAGE_FORMATS.get(entry.get("data", {}).get("dataset"), (None, None))[1]
 
 
 def register(weights_dir: Path, name: str, entry: dict) -> None:

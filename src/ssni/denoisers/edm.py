@@ -3,8 +3,9 @@
 Karras et al. (2022), "Elucidating the Design Space of Diffusion-Based Generative
 Models". The published CIFAR-10 files (``edm-cifar10-32x32-{cond,uncond}-{vp,ve}.pkl``)
 are pickles of whole Python objects whose class source code travels inside them;
-:mod:`ssni.checkpoints.edm_pickle` reads their tensors without running that code, and
-``ssni convert`` turns one into a safetensors file this module loads.
+:mod:`ssni.checkpoints.edm_pickle` reads their tensors without running that code,
+``ssni convert`` turns one into a safetensors file, and :func:`ssni.checkpoints.edm_files.load_edm`
+loads either into the modules defined here.
 
 The modules here are our own; only their parameter names and shapes follow the
 published state dicts (``model.enc.32x32_conv.weight``, ``model.dec.16x16_block4.qkv.weight``,
@@ -15,18 +16,15 @@ published state dicts (``model.enc.32x32_conv.weight``, ``model.dec.16x16_block4
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..weights_io import load_state_dict, match_state_dict
 from ..dictconfig import DictConfig
-from ..errors import CheckpointError, ConfigError
+from ..errors import ConfigError
 
 PRECONDITIONINGS = ("vp", "ve", "edm")
 
@@ -357,38 +355,4 @@ class EDMDenoiser(nn.Module):
         return c_skip * x + c_out * self.model(c_in * x, c_noise.flatten(), class_labels)
 
 
-def load_edm(path: str | Path, allow_pickle: bool = False) -> EDMDenoiser:
-    """Load an EDM denoiser from a file ``ssni convert`` wrote, or from the original ``.pkl``.
-
-    The original pickle is read only with ``allow_pickle=True``; even then no code inside
-    it runs (see :func:`ssni.checkpoints.edm_pickle.read_edm_pickle`).
-    """
-    path = Path(path)
-    if path.suffix == ".pkl":
-        from ..checkpoints.edm_pickle import read_edm_network  # the pickle branch lives with the pickle reader
-
-        state, cfg = read_edm_network(path, allow_pickle)
-    else:
-        state, cfg = load_state_dict(path), read_edm_config(path)
-    if cfg.unet.label_dim:
-        raise CheckpointError(f"{path} is a class-conditional EDM network ({cfg.unet.label_dim} labels); purification "
-                              "needs an unconditional one, e.g. edm-cifar10-32x32-uncond-vp.pkl")
-    denoiser = EDMDenoiser(cfg)
-    match_state_dict(denoiser, state, str(path))
-    return denoiser.eval()
-
-
-def read_edm_config(path: Path) -> EDMConfig:
-    """The :class:`EDMConfig` stored in a converted file's safetensors metadata."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
-    if "edm_config" not in meta:
-        raise CheckpointError(f"{path} has no 'edm_config' metadata; EDM weights must be written by "
-                              "`ssni convert` (or ssni.checkpoints.edm_pickle.convert_edm_pickle)")
-    return EDMConfig.from_dict(json.loads(meta["edm_config"]))
-
-
-__all__ = ["EDMConfig", "EDMDenoiser", "PRECONDITIONINGS", "SongUNet", "SongUNetConfig", "load_edm",
-           "read_edm_config"]
+__all__ = ["EDMConfig", "EDMDenoiser", "PRECONDITIONINGS", "SongUNet", "SongUNetConfig"]

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ResumeError
+from ..folders import read_json
 from ..report import level_histogram, robust_vs_draws_plot
 from .config import ExperimentConfig, from_dict
 from .store import RESULTS_FILE, Store
@@ -42,6 +43,6 @@ def report(out: Path) -> str:
     config_path = Path(out) / "config.json"
     if not config_path.is_file():
         raise ResumeError(f"{config_path} not found; run `ssni evaluate --out {out}` first")
-    saved = json.loads(config_path.read_text())
+    saved = read_json(config_path)
     saved.pop("hash", None)
     return summarize_run(out, from_dict(saved))

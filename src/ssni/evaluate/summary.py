@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from .scoring import PROTOCOLS, robust_under
 
 def accuracy(correct: int, n: int) -> dict:
     low, high = wilson_interval(correct, n)
-    return {"acc": correct / n if n else float("nan"), "correct": correct, "n": n, "ci95": [low, high]}
+    return {"acc": correct / n if n else None, "correct": correct, "n": n, "ci95": [low, high]}
 
 
 def robust_by_protocol(rows: list[dict], keys: list[str], draws: int) -> dict:
@@ -65,15 +66,29 @@ def adversarial_levels(rows: list[dict], key: str) -> dict:
 
 
 def write_summary(summary: dict, out: Path) -> None:
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    """``summary.json`` in strict JSON: a value that is not a finite number (no samples yet) is null."""
+    (out / "summary.json").write_text(json.dumps(_finite(summary), indent=2, allow_nan=False) + "\n")
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    return [_finite(v) for v in value] if isinstance(value, (list, tuple)) else value
 
 
 def pct(acc: dict) -> str:
-    """``"41.5% [34.9, 48.4]"``: an accuracy with its 95% Wilson interval."""
+    """``"41.5% [34.9, 48.4]"``: an accuracy with its 95% Wilson interval (``n/a`` without samples)."""
+    if acc["acc"] is None:
+        return "n/a (no samples)"
     return f"{100 * acc['acc']:.1f}% [{100 * acc['ci95'][0]:.1f}, {100 * acc['ci95'][1]:.1f}]"
 
 
 def format_summary(summary: dict) -> str:
+    if summary["n"] == 0:
+        return (f"n = 0 of {summary.get('n_planned', '?')}: no samples yet; run `ssni evaluate` with this --out "
+                "folder (it resumes) and report again")
     lines = [f"n = {summary['n']}, headline scoring: {summary['scoring']}"]
     if summary["n"] < summary.get("n_planned", summary["n"]):
         lines.append(f"INCOMPLETE: {summary['n']} of {summary['n_planned']} samples evaluated so far")

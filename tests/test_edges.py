@@ -1,0 +1,367 @@
+"""The edges a new user's tour found (issue 23): each gives one clear error, a warning, or a correct result.
+
+CLI cases go through the real entry point (``ssni.cli.main``: the ``error:`` line, exit 2 and the
+Ctrl-C message are made there); library cases raise an :class:`ssni.errors.SSNIError` subclass.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssni.cli import main
+from ssni.errors import CheckpointError, InputError, ResumeError
+from ssni.folders import OWNER_FILE, claim, owner, read_json
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_CONFIG = ROOT / "configs" / "mnist-diffpure-ssni-n.toml"
+
+
+def run_ssni(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run ``ssni ARGS`` through the console entry point; return (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["ssni", *map(str, args)])
+    with pytest.raises(SystemExit) as done:
+        main()
+    captured = capsys.readouterr()
+    return done.value.code, captured.out, captured.err
+
+
+def one_error(status: int, err: str, *words: str) -> None:
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+# --- config shapes ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,words", [
+    ('[data]\nn = 2\n[attacks]\nname = "pgd"\n', ["[attacks]", "[[attacks]]"]),
+    ('data = 5\n[purifier]\nmethod = "diffpure"\n', ["data = 5", "[data]"]),
+    ("", ["is empty", "configs/"]),
+    ("[data]\nn = -5\n", ["n = -5"]),  # checked although --limit replaces it
+    ('[data]\nn = "two"\n', ["n = 'two'"]),
+])
+def test_config_shapes_and_values_are_one_error_line(monkeypatch, capsys, write_toml, tmp_path, text, words):
+    status, _, err = run_ssni(monkeypatch, capsys, "evaluate", "--config", write_toml(text), "--out", tmp_path / "o",
+                          "--limit", "2")
+    one_error(status, err, *words)
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+
+
+def test_a_config_without_attacks_says_which_attack_it_uses(write_toml):
+    from ssni.evaluate import load_config
+
+    notes: list[str] = []
+    cfg = load_config(write_toml("[data]\nn = 2\n"), None, notes)
+    assert len(notes) == 1 and "no [[attacks]]" in notes[0] and f"eps {cfg.attacks[0].eps}" in notes[0]
+    notes.clear()
+    load_config(DEMO_CONFIG, None, notes)
+    assert notes == []
+
+
+# --- output folders -----------------------------------------------------------------------------
+
+def test_a_folder_of_one_command_is_refused_by_the_other(monkeypatch, capsys, tiny_config_file, tmp_path):
+    purified = tmp_path / "purified"  # a folder ssni purify wrote before the marker existed
+    purified.mkdir()
+    (purified / "purify.csv").write_text("file,score_norm,t_star,prediction\n")
+    (purified / "config.json").write_text('{"hash": "abc"}\n')
+    status, _, err = run_ssni(monkeypatch, capsys, "evaluate", "--config", tiny_config_file, "--out", purified)
+    one_error(status, err, "ssni purify", "new --out")
+    assert (purified / "config.json").read_text() == '{"hash": "abc"}\n'
+    assert owner(purified) == "purify"
+
+    evaluated = claim(tmp_path / "evaluated", "evaluate")
+    (evaluated / "config.json").write_text("{}\n")
+    digits = tmp_path / "in"
+    digits.mkdir()
+    from PIL import Image
+    Image.new("L", (28, 28)).save(digits / "a.png")
+    status, _, err = run_ssni(monkeypatch, capsys, "purify", digits, "--out", evaluated)
+    one_error(status, err, "ssni evaluate")
+    assert (evaluated / "config.json").read_text() == "{}\n" and not (evaluated / "purify.csv").exists()
+    status, _, err = run_ssni(monkeypatch, capsys, "report", purified)
+    one_error(status, err, "ssni purify")
+
+
+def test_claim_refuses_files_and_folders_it_cannot_write(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="is a file"):
+        claim(tmp_path / "file", "purify")
+    with pytest.raises(InputError, match="cannot write into"):
+        claim(tmp_path / "file" / "sub", "purify")  # a file where a folder would go
+    assert claim(tmp_path / "new" / "deep", "purify").is_dir()
+    assert (tmp_path / "new" / "deep" / OWNER_FILE).read_text() == "purify\n"
+    assert claim(tmp_path / "new" / "deep", "purify")  # its own folder again: fine
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_an_unwritable_parent_is_one_error(monkeypatch, capsys, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    status, _, err = run_ssni(monkeypatch, capsys, "evaluate", "--config", DEMO_CONFIG, "--out", locked / "o",
+                          "--limit", "1")
+    one_error(status, err, "cannot write into")
+
+
+def test_purify_out_a_file_or_under_a_file_is_one_error(monkeypatch, capsys, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    Image.new("L", (28, 28)).save(tmp_path / "in" / "a.png")
+    (tmp_path / "afile").write_text("x")
+    for out, words in ((tmp_path / "afile", ["is a file"]), (tmp_path / "afile" / "sub", ["cannot write into"])):
+        status, _, err = run_ssni(monkeypatch, capsys, "purify", tmp_path / "in", "--out", out)
+        one_error(status, err, *words)
+
+
+def test_bench_refuses_a_folder_before_it_runs(monkeypatch, capsys, tmp_path):
+    import ssni.bench
+
+    monkeypatch.setattr(ssni.bench, "run_bench", lambda *a, **k: pytest.fail("the benchmark ran"))
+    status, _, err = run_ssni(monkeypatch, capsys, "bench", "--out", tmp_path)
+    one_error(status, err, "is a folder")
+
+
+# --- report -------------------------------------------------------------------------------------
+
+@pytest.fixture
+def empty_run(tiny_config_file, tmp_path) -> Path:
+    """An evaluate folder whose store has no rows yet."""
+    from ssni.evaluate import load_config
+    from ssni.evaluate.store import Store
+
+    cfg = load_config(tiny_config_file)
+    out = claim(tmp_path / "run", "evaluate")
+    Store(out / "results.sqlite", cfg.hash(), json.dumps(cfg.to_dict(), sort_keys=True)).close()
+    (out / "config.json").write_text(json.dumps({"hash": cfg.hash(), **cfg.to_dict()}))
+    return out
+
+
+def test_a_report_of_no_rows_says_so_and_writes_strict_json(monkeypatch, capsys, empty_run):
+    status, out, _ = run_ssni(monkeypatch, capsys, "report", empty_run)
+    assert status == 0 and "no samples yet" in out and "nan" not in out.lower()
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in summary.json")
+
+    summary = json.loads((empty_run / "summary.json").read_text(), parse_constant=refuse)
+    assert summary["n"] == 0 and summary["clean"]["acc"] is None
+
+
+def test_a_damaged_config_json_is_one_error(monkeypatch, capsys, empty_run):
+    (empty_run / "config.json").write_text("{not json")
+    status, _, err = run_ssni(monkeypatch, capsys, "report", empty_run)
+    one_error(status, err, "config.json is damaged")
+    with pytest.raises(ResumeError, match="damaged"):
+        read_json(empty_run / "config.json")
+
+
+# --- convert, fetch, models ---------------------------------------------------------------------
+
+def test_convert_of_a_missing_file_is_one_error(monkeypatch, capsys, tmp_path):
+    status, _, err = run_ssni(monkeypatch, capsys, "convert", tmp_path / "none.pkl", "--allow-pickle")
+    one_error(status, err, "cannot read", "none.pkl")
+
+
+def test_code_hidden_in_a_tensor_storage_is_refused_in_one_line(monkeypatch, capsys, tmp_path):
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    class Storage:
+        def __reduce__(self):
+            import torch.storage
+            return torch.storage._load_from_bytes, (pickle.dumps(Evil()),)
+
+    with open(tmp_path / "evil.pkl", "wb") as handle:
+        pickle.dump({"ema": Storage()}, handle)
+    status, _, err = run_ssni(monkeypatch, capsys, "convert", tmp_path / "evil.pkl", "--allow-pickle")
+    one_error(status, err, "not plain tensor data", "nothing in it was run")
+    assert "weights_only=False" not in err and not marker.exists()
+
+
+def test_fetching_a_shipped_model_says_there_is_nothing_to_download(monkeypatch, capsys, tmp_path):
+    from ssni.checkpoints.fetch import fetch_public
+
+    status, out, _ = run_ssni(monkeypatch, capsys, "fetch", "mnist-unet", "--weights-dir", tmp_path)
+    assert status == 0 and "shipped with the package" in out and "nothing to download" in out
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(CheckpointError, match="shipped with the package"):
+        fetch_public("mnist-unet", tmp_path)
+
+
+def test_models_with_a_weights_dir_lists_the_shipped_models_too(monkeypatch, capsys, tiny_weights):
+    status, out, _ = run_ssni(monkeypatch, capsys, "models", "--weights-dir", tiny_weights)
+    assert status == 0
+    shipped, rest = out.split(f"in {tiny_weights}", 1)
+    assert "test_acc 0.988" in shipped and "mnist-unet" in shipped  # the shipped list, with its metrics
+    trained, public = rest.split("public", 1)
+    assert "mnist-unet" in trained and "mnist-cnn" in trained and "cifar10-wrn-28-10" in public
+
+
+def test_the_missing_model_hint_names_only_what_is_missing():
+    from dataclasses import replace
+
+    from ssni.checkpoints.registry import default_weights_dir
+    from ssni.evaluate import load_config
+    from ssni.evaluate.build import check_models
+
+    cfg = load_config(DEMO_CONFIG)
+    with pytest.raises(CheckpointError) as err:
+        check_models(replace(cfg, models=replace(cfg.models, classifier="mnist-cnnx")), default_weights_dir())
+    assert "train classifier --dataset mnist-5k --name mnist-cnnx" in str(err.value)
+    assert "train score" not in str(err.value) and "mnist-unet" not in str(err.value)
+
+
+# --- commands that failed late ------------------------------------------------------------------
+
+def test_demo_refuses_the_train_split_before_it_runs(monkeypatch, capsys, tmp_path):
+    status, _, err = run_ssni(monkeypatch, capsys, "demo", "--split", "train", "--out", tmp_path / "d")
+    one_error(status, err, "--split 'train'", "test or val")
+    assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("extra,words", [(["--attack", "xyz"], ["xyz", "apgd"]), (["--ladder", ""], ["empty"])])
+def test_converge_refuses_unknown_attacks_and_an_empty_ladder(monkeypatch, capsys, tiny_config_file, tmp_path,
+                                                             extra, words):
+    status, _, err = run_ssni(monkeypatch, capsys, "converge", "--config", tiny_config_file, "--out", tmp_path / "c",
+                          *extra)
+    one_error(status, err, *words)
+    assert not (tmp_path / "c").exists()
+
+
+# --- library calls ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mnist_defense():
+    from ssni import Defense, DiffPure, load_named
+
+    return Defense(load_named("mnist-cnn"), DiffPure(load_named("mnist-unet"), t_star=20, steps=2))
+
+
+def test_a_named_models_defense_checks_the_image_size(mnist_defense):
+    with pytest.raises(InputError, match="28x28"):
+        mnist_defense(torch.rand(2, 1, 32, 32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_precision_inputs_give_the_float32_result(mnist_defense, dtype):
+    x = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)).to(dtype)
+    with torch.no_grad():
+        assert torch.equal(mnist_defense(x, draw=0), mnist_defense(x.float(), draw=0))
+
+
+# --- Ctrl-C, file modes, help -------------------------------------------------------------------
+
+def test_ctrl_c_says_what_was_kept_and_how_to_resume(monkeypatch, capsys, tmp_path):
+    import ssni.purify_folder
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    Image.new("L", (28, 28)).save(tmp_path / "in" / "a.png")
+
+    def interrupted(cfg, source, out, *args):
+        claim(out, "purify")
+        (out / "purify.csv").write_text("file,score_norm,t_star,prediction\na.png,1.0,5,3\nb.png,1.0,5,3\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ssni.purify_folder, "purify_folder", interrupted)
+    status, _, err = run_ssni(monkeypatch, capsys, "purify", tmp_path / "in", "--out", tmp_path / "out")
+    assert status == 130
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("interrupted: 2 image(s)") and str(tmp_path / "out" / "purify.csv") in line
+    assert "run the same command again to resume" in line
+
+
+def test_weights_are_written_with_the_umask_not_0600(tmp_path):
+    from ssni.weights_io import save_weights
+
+    mask = os.umask(0o027)
+    try:
+        save_weights(tmp_path / "w.safetensors", torch.nn.Linear(2, 2))
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o640
+
+
+def test_train_help_describes_batch_size_lr_and_seed():
+    from typer.testing import CliRunner
+
+    from ssni.cli import app
+
+    text = " ".join(CliRunner().invoke(app, ["train", "score", "--help"], terminal_width=200).output.split())
+    assert "training images per optimiser step" in text and "learning rate" in text and "seeds the initial" in text
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys\nfrom ssni.cli import app\ntry:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_package_name_score_norm_stays_the_function():
+    code = "import ssni.defense, ssni.score_norm, ssni\nprint(callable(ssni.score_norm), ssni.Defense.__name__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["True", "Defense"]
+
+
+@pytest.mark.parametrize("path,forbidden", [("src/ssni/denoisers/edm.py", "checkpoints"),
+                                            ("src/ssni/evaluate/registries.py", "config")])
+def test_the_two_import_cycles_stay_broken(path, forbidden):
+    """denoisers/edm.py no longer reaches into checkpoints/, registries.py no longer imports config.py."""
+    tree = ast.parse((ROOT / path).read_text())
+    modules = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert not [m for m in modules if forbidden in m.split(".")], modules
+
+
+
+def test_a_permission_error_while_claiming_is_one_error(monkeypatch, tmp_path):
+    real = Path.write_text
+
+    def denied(self, *args, **kwargs):
+        if self.name == OWNER_FILE:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", denied)
+    with pytest.raises(InputError, match="cannot write into .*Permission denied"):
+        claim(tmp_path / "out", "evaluate")
+
+
+def test_redirected_progress_is_plain_lines():
+    import io
+
+    from ssni.progress import PlainProgress, tqdm
+
+    log = io.StringIO()
+    bar = tqdm(total=20, initial=4, desc="evaluate[0]", unit="img", file=log)
+    assert isinstance(bar, PlainProgress)
+    for _ in range(16):
+        bar.update(1)
+    bar.close()
+    for _ in tqdm(range(50), desc="PGD", leave=False, file=log):  # a nested bar that vanishes: nothing
+        pass
+    lines = log.getvalue().splitlines()
+    assert "\r" not in log.getvalue() and "\x1b" not in log.getvalue()
+    assert [line.split(",")[0] for line in lines] == [f"evaluate[0]: {n}/20 img ({5 * n}%)" for n in range(6, 21, 2)]
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    bar = tqdm(total=3, file=Terminal())
+    assert not isinstance(bar, PlainProgress)
+    bar.close()
