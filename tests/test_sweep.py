@@ -69,12 +69,17 @@ def test_an_axis_reaches_only_the_configs_that_have_its_key(write_toml):
     scoped = sweep_points(configs[:2], parse_grid(["purifier.diffpure.t_star=10,20,30", "n:purifier.t_star=30"]))
     assert [p.cfg.purifier.settings.t_star for p in scoped] == [10, 20, 30, 30]  # the scoped axis replaces it for n
     assert sweep_points([configs[2]], [])[0].folder == "none/base"
+    linked = sweep_points(configs[:1], parse_grid(["attacks.0.eps+attacks.0.step_size=0.1+0.02,0.3+0.05"]))
+    assert [(p.cfg.attacks[0].eps, p.cfg.attacks[0].step_size) for p in linked] == [(0.1, 0.02), (0.3, 0.05)]
+    assert linked[0].folder == "base/attacks.0.eps=0.1,attacks.0.step_size=0.02"
 
 
 @pytest.mark.parametrize("grid, message", [
     (["purifier.gdmp.rounds=1,2"], "apply to none of the configs"),
     (["nosuch:attacks.0.eps=0.1"], "name no --config file"),
     (["base:ssni.bias=3,5"], "base has no ssni.bias"),
+    (["attacks.0.eps+ssni.bias=0.1+3"], "base has no ssni.bias"),  # linked keys: all or none
+    (["attacks.0.eps+attacks.0.step_size=0.1+0.02,0.3"], "key1[+]key2=a1[+]a2"),
     (["purifier.diffpure.t_star=10", "purifier.diffpure.t_star=20"], "given twice"),
     (["t_star"], "section.key=v1,v2"),
 ])
@@ -131,3 +136,18 @@ def test_cli_grid_error_is_one_line(write_toml):
     result = CliRunner().invoke(app, ["sweep", "--config", str(write_toml(TINY)), "--grid", "purifier.gns.levels=1",
                                       "--out", "unused"])
     assert result.exit_code != 0 and isinstance(result.exception, ConfigError)
+
+
+def test_frontier_curves_join_a_method_along_its_level_within_one_attack():
+    from ssni.frontier import _curves, _varying
+
+    def point(label, t, eps):
+        return {"label": label, "reweight": "none", "values": {"purifier.diffpure.t_star": t, "attacks.0.eps": eps}}
+
+    points = [point("DiffPure", t, eps) for eps in (0.1, 0.3) for t in (300, 100, 200)] + [point("SSNI", 300, 0.1)]
+    assert _varying(points) == ["purifier.diffpure.t_star", "attacks.0.eps"]
+    panel = [p for p in points if p["values"]["attacks.0.eps"] == 0.1]
+    curves = _curves(panel, {"attacks.0.eps"})
+    assert list(curves) == ["DiffPure", "SSNI"]
+    assert [p["values"]["purifier.diffpure.t_star"] for p in curves["DiffPure"]] == [100, 200, 300]
+    assert len(_curves(points, set())) == 3  # without panels, each eps is its own DiffPure curve

@@ -3,7 +3,8 @@
 ``frontier.png`` puts clean accuracy against robust accuracy (one protocol, default worst of N),
 both with 95% Wilson intervals, one curve per method, each point tagged with the grid values that
 vary along its curve (its level ``t*``, or eps). When eps varies beside other keys, each eps gets its
-own panel. ``robust_vs_eps.png`` puts robust accuracy against eps, one curve per method and level.
+own panel (with the attack keys that move with it). ``robust_vs_eps.png`` puts robust accuracy
+against eps, one curve per method and level.
 
 Paired verdicts (:func:`paired_verdicts`). Is a point of a level-choosing method (SSNI) above the
 frontier of the constant-level points (``ssni.reweight = "none"``) at the same eps? Its neighbours are
@@ -58,7 +59,7 @@ def _curves(points: list[dict], skip: set[str]) -> dict[str, list[dict]]:
     """Points grouped into curves: same label and same values of every varying key except the ones
     the curve runs along (level keys) and ``skip``; ordered by level."""
     varying = [k for k in _varying(points) if k not in skip]
-    along = [k for k in varying if k.endswith("t_star") or k.endswith("levels")] or varying[:1]
+    along = [k for k in varying if _is_level(k)] or varying  # no level swept: one curve per method
     curves: dict[str, list[dict]] = {}
     for p in points:
         rest = _tag(p, [k for k in varying if k not in along])
@@ -77,12 +78,13 @@ def plot_frontier(result: dict, path: Path) -> None:
     """Clean accuracy (x) against robust accuracy under ``result["protocol"]`` (y), 95% intervals."""
     plt, protocol = _plt(), result["protocol"]
     done = [p for p in result["points"] if p["n"]]
-    eps_keys = [k for k in _varying(done) if k.endswith(".eps")]
-    panels = sorted({p["eps"] for p in done}) if eps_keys and len(_varying(done)) > len(eps_keys) else [None]
+    attack_keys = [k for k in _varying(done) if k.startswith("attacks.")]  # eps, and a step size moved with it
+    split = attack_keys and len(_varying(done)) > len(attack_keys)
+    panels = list(dict.fromkeys(_tag(p, attack_keys) for p in done)) if split else [None]
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5), squeeze=False)
-    for ax, eps in zip(axes[0], panels):
-        chosen = [p for p in done if eps is None or p["eps"] == eps]
-        skip = set(eps_keys) if eps is not None else set()
+    for ax, panel in zip(axes[0], panels):
+        chosen = [p for p in done if panel is None or _tag(p, attack_keys) == panel]
+        skip = set(attack_keys) if panel is not None else set()
         for i, (name, line) in enumerate(_curves(chosen, skip).items()):
             tags = _varying(line) or [k for k in line[0]["values"] if k not in skip]
             x = [100 * p["clean"]["acc"] for p in line]
@@ -93,7 +95,7 @@ def plot_frontier(result: dict, path: Path) -> None:
                             color=f"C{i % 10}", capsize=2, label=name if p is line[0] else None)
                 ax.annotate(_tag(p, tags), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set(xlabel="clean accuracy (%)", ylabel=f"robust accuracy, {protocol} (%)",
-               title="all points" if eps is None else f"eps = {eps:g}")
+               title="all points" if panel is None else panel)
         ax.legend(fontsize=7)
     n = max(p["n"] for p in done)
     fig.suptitle(f"Accuracy-robustness frontier ({protocol}, up to {n} images, 95% Wilson intervals)", fontsize=10)
@@ -106,8 +108,7 @@ def plot_robust_vs_eps(result: dict, path: Path) -> None:
     """Robust accuracy under ``result["protocol"]`` against eps, one curve per method and other values."""
     plt, protocol = _plt(), result["protocol"]
     done = [p for p in result["points"] if p["n"]]
-    eps_keys = {k for k in _varying(done) if k.endswith(".eps")}
-    others = [k for k in _varying(done) if k not in eps_keys]
+    others = [k for k in _varying(done) if not k.startswith("attacks.")]
     groups: dict[str, list[dict]] = {}
     for p in done:
         rest = _tag(p, others)
@@ -219,10 +220,10 @@ def format_paired(entries: list[dict]) -> str:
     for e in entries:
         for c in e["comparisons"] or [{}]:
             if not c:
-                lines.append(f"| {e['label']}, t*={e['level']} | {e['eps']:g} | - | - | - | - | {e['verdict']} |")
+                lines.append(f"| {e['label']}, T={e['level']} | {e['eps']:g} | - | - | - | - | {e['verdict']} |")
                 continue
             cells = " | ".join(f"{c[a]['a_only']} / {c[a]['b_only']} (p = {c[a]['p']:.3g})"
                                for a in ("clean", "robust"))
-            lines.append(f"| {e['label']}, t*={e['level']} | {e['eps']:g} | {c['against_label']}, "
+            lines.append(f"| {e['label']}, T={e['level']} | {e['eps']:g} | {c['against_label']}, "
                          f"t*={c['against_level']} | {c['n']} | {cells} | {e['verdict']} |")
     return "\n".join(lines)

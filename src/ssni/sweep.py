@@ -16,10 +16,15 @@ them, replaces an unscoped axis of the same key. An axis that applies to no conf
 names no config, are errors. Points with the same config hash (they differ only in speed-only keys,
 :data:`ssni.evaluate.config.SPEED_ONLY`, or not at all) are refused as duplicates.
 
+Linked keys move together: ``attacks.0.eps+attacks.0.step_size=0.1+0.02,0.3+0.05`` is one axis of
+two points (a step size that follows eps).
+
 Outputs: ``sweep.json`` (every point's clean accuracy and robust accuracy under every protocol with
 95% Wilson intervals, its levels; nothing time-dependent, so a resumed sweep writes the same file),
 ``table.md``, ``times.json``, ``frontier.png`` (clean against robust accuracy, one curve per method,
-one panel per eps when other keys vary too) and, when eps varies, ``robust_vs_eps.png``.
+one panel per eps when other keys vary too), ``robust_vs_eps.png`` when eps varies, and, when the
+sweep holds both SSNI and constant-level points, ``paired.md`` / ``paired.json``: each SSNI point
+against its constant-level neighbours on the same images (:func:`ssni.frontier.paired_verdicts`).
 """
 
 from __future__ import annotations
@@ -41,16 +46,20 @@ from .evaluate.summary import pct, summarize
 
 PURIFIER_NAMES = {"diffpure": "DiffPure", "gdmp": "GDMP", "gns": "GNS", "none": "undefended"}
 REWEIGHT_NAMES = {"sigmoid": "SSNI-N", "linear": "SSNI-L"}
-SHORT_KEYS = {"t_star": "t*", "eps": "eps"}
 
 
 @dataclass(frozen=True)
 class Axis:
-    """One ``--grid`` entry: a dotted config key, its values, and the config stems it is limited to."""
+    """One ``--grid`` entry: dotted config keys (several, joined by ``+``, move together), their values
+    (one tuple per point, a value per key), and the config stems it is limited to."""
 
-    key: str
-    values: tuple
+    key: str  # "attacks.0.eps" or "attacks.0.eps+attacks.0.step_size"
+    values: tuple[tuple, ...]
     scope: tuple[str, ...] | None = None
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(self.key.split("+"))
 
 
 @dataclass(frozen=True)
@@ -82,15 +91,19 @@ def _scalar(raw: str) -> Any:
 
 
 def parse_grid(items: list[str]) -> list[Axis]:
-    """``["purifier.diffpure.t_star=50,100", "ssni-n:attacks.0.eps=0.1,0.3"]`` -> axes."""
+    """``["purifier.diffpure.t_star=50,100", "ssni-n:attacks.0.eps+attacks.0.step_size=0.1+0.02,0.3+0.05"]``
+    -> axes (``STEM:`` limits an axis to configs; ``k1+k2=a1+a2,b1+b2`` moves two keys together)."""
     axes = []
     for item in items:
         head, sep, raw = item.partition("=")
         scope, _, key = head.rpartition(":")
-        values = tuple(dict.fromkeys(_scalar(v.strip()) for v in raw.split(",") if v.strip()))
-        if not sep or "." not in key or not values:
-            raise ConfigError(f"--grid {item!r}: write [STEM:]section.key=v1,v2,... "
-                              "(e.g. purifier.diffpure.t_star=100,200,300)")
+        width = len(key.split("+"))
+        values = tuple(dict.fromkeys(tuple(_scalar(x.strip()) for x in v.split("+"))
+                                     for v in raw.split(",") if v.strip()))
+        if not sep or not all("." in k for k in key.split("+")) or not values or {len(v) for v in values} != {width}:
+            raise ConfigError(f"--grid {item!r}: write [STEM:]section.key=v1,v2,... (e.g. "
+                              "purifier.diffpure.t_star=100,200,300), or key1+key2=a1+a2,b1+b2 for keys that move "
+                              "together")
         axis = Axis(key, values, tuple(s for s in scope.split(",") if s) or None)
         if any((a.key, a.scope) == (axis.key, axis.scope) for a in axes):
             raise ConfigError(f"--grid {key} is given twice for the same configs; list all its values in one --grid")
@@ -141,14 +154,19 @@ def method_label(cfg: ExperimentConfig) -> str:
 
 def _axes_for(stem: str, cfg: ExperimentConfig, axes: list[Axis]) -> list[Axis]:
     """The axes that reach one config: scoped ones naming its stem replace unscoped ones of their key."""
-    scoped = {_canonical(cfg, a.key) for a in axes if a.scope and stem in a.scope}
-    chosen = [a for a in axes if (a.scope is None and _canonical(cfg, a.key) not in scoped)
+    scoped = {_canonical(cfg, k) for a in axes if a.scope and stem in a.scope for k in a.keys}
+    chosen = [a for a in axes if (a.scope is None and not {_canonical(cfg, k) for k in a.keys} & scoped)
               or (a.scope and stem in a.scope)]
+    reach = []
     for a in chosen:
-        if a.scope and not applies(cfg, a.key):
-            raise ConfigError(f"--grid {stem}:{a.key}: {stem} has no {a.key} (method {cfg.purifier.method}, "
+        has = [applies(cfg, k) for k in a.keys]
+        if (a.scope and not all(has)) or (any(has) and not all(has)):
+            missing = [k for k, h in zip(a.keys, has) if not h]
+            raise ConfigError(f"--grid {a.key}: {stem} has no {', '.join(missing)} (method {cfg.purifier.method}, "
                               f"ssni.reweight {cfg.ssni.reweight})")
-    return [a for a in chosen if applies(cfg, a.key)]
+        if all(has):
+            reach.append(a)
+    return reach
 
 
 def sweep_points(configs: list[Path], axes: list[Axis], overrides: dict | None = None,
@@ -170,7 +188,7 @@ def sweep_points(configs: list[Path], axes: list[Axis], overrides: dict | None =
         mine = _axes_for(stem, base, axes)
         reached |= {a.key for a in mine}
         for combo in itertools.product(*(a.values for a in mine)):
-            values = tuple((a.key, v) for a, v in zip(mine, combo))
+            values = tuple((k, v) for a, vs in zip(mine, combo) for k, v in zip(a.keys, vs))
             cfg = load_config(Path(path), {**(overrides or {}), **{_flat(base, k): v for k, v in values}})
             label = labels[k] if labels else method_label(cfg)
             points.append(SweepPoint(str(path), stem, label, values, cfg))
