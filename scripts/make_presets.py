@@ -50,12 +50,12 @@ def surrogate_steps(method: str, data: str) -> int:
 
 
 def batching(data: str) -> str:
-    """ImageNet's 256x256 UNet holds 0.56 GiB per row at inference and saves 5.4 GiB per row for a
-    backward (counted on the CPU with random weights): 8 images per batch and 16 rows per score-norm call
-    (50 levels x 8 would be 400 rows, 225 GiB) keep a checkpointed attack near 45 GiB."""
+    """The batch is "auto": the fastest that fits, measured on the device before the run (and by --plan).
+    ImageNet's 256x256 UNet holds 0.56 GiB per row at inference (counted on the CPU with random weights):
+    16 rows per score-norm call (50 levels x 8 images would be 400 rows, 225 GiB)."""
     if "imagenet" in data:
-        return "batch_size = 8\nmax_rows = 16  # rows per score-norm call; check with ssni evaluate --plan"
-    return "batch_size = 16"
+        return 'batch_size = "auto"\nmax_rows = 16  # rows per score-norm call; check with ssni evaluate --plan'
+    return 'batch_size = "auto"  # the fastest batch that fits, measured on the device (see --plan)'
 
 
 def preset(title, data, models, purifier, ssni, n_levels, norm, eps, repro):
@@ -77,6 +77,7 @@ def preset(title, data, models, purifier, ssni, n_levels, norm, eps, repro):
 [purifier]
 method = "{method}"
 {shared}
+checkpoint = "auto"  # activation checkpointing only when the attack does not fit without it
 
 [purifier.{method}]
 {own}
@@ -99,10 +100,11 @@ step_size = 0.007
 eot = 20
 random_start = false
 sign_step = true
+eot_batch = "auto"  # EOT draws stacked per pass: as many as fit and pay off
 {gradient}
 
 [evaluate]
-device = "cuda"
+device = "auto"  # cuda when available, else cpu
 seed = 121
 {batching(data)}
 rescore = "{"single" if repro else "worst"}"

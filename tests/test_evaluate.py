@@ -118,8 +118,8 @@ def test_compile_option_wraps_the_diffusion_network_and_changes_no_result(tmp_pa
     assert not compiled
     other = replace(cfg, evaluate=replace(cfg.evaluate, compile=True))
     evaluate(other, tmp_path / "b", tiny_weights, progress=False)
-    assert len(compiled) == 1 and compiled[0][1] == {"dynamic": True}
-    assert type(compiled[0][0]).__name__ == "UNet"
+    assert [type(m).__name__ for m, _ in compiled] == ["UNet", "SmallCNN"]  # both networks
+    assert all(kw == {"dynamic": False, "mode": None} for _, kw in compiled)  # static shapes, bucketed rows
     assert_same_rows(rows_of(tmp_path / "a", cfg), rows_of(tmp_path / "b", other))
 
 

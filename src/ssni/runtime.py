@@ -166,3 +166,47 @@ def count_host_reads(fn) -> int:
     with HostReads() as reads:
         fn()
     return reads.count
+
+
+def bucket_width(rows: int) -> int:
+    """The width a call of ``rows`` rows is padded to when compiled: exact up to 8, then the next
+    multiple of a quarter of the power of two below (under 25% padding; 4 widths per doubling, so a
+    few dozen shapes up to thousands of rows)."""
+    if rows <= 8:
+        return rows
+    step = 1 << (rows.bit_length() - 3)
+    return -(-rows // step) * step
+
+
+class BucketedNetwork(torch.nn.Module):
+    """``net(x, *per_row)`` on rows padded to :func:`bucket_width` (copies of the first row), sliced back.
+
+    A compiled network then sees a small fixed set of batch shapes however the join scheduler's
+    row counts vary, so static-shape kernels (and CUDA graphs) are built a few times, not once per
+    count. Rows are independent in eval mode, so the real rows' outputs do not change (up to a
+    kernel's choice for another batch size, which can move float32 results in their last bits)."""
+
+    def __init__(self, net: torch.nn.Module, compiled: torch.nn.Module | None = None):
+        super().__init__()
+        self.net = net  # the parameters live here, so .to() and state_dict() see the plain network
+        self.compiled = [compiled if compiled is not None else net]  # a list: not registered as a submodule
+
+    def forward(self, x: Tensor, *per_row: Tensor) -> Tensor:
+        rows = x.shape[0]
+        width = bucket_width(rows)
+        if width == rows:
+            return self.compiled[0](x, *per_row)
+        pad = [0] * (width - rows)
+        padded = [torch.cat([v, v[pad]]) for v in (x, *per_row)]
+        return self.compiled[0](*padded)[:rows]
+
+
+def compile_network(net: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
+    """``net`` compiled for static shapes (``mode``: torch.compile's, e.g. ``"reduce-overhead"`` for CUDA
+    graphs), behind :class:`BucketedNetwork`. The recompile limit is raised to the number of widths a
+    run can see, so no width falls back to eager."""
+    import torch._dynamo
+
+    limit = len({bucket_width(k) for k in range(1, 1 << 14)}) + 8
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    return BucketedNetwork(net, torch.compile(net, dynamic=False, mode=mode))

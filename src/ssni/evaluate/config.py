@@ -113,7 +113,9 @@ class EvaluateConfig:
     # fp32: real fp32 (TF32 off) | tf32 | bf16 (autocast of the networks): opt-in speed modes whose
     # measured effect on the verdicts is in the README; part of the config hash
     precision: str = "fp32"
-    compile: bool = False  # torch.compile the diffusion network (static shapes, bucketed rows); pays off on GPUs
+    # torch.compile both networks (static shapes, rows padded to a few bucket widths); pays off on long GPU runs
+    compile: bool = False
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
     channels_last: bool = False  # networks and images in channels_last layout (measure: slower for DDPM++ on an H100)
     seed: int = 0
     batch_size: int | str = 50  # or "auto": the fastest batch that fits, measured on the device (--plan)
@@ -163,7 +165,7 @@ class ExperimentConfig:
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-SPEED_ONLY = {"evaluate": ("device", "batch_size", "compile", "max_rows", "channels_last"),
+SPEED_ONLY = {"evaluate": ("device", "batch_size", "compile", "compile_mode", "max_rows", "channels_last"),
               "purifier": ("checkpoint",), "attacks": ("eot_batch",)}
 
 CHOICES = {("purifier", "method"): Names(PURIFIERS, "none"),
@@ -178,7 +180,8 @@ CHOICES = {("purifier", "method"): Names(PURIFIERS, "none"),
            ("ssni", "calibration_split"): ("train", "val"),
            ("data", "subset"): ("first", "paper"),
            ("evaluate", "rescore"): ("single", "majority", "worst", "any_iterate"),
-           ("evaluate", "precision"): PRECISIONS}
+           ("evaluate", "precision"): PRECISIONS,
+           ("evaluate", "compile_mode"): ("default", "reduce-overhead", "max-autotune")}
 SECTIONS = {"data": DataConfig, "models": ModelsConfig, "purifier": PurifierConfig, "ssni": SSNIConfig,
             "evaluate": EvaluateConfig}  # [purifier] is read by _purifier (shared keys + its method's table)
 
@@ -339,7 +342,7 @@ def dry_run(cfg: ExperimentConfig, n: int = 2) -> ExperimentConfig:
     p, s = cfg.purifier, cfg.ssni
     return replace(
         cfg, data=replace(cfg.data, n=n), models=replace(cfg.models, random_init=True),
-        purifier=replace(p, steps=2, votes=1),
+        purifier=replace(p, steps=2, votes=1, checkpoint=p.checkpoint is not False),  # "auto": nothing measured
         ssni=replace(s, n_levels=min(s.n_levels, 2), calibration_size=2),
-        attacks=tuple(replace(a, steps=1, eot=1) for a in cfg.attacks),
+        attacks=tuple(replace(a, steps=1, eot=1, eot_batch=1) for a in cfg.attacks),
         evaluate=replace(cfg.evaluate, batch_size=n, rescore_draws=1))

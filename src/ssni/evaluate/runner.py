@@ -25,7 +25,7 @@ from ..progress import tqdm
 from ..checkpoints.registry import default_weights_dir
 from ..defense import Defense
 from ..errors import InputError
-from ..runtime import is_out_of_memory, on_device, precision_mode, resolve_device, smaller_after_oom
+from ..runtime import compile_network, is_out_of_memory, on_device, precision_mode, resolve_device, smaller_after_oom
 from .build import build_attack, build_model, calibrate, load_eval_data, load_models
 from .auto import format_choice, has_auto, resolve_auto, without_auto
 from .config import ExperimentConfig
@@ -73,14 +73,15 @@ def to_device(cfg: ExperimentConfig, *models: nn.Module) -> tuple[nn.Module, ...
 
 def prepare_model(cfg: ExperimentConfig, weights_dir: Path, out: Path | None = None) -> nn.Module:
     """The configured model on its device: networks loaded, SSNI calibrated (saved into ``out``),
-    the diffusion network compiled if asked."""
+    the networks compiled if asked."""
     unet, classifier = to_device(cfg, *load_models(cfg, weights_dir))
     with precision(cfg):
         calibration = calibrate(without_auto(cfg), unet, weights_dir) if cfg.ssni.reweight != "none" else None
     if calibration is not None and out is not None:
         calibration.save(out / "calibration.json")
-    if cfg.evaluate.compile:
-        unet = torch.compile(unet, dynamic=True)
+    if cfg.evaluate.compile:  # static shapes, rows bucketed to a few widths (ssni.runtime.compile_network)
+        mode = None if cfg.evaluate.compile_mode == "default" else cfg.evaluate.compile_mode
+        unet, classifier = compile_network(unet, mode), compile_network(classifier, mode)
     return build_model(cfg, unet, classifier, calibration)
 
 
