@@ -68,8 +68,12 @@ def stacked(record: list[torch.Tensor], order: list[str]) -> dict:
 
 
 def finish(name: str, write: Path | None, produced: dict, inputs: dict, draws, order: list[str]) -> bool:
+    """Compare with the committed fixture, or save a new one; either way the reference drew exactly the
+    noise ``order`` lists (a different call order would serve draws to the wrong places)."""
     if write is None:
+        assert next(draws, None) is None, "the reference drew less noise than the fixture holds"
         return compare(name, produced, torch.load(FIXTURES / f"{name}.pt", weights_only=True))
+    assert len(draws.record) == len(order), (len(draws.record), len(order))
     write.mkdir(parents=True, exist_ok=True)
     torch.save({**inputs, **produced, **stacked(draws.record, order)}, write / f"{name}.pt")
     print(f"  wrote {write / f'{name}.pt'}")
