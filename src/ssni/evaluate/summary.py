@@ -25,7 +25,10 @@ def robust_by_protocol(rows: list[dict], keys: list[str], draws: int) -> dict:
 
 
 def robust_vs_draws(rows: list[dict], keys: list[str], draws: int) -> dict:
-    """Robust accuracy (worst of n, majority of n) for n = 1..draws fresh draws."""
+    """Robust accuracy (worst of n, majority of n) for n = 1..draws fresh draws. A sample that a later
+    attack of the cascade skipped (it was broken under every protocol on all ``draws``) counts as broken
+    at every n, since on fewer draws the cascade would have attacked it again
+    (:func:`ssni.evaluate.scoring.robust_under`)."""
     n = len(rows)
     curve = {"draws": list(range(1, draws + 1)), "worst": [], "majority": []}
     for k in curve["draws"]:
