@@ -111,6 +111,7 @@ def format_summary(summary: dict) -> str:
                      "(gradient masking or an attack that has not converged) !!!")
     return "\n".join(lines)
 
+
 def format_check(check: dict) -> str:
     """``[ok    ]``, ``[FAILED]`` or ``[info  ]`` (an informative entry: no threshold, not in ``all_passed``)."""
     flag = "info  " if check.get("informative") else "ok    " if check["passed"] else "FAILED"
