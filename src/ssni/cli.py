@@ -6,83 +6,33 @@ User errors (:class:`ssni.errors.SSNIError`) print one line and exit with status
 from __future__ import annotations
 
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+
+from .cli_train import train_app
 
 if TYPE_CHECKING:
     from .evaluate.config import ExperimentConfig
 
 app = typer.Typer(help="Sample-specific Score-aware Noise Injection (SSNI) for diffusion purification.",
                   no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
-train_app = typer.Typer(help="Train the small models shipped in weights/ (CPU, seeded).", no_args_is_help=True,
-                        rich_markup_mode=None)
 app.add_typer(train_app, name="train")
 
-
-def _command_line() -> str:
-    return "ssni " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+DEVICE_OPTION_HELP = "auto (cuda when available, else cpu), cpu, cuda or cuda:N"
 
 
-def _not_saved_until_the_end() -> None:
-    from .console import on_interrupt
+def _announce_device(name: str, precision: str = "fp32") -> None:
+    """Check the device against this machine and say which one the command uses, as its first line
+    (on rank 0 under torchrun)."""
+    import os
 
-    on_interrupt(lambda: "nothing was saved (training writes its weights when it ends); run the command again "
-                         "to start over")
+    from .runtime import describe_device, resolve_device
 
-
-@train_app.command("score")
-def train_score(
-    steps: int = typer.Option(3000, min=1, help="optimiser steps"),
-    batch_size: int = typer.Option(128, min=1, help="training images per optimiser step"),
-    lr: float = typer.Option(2e-3, min=0.0, help="peak learning rate of Adam (one-cycle schedule: 5% warm-up, "
-                             "then cosine decay)"),
-    seed: int = typer.Option(0, help="seeds the initial weights, data order, augmentation and diffusion noise "
-                             "(the same seed and torch build give the same file)"),
-    base_channels: int = typer.Option(16, min=8),
-    mults: str = typer.Option("1,2,4", help="channel multipliers per resolution"),
-    dataset: str = typer.Option("mnist-5k"),
-    weights_dir: Path = typer.Option(Path("trained"), help="where the weights and manifest go"),
-    name: str = typer.Option("mnist-unet", help="manifest name"),
-    force: bool = typer.Option(False, "--force", help="replace an existing model of that name"),
-) -> None:
-    """Train the epsilon-prediction UNet (DDPM loss). Example: ssni train score --steps 3000"""
-    from .denoisers.unet import UNetConfig
-    from .train import TrainConfig, train_and_register
-
-    arch = UNetConfig(base_channels=base_channels, channel_mults=tuple(int(m) for m in mults.split(",")))
-    cfg = TrainConfig(dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema=0.999)
-    _not_saved_until_the_end()
-    entry = train_and_register("score", cfg, arch, weights_dir, name, _command_line(), force=force)
-    typer.echo(f"{name}: {entry['metrics']} in {entry['train_seconds']} s -> {weights_dir / entry['file']}")
-
-
-@train_app.command("classifier")
-def train_classifier(
-    steps: int = typer.Option(1500, min=1, help="optimiser steps"),
-    batch_size: int = typer.Option(128, min=1, help="training images per optimiser step"),
-    lr: float = typer.Option(2e-3, min=0.0, help="peak learning rate of Adam (one-cycle schedule: 5% warm-up, "
-                             "then cosine decay)"),
-    seed: int = typer.Option(0, help="seeds the initial weights, data order and augmentation (the same seed "
-                             "and torch build give the same file)"),
-    width: int = typer.Option(32, min=4),
-    dataset: str = typer.Option("mnist-5k"),
-    weights_dir: Path = typer.Option(Path("trained"), help="where the weights and manifest go"),
-    name: str = typer.Option("mnist-cnn", help="manifest name"),
-    force: bool = typer.Option(False, "--force", help="replace an existing model of that name"),
-) -> None:
-    """Train the small CNN classifier. Example: ssni train classifier --steps 1500"""
-    from .classifiers.small_cnn import SmallCNNConfig
-    from .train import TrainConfig, train_and_register
-
-    cfg = TrainConfig(dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema=0.99)
-    _not_saved_until_the_end()
-    entry = train_and_register("classifier", cfg, SmallCNNConfig(width=width), weights_dir, name, _command_line(),
-                               force=force)
-    typer.echo(f"{name}: {entry['metrics']} in {entry['train_seconds']} s -> {weights_dir / entry['file']}")
+    device = resolve_device(name)
+    if int(os.environ.get("RANK", 0)) == 0:
+        typer.echo(describe_device(device, precision))
 
 
 @app.command()
@@ -100,6 +50,7 @@ def demo(
     dataset: str = typer.Option("mnist-5k", help="mnist-5k (embedded) or fashion-mnist (Debian package)"),
     split: str = typer.Option("test", help="test, or val to choose settings without touching the test split"),
     weights_dir: Path = typer.Option(None, help="folder with manifest.json (default: the shipped weights/)"),
+    device: str = typer.Option("auto", help=DEVICE_OPTION_HELP),
 ) -> None:
     """Run SSNI on real MNIST with the shipped models: clean and PGD+EOT accuracy, plots.
 
@@ -114,7 +65,8 @@ def demo(
         raise ConfigError(f"--split {split!r}: the demo evaluates test or val (train is the split the shipped "
                           "models and SSNI's calibration were fit on)")
     cfg = demo_config(quick, dataset=dataset, split=split, all_methods=all_methods or None, n_test=n_test, eps=eps, pgd_steps=pgd_steps,
-                      eot=eot, t_star=t_star, rescore_draws=draws, batch_size=batch_size)
+                      eot=eot, t_star=t_star, rescore_draws=draws, batch_size=batch_size, device=device)
+    _announce_device(cfg.device)
     on_interrupt(lambda: f"the finished evaluations are kept under {out / 'runs'}; run the same command again "
                          "to resume")
     results = run_demo(cfg, out, weights_dir)
@@ -165,7 +117,7 @@ def evaluate(
     sanity: bool = typer.Option(False, "--sanity", help="also run gradient-masking and convergence checks on a "
                                 "few samples; exit status 1 if one fails"),
     sanity_n: int = typer.Option(16, min=2, help="samples used by --sanity"),
-    device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (overrides evaluate.device)"),
+    device: str = typer.Option(None, help=DEVICE_OPTION_HELP + " (overrides evaluate.device)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="random-init weights, 1 attack step: plumbing check"),
     plan: bool = typer.Option(False, "--plan", help="measure a few network calls, print the predicted wall time, "
                               "peak memory and largest batch / eot_batch that fit, and exit (nothing is written)"),
@@ -178,6 +130,7 @@ def evaluate(
     from .evaluate import evaluate as run
 
     cfg = _evaluate_config(config, set_, limit, device, dry_run)
+    _announce_device(cfg.evaluate.device, cfg.evaluate.precision)
     if plan:
         from .evaluate.plan import format_plan, plan_run
 
@@ -254,6 +207,7 @@ def converge(
     label: str = typer.Option(None, help="name of the defense in the plot legend"),
     weights_dir: Path = typer.Option(None, help="folder with manifest.json (default: the shipped weights/)"),
     progress: bool = typer.Option(True, help="progress bars"),
+    device: str = typer.Option(None, help=DEVICE_OPTION_HELP + " (overrides evaluate.device)"),
 ) -> None:
     """Robust accuracy (worst of N) along a budget ladder on the validation split; choose the budget.
 
@@ -267,6 +221,8 @@ def converge(
     overrides = _parse_overrides(set_)
     if limit is not None:
         overrides["data.n"] = limit
+    if device is not None:
+        overrides["evaluate.device"] = device
     rungs = parse_ladder(ladder + (f" restarts={restarts}" if restarts else ""))
     if not rungs:
         raise ConfigError("--ladder is empty; give the rungs to run, e.g. --ladder 'steps=10,20,50 eot=1,2,4'")
@@ -274,6 +230,7 @@ def converge(
     if unknown:
         raise ConfigError(f"unknown attack(s) {unknown} for --attack; choose from {sorted(ATTACKS)}")
     cfg = _load_config(config, overrides)
+    _announce_device(cfg.evaluate.device, cfg.evaluate.precision)
     _claim(out, "converge")
     result = run_convergence(cfg, out, list(attack) or None, rungs, weights_dir,
                              progress, label)
@@ -343,7 +300,7 @@ def purify(
                                    "--set purifier.diffpure.t_star=200"),
     width: int = typer.Option(32, min=1, help="rows per network call (continuous batching)"),
     chunk: int = typer.Option(256, min=1, help="images read and score-normed at once"),
-    device: str = typer.Option(None, help="cpu, cuda, cuda:1 ... (overrides evaluate.device)"),
+    device: str = typer.Option(None, help=DEVICE_OPTION_HELP + " (overrides evaluate.device)"),
     progress: bool = typer.Option(True, help="progress bar with ETA"),
 ) -> None:
     """Purify a folder of images with a defense (score norm, t*, prediction per file in purify.csv).
@@ -366,6 +323,7 @@ def purify(
         raise ConfigError("no --config given and the default configs/mnist-diffpure-ssni-n.toml is not here "
                           "(installed without the source tree); pass --config FILE")
     cfg = load_config(config or default, overrides)
+    _announce_device(cfg.evaluate.device, cfg.evaluate.precision)
     on_interrupt(lambda: f"{stored(out, 'purify')}; run the same command again to resume")
     table = purify_folder(cfg, source, out, Path(weights_dir or default_weights_dir()), width, chunk, progress)
     typer.echo(f"wrote purified images and {table}")
@@ -380,7 +338,6 @@ def report(out: Path = typer.Argument(..., help="a folder written by ssni evalua
 
     if owner(out) not in (None, "evaluate"):
         raise ResumeError(f"{out} holds the results of `ssni {owner(out)}`, not of `ssni evaluate`")
-
 
     typer.echo(make_report(out))
 
@@ -410,7 +367,6 @@ def fetch(
     if shipped is not None and name not in PUBLIC:
         typer.echo(f"{name} is shipped with the package ({shipped}): nothing to download")
         return
-
     path = fetch_cifar10(weights_dir) if name == "cifar10-data" else fetch_public(name, weights_dir)
     typer.echo(f"{name} -> {path}")
 
@@ -441,16 +397,21 @@ def convert(
 
 @app.command()
 def bench(
-    out: Path = typer.Option(Path("benchmarks/results/cpu-latest.json"), help="where the JSON results go"),
+    out: Path = typer.Option(None, help="where the JSON results go (default benchmarks/results/<cpu|cuda>-latest.json)"),
     full: bool = typer.Option(False, "--full", help="more repeats and attack samples"),
     compile_: bool = typer.Option(False, "--compile", help="also time torch.compile (needs a C++ compiler)"),
+    device: str = typer.Option("auto", help=DEVICE_OPTION_HELP),
 ) -> None:
     """Measure purification and attack costs on this machine and print the table. Example: ssni bench"""
     from .bench import format_bench, run_bench
     from .folders import check_output_file
+    from .runtime import resolve_device
 
+    _announce_device(device)
+    run_device = resolve_device(device)
+    out = out or Path(f"benchmarks/results/{run_device.type}-latest.json")
     check_output_file(out)  # before the benchmark runs, not after
-    typer.echo(format_bench(run_bench(out, quick=not full, compile_=compile_)))
+    typer.echo(format_bench(run_bench(out, quick=not full, compile_=compile_, device=run_device)))
     typer.echo(f"wrote {out}")
 
 
