@@ -80,8 +80,11 @@ def test_stacked_eot_draws_give_the_same_attack_as_one_draw_per_pass(attack, cla
         kind = AdaptiveAttack if attack == "adaptive" else PGD
         x_adv = kind(ThreatModel("linf", 0.3), steps=2, step_size=0.1, eot=4, eot_batch=eot_batch)(defense, x, y, ids)
         results.append((x_adv, defense.draw))
-    for x_adv, draws in results[1:]:  # the same example from the same draws, however they are stacked
-        assert torch.allclose(x_adv, results[0][0], atol=1e-6) and draws == results[0][1]
+    # the same example from the same draws, however they are stacked (to rounding: the adaptive attack's
+    # restoration step amplifies the stacked batch's last-bit differences to about 1e-6 at one thread)
+    atol = 1e-5 if attack == "adaptive" else 1e-6
+    for x_adv, draws in results[1:]:
+        assert torch.allclose(x_adv, results[0][0], atol=atol) and draws == results[0][1]
     # PGD: 2 steps of 4 draws; the adaptive attack's own bookkeeping (its runs, the union with APGD and
     # the held-out choice) is tested in test_adaptive.py: here at least its 3 gradient estimates of 4 draws
     assert results[0][1] == 8 if attack == "pgd" else results[0][1] > 12
