@@ -8,7 +8,8 @@ draws), recording every forward pass the attack makes. For the adaptive attack i
 candidate it exposes (``candidates``: the feasible-set output, then the unconstrained APGD output), the score
 norm on one fresh draw against the target, the l_inf distance from the clean image, whether it is the clean
 image, how many of the 8 re-scoring draws misclassify it, and, over the feasible-set run's forward passes,
-the largest l_inf distance visited and the share of passes whose score norm met the target. For every attack
+the largest l_inf distance visited (overall and among passes whose score norm met the target) and the
+share of passes whose score norm met the target. For every attack
 it prints robust counts (worst / majority / single of the re-scoring draws) per candidate and for the worst
 candidate per image, and for APGD how often its step was halved (docs/adaptive/README.md, issue 21 9c).
 """
@@ -60,6 +61,7 @@ def image_rows(attack, x, y, ids, candidates, preds, norms, seen) -> list[dict]:
             e_target = attack.e_target
             row |= {"e_target": round(float(e_target[i]), 1),
                     "run_max_linf": round(max(float(d[i]) for d, _ in seen), 4),
+                    "run_max_linf_feasible": round(max([float(d[i]) for d, e in seen if e[i] <= e_target[i]] or [0]), 4),
                     "run_feasible_share": round(sum(float(e[i] <= e_target[i]) for _, e in seen) / len(seen), 2)}
         for name in ("levels", "feasible", "from_unconstrained"):
             value = getattr(attack, name, None)
