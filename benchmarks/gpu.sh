@@ -1,127 +1,64 @@
 #!/usr/bin/env bash
-# GPU benchmarks in one go (about 5-8 minutes on one H200-class GPU), run from the repository root:
-#   bash benchmarks/gpu.sh                    # results in $OUT if set, else benchmarks/results/
-#   SSNI_GPU_SMOKE=1 bash benchmarks/gpu.sh   # the same steps on the CPU with tiny sizes (< 2 min): tests the script
-# Steps: (1) per-sample noise, old per-row loop vs ssni.rng (benchmarks/noise.py); (2) purification throughput of a
-# 35.7M DDPM UNet and the 106.6M DDPM++ deep network (random weights) at batch 64 and 128, fp32 and bf16;
-# (3) host work per reverse step (a network returning zeros); (4) PGD+EOT against its floor, stacked EOT and
-# checkpointing on/off; (5) `ssni evaluate --plan` for paper presets (random-init weights). See benchmarks/README.md.
+# Everything a lent GPU machine should check and measure, in one call of about 8 minutes on one H100:
+#   bash benchmarks/gpu.sh                    # results in benchmarks/results/gpu, or with $OUT set: $OUT/gpu.tar.gz
+#   SSNI_GPU_SMOKE=1 bash benchmarks/gpu.sh   # every step at tiny sizes on the CPU: checks the script, not a GPU
+# Steps, each under its own time limit, each writing its own files, so a failed step loses nothing else:
+#   1. the test suite on CUDA (tests/test_devices.py runs every command on cuda and compares with the CPU)
+#   2. ssni demo --device cuda: wall time of the quick and the full demo
+#   3. precision modes fp32 / tf32 / bf16 against CPU fp32 on 200 MNIST test images (benchmarks/precision.py)
+#   4. DDPM++ deep per row: forward and forward+backward TFLOP/s, eager / channels_last / compiled / CUDA graphs
+#   5. purification: join-when-due vs the authors' scheme, one at a time, diffusers' loop (batch 64, 128)
+#   6. PGD+EOT against its floor, checkpointing and stacked EOT where they fit
+#   7. the CIFAR-10 DiffPure + SSNI-N row's --plan ("auto") beside a measured 16-image slice of it
+# On the lent machine (no network) bring mlxtend and diffusers as wheels in .whl (see ../shared/GPU.md).
 set -uo pipefail
-PY=${PY:-python3}  # the lent machine's python3 has CUDA torch, safetensors and tqdm and no network
-if ! "$PY" -c "import torch, safetensors, tqdm" 2>/dev/null; then
-    python3 -m venv .venv-gpu && .venv-gpu/bin/pip install --quiet torch==2.13.0 -e ".[test]" && PY=.venv-gpu/bin/python
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+if [ -d .whl ]; then
+    "$PY" -m pip install -q --no-index --no-deps --target .site .whl/*.whl && export PYTHONPATH=$PWD/.site
 fi
-RESULTS=${OUT:-benchmarks/results}
-mkdir -p "$RESULTS"
-export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 SMOKE=${SSNI_GPU_SMOKE:-0}
-DEVICE=cuda; [ "$SMOKE" = 1 ] && DEVICE=cpu
-STAMP=$(date -u +%Y-%m-%dT%H%M)
-LOG="$RESULTS/gpu-$STAMP.log"
-{ date -u; uptime; nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null; lscpu | grep 'Model name'; } \
-    > "$LOG" 2>&1
+RESULTS=${OUT:+/tmp/ssni-gpu/gpu}  # the device tool brings back few files from $OUT: one archive, the log, the status
+RESULTS=${RESULTS:-benchmarks/results/gpu}
+mkdir -p "$RESULTS"
+LOG="$RESULTS/gpu.log"
+STATUS="$RESULTS/steps.tsv"
+{ date -u; uptime; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"; } > "$LOG" 2>&1
+printf "step\tstatus\tseconds\n" > "$STATUS"
+if [ "$SMOKE" = 1 ]; then SMOKE_FLAG=--smoke; LIMIT_SCALE=${LIMIT_SCALE:-10}; else SMOKE_FLAG=; fi
 
-echo "== 1. noise" | tee -a "$LOG"
-if [ "$SMOKE" = 1 ]; then NOISE_ARGS="--reps 3 --devices cpu"; else NOISE_ARGS="--reps 100 --devices cuda"; fi
-timeout 120 "$PY" benchmarks/noise.py $NOISE_ARGS --out "$RESULTS" >> "$LOG" 2>&1 || echo "noise step failed" | tee -a "$LOG"
+step() {  # step NAME LIMIT_SECONDS COMMAND...: run, log, record status and wall time; never stop the script
+    local name=$1 limit=$(( $2 * ${LIMIT_SCALE:-1} )); shift 2
+    echo "== $name (limit ${limit}s)" | tee -a "$LOG"
+    local start=$SECONDS
+    timeout "$limit" "$@" >> "$LOG" 2>&1
+    local rc=$?
+    printf "%s\t%s\t%s\n" "$name" "$([ $rc = 0 ] && echo ok || echo "failed rc=$rc")" "$((SECONDS - start))" \
+        | tee -a "$STATUS"
+}
 
-echo "== 2-4. purification, host work, PGD+EOT floor" | tee -a "$LOG"
-SMOKE=$SMOKE DEVICE=$DEVICE RESULTS=$RESULTS STAMP=$STAMP timeout 420 "$PY" - >> "$LOG" 2>&1 <<'PY' || echo "step 2-4 failed" | tee -a "$LOG"
-import json, os, time, torch
-from ssni.attacks import PGD, ThreatModel
-from ssni.bench import host_overhead, machine
-from ssni.classifiers import SmallCNN, SmallCNNConfig
-from ssni.defense import Defense
-from ssni.denoisers import UNet, UNetConfig
-from ssni.denoisers.score_sde import ScoreSDEConfig, ScoreSDEEps, ScoreSDENet
-from ssni.evaluate.plan import measure_units
-from ssni.purifiers import DiffPure
-from ssni.rng import SampleNoise
-
-smoke, dev = os.environ["SMOKE"] == "1", torch.device(os.environ["DEVICE"])
-sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-batches, t_star, steps = ((2,), 4, 2) if smoke else ((64, 128), 100, 100)
-out = {"machine": machine(), "gpu": torch.cuda.get_device_name() if dev.type == "cuda" else None, "smoke": smoke}
-torch.manual_seed(0)
-ddpm = UNet(UNetConfig(in_channels=3, base_channels=16 if smoke else 128, channel_mults=(1, 2, 2, 2),
-                       blocks_per_level=1 if smoke else 2, attention=True)).to(dev).eval()
-deep = ScoreSDEEps(ScoreSDENet(ScoreSDEConfig(nf=16, num_res_blocks=1) if smoke else ScoreSDEConfig())).to(dev).eval()
-nets = {"ddpm_unet": ddpm, "ddpmpp_deep": deep}
-
-
-def best(fn, k=3):
-    fn(); sync(); b = float("inf")
-    for _ in range(k):
-        s = time.perf_counter(); fn(); sync(); b = min(b, time.perf_counter() - s)
-    return b
-
-
-rows = []
-for name, net in nets.items():
-    for b in batches:
-        x, t = torch.rand(b, 3, 32, 32, device=dev), torch.randint(t_star // 5, t_star + 1, (b,), device=dev)
-        noise, p = SampleNoise.from_ids(0, range(b)), DiffPure(net, t_star=t_star, steps=steps)
-        for precision in ("fp32",) if smoke else ("fp32", "bf16"):
-            with torch.inference_mode(), torch.autocast(dev.type, torch.bfloat16, enabled=precision == "bf16"):
-                s = best(lambda: p.purify(x, t, noise), 1)
-                call = best(lambda: net(2 * x - 1, t))
-            evals = int(t.clamp_max(steps).sum())
-            rows.append({"net": name, "params_M": sum(q.numel() for q in net.parameters()) / 1e6, "batch": b,
-                         "precision": precision, "seconds": s, "images_per_second": b / s,
-                         "over_floor": s / (evals / b * call), "call_seconds": call})
-            print(json.dumps(rows[-1]), flush=True)
-out["purification"] = rows
-out["host"] = [host_overhead((3, 32, 32), b, 10, t_star, net=ddpm, device=str(dev)) for b in batches]
-print(json.dumps(out["host"]), flush=True)
-classifier = SmallCNN(SmallCNNConfig(in_channels=3)).to(dev).eval()  # small on purpose: the defense's cost is the UNet
-n, reverse = batches[0], 2 if smoke else 10
-x, y = torch.rand(n, 3, 32, 32, device=dev), torch.randint(0, 10, (n,), device=dev)
-attack_rows = []
-for ck in (False, True):
-    for eot_batch in (1,) if smoke else (1, 4):
-        defense = Defense(classifier, DiffPure(ddpm, t_star=t_star, steps=reverse, checkpoint=ck)).eval()
-        pgd = PGD(ThreatModel("linf", 8 / 255), steps=2, step_size=2 / 255, eot=4, eot_batch=eot_batch)
-        s = best(lambda: pgd(defense, x, y), 1)
-        u = measure_units(defense, x, n * eot_batch, n * eot_batch, 1 if smoke else 3)
-        floor = 2 * 4 * (reverse * (u.step_ck if ck else u.step_grad) + u.classifier_grad) * n
-        attack_rows.append({"checkpoint": ck, "eot_batch": eot_batch, "n": n, "reverse_steps": reverse,
-                            "seconds_per_sample": s / n, "over_floor": s / floor,
-                            "step_fwd_bwd_ms_per_row": 1e3 * u.step_grad, "step_ck_ms_per_row": 1e3 * u.step_ck,
-                            "cuda_peak_bytes_per_row_step": u.cuda_step_peak_bytes})
-        print(json.dumps(attack_rows[-1]), flush=True)
-out["attack"] = attack_rows
-path = os.path.join(os.environ["RESULTS"], f"gpu-{os.environ['STAMP']}{'-smoke' if smoke else ''}.json")
-open(path, "w").write(json.dumps(out, indent=1) + "\n")
-print("wrote", path)
-PY
-
-echo "== 5. evaluate --plan for presets" | tee -a "$LOG"
 if [ "$SMOKE" = 1 ]; then
-    PRESETS=${PLAN_PRESETS:-configs/mnist-diffpure-ssni-n.toml}; SETS="--set data.n=2 --set evaluate.batch_size=2"
+    step tests 30 "$PY" -m pytest tests/test_devices.py tests/test_runtime.py -q -x -p no:cacheprovider
+    step demo-quick 30 "$PY" -m ssni.cli demo --device cpu --n-test 2 --pgd-steps 1 --eot 1 --draws 2 \
+        --out "$RESULTS/demo-quick"
+    step precision 30 "$PY" benchmarks/precision.py --device cpu --modes fp32 --n 2 --steps 1 --out "$RESULTS" \
+        --write-reference "$RESULTS/precision-smoke-reference.json"
 else
-    PRESETS=${PLAN_PRESETS:-"configs/cifar10-wrn28-diffpure-ssni-n-linf.toml configs/cifar10-wrn28-diffpure-base-linf.toml
-        configs/cifar10-wrn28-gdmp-ssni-n-linf.toml configs/cifar10-wrn28-gns-ssni-n-linf.toml
-        configs/cifar10-wrn70-diffpure-ssni-n-linf.toml configs/imagenet-resnet50-diffpure-ssni-n-linf.toml"}
-    SETS=""
+    WORKERS=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+    step tests 110 "$PY" -m pytest tests -q -x -p no:cacheprovider $WORKERS --junitxml="$RESULTS/tests.xml"
+    step demo-quick 50 "$PY" -m ssni.cli demo --device cuda --quick --out "$RESULTS/demo-quick"
+    step demo-full 120 "$PY" -m ssni.cli demo --device cuda --out "$RESULTS/demo-full"
+    step precision 80 "$PY" benchmarks/precision.py --device cuda --n 200 --out "$RESULTS" \
+        --reference benchmarks/results/precision-cpu-fp32.json
 fi
-for preset in $PRESETS; do
-    echo "-- $preset" | tee -a "$LOG"
-    PRESET=$preset DEVICE=$DEVICE SETS="$SETS" RESULTS=$RESULTS timeout 150 "$PY" - >> "$LOG" 2>&1 <<'PY' \
-        || echo "plan failed: $preset" | tee -a "$LOG"
-import json, os
-from pathlib import Path
-from ssni.evaluate.config import load_config
-from ssni.evaluate.plan import format_plan, plan_run
-
-sets = os.environ["SETS"].replace("--set ", "").split()
-overrides = {k: (int(v) if v.isdigit() else v) for k, v in (s.split("=", 1) for s in sets)}
-cfg = load_config(Path(os.environ["PRESET"]), {**overrides, "evaluate.device": os.environ["DEVICE"],
-                                                "models.random_init": True})
-plan = plan_run(cfg, probe=4)  # random weights: levels are guesses; ImageNet probes cost 100 rows per image
-print(format_plan(plan))
-name = Path(os.environ["PRESET"]).stem
-Path(os.environ["RESULTS"], f"plan-{name}-{os.environ['DEVICE']}.json").write_text(json.dumps(plan, indent=1) + "\n")
-PY
-done
-tail -n 80 "$LOG"
-echo "log: $LOG"
+step roofline 70 "$PY" benchmarks/gpu_bench.py roofline --out "$RESULTS" $SMOKE_FLAG
+step purify 35 "$PY" benchmarks/gpu_bench.py purify --out "$RESULTS" $SMOKE_FLAG
+step attack 35 "$PY" benchmarks/gpu_bench.py attack --out "$RESULTS" $SMOKE_FLAG
+step paper-slice 70 "$PY" benchmarks/gpu_bench.py slice --out "$RESULTS" $SMOKE_FLAG
+cat "$STATUS"
+if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT" && tar -czf "$OUT/gpu.tar.gz" --exclude='*.sqlite' -C "$(dirname "$RESULTS")" gpu \
+        && cp "$LOG" "$STATUS" "$OUT"/ && echo "wrote $OUT/gpu.tar.gz (stores left out; tables, JSON and plots in)"
+fi

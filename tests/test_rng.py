@@ -196,8 +196,11 @@ def test_cuda_matches_cpu():
     cuda = noise.subset(torch.arange(64, device="cuda")).randn_levels(
         ("reverse", 0), torch.arange(64, device="cuda"), like.cuda())
     assert cuda.device.type == "cuda"
-    assert (cuda.cpu() != cpu).sum() <= 2  # a float64 log rounding to a different float32: rare
-    torch.testing.assert_close(cuda.cpu(), cpu, rtol=0, atol=1e-6)
+    # Measured on an H100 (torch 2.11, CUDA 13): 1,156 of 196,608 values (0.59%) differ, by at most 4.8e-7,
+    # about one float32 ulp of the value: the two libraries' float64 log and float32 math round apart.
+    differ = (cuda.cpu() != cpu).float().mean()
+    assert differ <= 0.01
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=2.5e-7, atol=1e-7)  # two ulps of the value
 
 
 def _ops(fn) -> tuple[int, int]:

@@ -266,6 +266,7 @@ def sweep(
                                  "stores hold now (e.g. while a sweep runs elsewhere)"),
     weights_dir: Path = typer.Option(None, help="folder with manifest.json (default: the shipped weights/)"),
     progress: bool = typer.Option(True, help="progress bars"),
+    device: str = typer.Option(None, help=DEVICE_OPTION_HELP + " (overrides evaluate.device in every config)"),
 ) -> None:
     """Evaluate a grid of configs, one resumable store per point; table, frontier plot, paired verdicts.
 
@@ -278,6 +279,9 @@ def sweep(
     overrides = _parse_overrides(set_)
     if limit is not None:
         overrides["data.n"] = limit
+    if device is not None:
+        overrides["evaluate.device"] = device
+    _announce_device(device or "auto")
     points = sweep_points(list(config), parse_grid(grid), overrides, list(label) or None)
     if plan:
         typer.echo(format_sweep_plan(plan_sweep(points, out, weights_dir)))

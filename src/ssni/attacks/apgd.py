@@ -68,7 +68,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..rng import SampleNoise, batch_ids
 from ..validation import check_images
-from .pgd import PGD, call_model
+from .pgd import PGD, call_model, trace_values
 
 
 def _top_other(z: Tensor, cls: Tensor) -> Tensor:
@@ -237,4 +237,5 @@ class APGD(PGD):
                     out[keep], out_loss[keep] = x_run[keep], loss[keep]
         finally:
             self._target = None
+            self.loss_trace = trace_values(self.loss_trace)
         return out.detach()

@@ -29,6 +29,14 @@ def call_model(model: nn.Module, x: Tensor, sample_ids: Tensor | None, draw: Ten
     return model(x, sample_ids=sample_ids) if draw is None else model(x, sample_ids=sample_ids, draw=draw)
 
 
+def trace_values(trace: list) -> list[float]:
+    """A loss trace of 0-d tensors as floats, in one read back to the host."""
+    tensors = [v for v in trace if isinstance(v, Tensor)]
+    if len(tensors) != len(trace) or not trace:
+        return [float(v) for v in trace]
+    return torch.stack(tensors).tolist()
+
+
 @dataclass
 class PGD:
     """Projected gradient ascent on the cross-entropy.
@@ -75,13 +83,14 @@ class PGD:
         return F.cross_entropy(logits, y, reduction="sum"), logits
 
     def gradient(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None,
-                 first_draw: int | None = None) -> tuple[Tensor, float, Tensor]:
-        """EOT estimate of the input gradient of the objective, the mean loss, and ``[B]`` whether
-        one of these draws misclassified the sample.
+                 first_draw: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """EOT estimate of the input gradient of the objective, the mean loss (a 0-d tensor, read on
+        the host once per attack, in :func:`trace_values`), and ``[B]`` whether one of these draws
+        misclassified the sample.
 
         The ``eot`` draws are fresh ones from the model's counter, or ``first_draw, first_draw + 1,
         ...`` when given (the counter is then left alone)."""
-        total, loss_sum, rows = torch.zeros_like(x), 0.0, []
+        total, loss_sum, rows = torch.zeros_like(x), torch.zeros((), device=x.device), []
         fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         stackable = hasattr(model, "reserve_draws")
         for start in range(0, self.eot, self.eot_batch if stackable else 1):
@@ -101,7 +110,7 @@ class PGD:
                 loss = loss.sum()
             fooled |= (logits.detach().argmax(1) != y.repeat(k)).reshape(k, -1).any(0)
             total += torch.autograd.grad(loss, x_var)[0]
-            loss_sum += loss.item()
+            loss_sum = loss_sum + loss.detach().float()  # a tensor: no host read per pass
         self.sample_loss = torch.cat(rows).mean(0) if rows else None
         return total / self.eot, loss_sum / (self.eot * x.shape[0]), fooled
 
@@ -118,4 +127,5 @@ class PGD:
             self.fooled_any_iterate |= fooled
             direction = grad.sign() if self.sign_step else self.threat.ascent_direction(grad)
             x_adv = self.threat.project(x_adv + self.step_size * direction, x)
+        self.loss_trace = trace_values(self.loss_trace)
         return x_adv.detach()
