@@ -219,3 +219,15 @@ def test_the_read_counter_sees_each_kind_of_read():
     assert count_host_reads(lambda: x.tolist()) == 1
     assert count_host_reads(lambda: x.numpy()) == 1
     assert count_host_reads(lambda: x * 2 + 1) == 0
+
+
+def test_score_norms_are_averaged_in_float32_under_bf16_autocast(tiny_unet, images):
+    from ssni import VPSchedule, score_norm
+
+    noise = SampleNoise.from_ids(0, range(len(images)))
+    with torch.no_grad():
+        exact = score_norm(tiny_unet, VPSchedule(), images, noise, 4)
+        with precision_mode("bf16", torch.device("cpu")):
+            fast = score_norm(tiny_unet, VPSchedule(), images, noise, 4)
+    assert fast.dtype == torch.float32
+    torch.testing.assert_close(fast, exact, rtol=0.05, atol=0)  # bf16 networks, float32 mean and norm

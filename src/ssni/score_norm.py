@@ -59,7 +59,8 @@ def score_norm(model: EpsModel, schedule: VPSchedule, x: Tensor, noise: SampleNo
         with trusted_levels():
             return model(chunk, chunk_levels)
 
-    eps = torch.cat([call(x_t[i:i + rows], levels[i:i + rows]) for i in range(0, x_t.shape[0], rows)])
+    # the average and norm in float32 even under bf16 autocast: N levels' scores nearly cancel in the mean
+    eps = torch.cat([call(x_t[i:i + rows], levels[i:i + rows]) for i in range(0, x_t.shape[0], rows)]).float()
     expected_score = eps_to_score(schedule, levels, eps).reshape(n_levels, batch, *x.shape[1:]).mean(0)
     return expected_score.flatten(1).norm(dim=1)
 
