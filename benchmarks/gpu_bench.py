@@ -131,7 +131,8 @@ def attack(device, smoke: bool) -> dict:
     from ssni.classifiers import SmallCNN, SmallCNNConfig
     from ssni.defense import Defense
     from ssni.evaluate.config import AttackConfig
-    from ssni.evaluate.plan import MEMORY_MARGIN, attack_cost, attack_row_bytes, free_bytes, measure_units
+    from ssni.evaluate.costs import MEMORY_MARGIN, attack_cost, attack_row_bytes, free_bytes
+    from ssni.evaluate.units import measure_units
     from ssni.purifiers import DiffPure
 
     net, n, reverse = ddpmpp_deep(device, smoke), 2 if smoke else 64, 2 if smoke else 10

@@ -147,17 +147,17 @@ def test_auto_picks_the_fastest_candidate_that_fits(monkeypatch, tiny_unet, tiny
     """With per-row costs that fall until 4 rows and memory for 6 attack rows, the choice is the widest
     call that fits: batch x eot_batch <= 6 and as wide as the saturation allows."""
     from ssni import Defense
-    from ssni.evaluate import auto, plan
-    from ssni.evaluate.config import AttackConfig, ExperimentConfig, from_dict
+    from ssni.evaluate import auto, costs, units
+    from ssni.evaluate.config import from_dict
 
-    def units(model, x, rows, grad_rows, repeats=2):
+    def measured(model, x, rows, grad_rows, repeats=2):
         per_row = 1.0 / min(rows, 4)  # wider calls are cheaper per row up to 4 rows
-        return plan.Units(step=per_row, step_grad=3 * per_row, step_ck=4 * per_row, classifier=0.1 * per_row,
-                          classifier_grad=0.3 * per_row, step_saved_bytes=1.0, step_input_bytes=0.1,
-                          classifier_saved_bytes=0.0, weight_bytes=0)
+        return units.Units(step=per_row, step_grad=3 * per_row, step_ck=4 * per_row, classifier=0.1 * per_row,
+                           classifier_grad=0.3 * per_row, step_saved_bytes=1.0, step_input_bytes=0.1,
+                           classifier_saved_bytes=0.0, weight_bytes=0)
 
-    monkeypatch.setattr(plan, "measure_units", units)
-    monkeypatch.setattr(plan, "free_bytes", lambda device: (6 * 2 * 3 / plan.MEMORY_MARGIN + 1e-9, "test"))
+    monkeypatch.setattr(units, "measure_units", measured)
+    monkeypatch.setattr(costs, "free_bytes", lambda device: (6 * 2 * 3 / costs.MEMORY_MARGIN + 1e-9, "test"))
     model = Defense(tiny_classifier, DiffPure(tiny_unet, t_star=2, steps=2)).eval()
     cfg = from_dict({"data": {"n": 8}, "evaluate": {"batch_size": "auto"}, "purifier": {"checkpoint": "auto"},
                      "attacks": [{"eot": 4, "eot_batch": "auto"}]})

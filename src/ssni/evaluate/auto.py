@@ -21,7 +21,10 @@ from torch import Tensor, nn
 
 from ..defense import Defense
 from ..runtime import is_out_of_memory
+from . import costs
+from . import units as unit_measure
 from .config import ExperimentConfig
+from .units import Units
 
 FALLBACK = {"batch_size": 16, "eot_batch": 1, "checkpoint": True}  # where nothing is measured: small and safe
 SATURATION = 0.05  # a doubled width that saves less than this per row twice running ends the measurement
@@ -52,12 +55,10 @@ def _powers(limit: int) -> list[int]:
 
 def measure_widths(model: Defense, x: Tensor, max_width: int, repeats: int = 2) -> dict:
     """Per-row units (:class:`ssni.evaluate.plan.Units`) at widths 1, 2, 4, ... up to ``max_width``."""
-    from .plan import measure_units
-
     units, best, flat = {}, math.inf, 0
     for width in _powers(max_width):
         try:
-            u = measure_units(model, x, width, width, repeats)
+            u = unit_measure.measure_units(model, x, width, width, repeats)
         except RuntimeError as err:
             if not is_out_of_memory(err) or not units:
                 raise
@@ -76,8 +77,6 @@ def measure_widths(model: Defense, x: Tensor, max_width: int, repeats: int = 2) 
 def units_for(units: dict, batch: int, attack_rows: int):
     """Units of a candidate: inference fields at ``batch`` rows, the rest at ``attack_rows`` (the largest
     measured width not above each; past the last width the time per row has stopped falling)."""
-    from .plan import Units
-
     at = lambda rows: units[max([w for w in units if w <= rows] or [min(units)])]  # noqa: E731
     inference, attack = at(batch), at(attack_rows)
     return Units(**{f.name: getattr(inference if f.name in _INFERENCE_FIELDS else attack, f.name)
@@ -91,23 +90,21 @@ def resolve_auto(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor |
         return cfg, {}
     if not isinstance(model, Defense):
         return resolved(cfg, FALLBACK["batch_size"], 1, False), {"note": "no purifier: nothing to measure"}
-    from .plan import MEMORY_MARGIN, free_bytes, predict, probe_shape
-
     per_shard = math.ceil(cfg.data.n / world)
-    shape = probe_shape(model, x, y, cfg.evaluate.max_rows)
+    shape = costs.probe_shape(model, x, y, cfg.evaluate.max_rows)
     given = {"batch": cfg.evaluate.batch_size, "ck": cfg.purifier.checkpoint,
              "eot": {a.eot_batch for a in cfg.attacks} - {"auto"}}
     batches = _powers(per_shard) if given["batch"] == "auto" else [min(given["batch"], per_shard)]
     eots = _powers(max(a.eot for a in cfg.attacks)) if not given["eot"] else [max(given["eot"])]
     checkpoints = [False, True] if given["ck"] == "auto" else [given["ck"]]
     units = measure_widths(model, x, max(batches) * max(eots), repeats)
-    usable = MEMORY_MARGIN * free_bytes(x.device)[0]
+    usable = costs.MEMORY_MARGIN * costs.free_bytes(x.device)[0]
     options = []
     for ck in checkpoints:
         for eot_batch in eots:
             for batch in batches:
                 rows = max(1, round(batch * eot_batch * shape.accuracy))
-                run = predict(resolved(cfg, batch, eot_batch, ck), shape, units_for(units, batch, rows), batch,
+                run = costs.predict(resolved(cfg, batch, eot_batch, ck), shape, units_for(units, batch, rows), batch,
                               eot_batch, ck, per_shard, usable)
                 if run["fits"]:
                     options.append((run["seconds"], run["attack_bytes"], batch, eot_batch, ck))

@@ -19,6 +19,7 @@ from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..defense import Defense, resize
+from .costs import RunShape, predict
 from .units import Units
 
 
@@ -57,8 +58,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = Non
 def roofline(cfg, model: Defense, x: Tensor, plan: dict) -> dict:
     """FLOPs per sample of the planned run and its predicted time against the floor (``plan`` from
     :func:`ssni.evaluate.plan.make_plan` of the same config, resolved)."""
-    from .plan import RunShape, predict
-
     net, cls = network_flops(model, x)
     flop_units = Units(step=net, step_grad=3 * net, step_ck=3 * net, classifier=cls, classifier_grad=3 * cls,
                        step_saved_bytes=0, step_input_bytes=0, classifier_saved_bytes=0, weight_bytes=0)
