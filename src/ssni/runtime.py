@@ -110,7 +110,7 @@ def is_out_of_memory(err: BaseException) -> bool:
                                                         and "out of memory" in str(err).lower())
 
 
-def smaller_after_oom(rows: int, device: torch.device, what: str = "batch") -> int:
+def smaller_after_oom(rows: int, device: torch.device) -> int:
     """Half of ``rows`` after an out-of-memory error (cached blocks freed); at one row, a
     :class:`ResourceError` that says what else lowers memory. Speed-only: results do not depend on it."""
     if device.type == "cuda":
@@ -136,10 +136,12 @@ class HostReads(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._local_scalar_dense.default:
             self.count += 1
-        elif func in (torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default):
-            devices = {a.device.type for a in (*args, *(kwargs or {}).values()) if isinstance(a, Tensor)}
+        elif func is torch.ops.aten._to_copy.default:  # .cpu(), .to("cpu") of an accelerator's tensor
             target = (kwargs or {}).get("device")
-            if devices - {"cpu", "meta"} and (target is not None and torch.device(target).type == "cpu"):
+            if _on_accelerator(args[0]) and target is not None and torch.device(target).type == "cpu":
+                self.count += 1
+        elif func is torch.ops.aten.copy_.default:  # cpu_tensor.copy_(accelerator_tensor)
+            if args[0].device.type == "cpu" and _on_accelerator(args[1]):
                 self.count += 1
         return func(*args, **(kwargs or {}))
 
@@ -159,6 +161,10 @@ class HostReads(TorchDispatchMode):
         for name, original in self._patched.items():
             setattr(Tensor, name, original)
         return super().__exit__(*exc)
+
+
+def _on_accelerator(t: object) -> bool:
+    return isinstance(t, Tensor) and t.device.type not in ("cpu", "meta")
 
 
 def count_host_reads(fn) -> int:
