@@ -26,7 +26,6 @@ of it (an upper bound: later attacks only see samples still robust).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch

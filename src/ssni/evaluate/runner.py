@@ -20,14 +20,14 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from ..progress import tqdm
 
 from ..checkpoints.registry import default_weights_dir
 from ..defense import Defense
 from ..errors import InputError
+from ..progress import tqdm
 from ..runtime import compile_network, is_out_of_memory, on_device, precision_mode, resolve_device, smaller_after_oom
-from .build import build_attack, build_model, calibrate, load_eval_data, load_models
 from .auto import format_choice, has_auto, resolve_auto, without_auto
+from .build import build_attack, build_model, calibrate, load_eval_data, load_models
 from .config import ExperimentConfig
 from .scoring import candidate_fields, robust_under, still_attackable, stored_candidate, union_verdicts
 from .store import RESULTS_FILE as RESULTS
