@@ -42,7 +42,7 @@ def demo(
     all_methods: bool = typer.Option(False, "--all", help="also GDMP and GNS, with and without SSNI-N"),
     n_test: int = typer.Option(None, min=1, help="test images (default 200, quick 40)"),
     eps: float = typer.Option(None, min=0.0, max=1.0, help="l_inf budget (default 0.3)"),
-    pgd_steps: int = typer.Option(None, min=0, help="PGD iterations (default 20)"),
+    pgd_steps: int = typer.Option(None, min=0, help="PGD iterations (default 40)"),
     eot: int = typer.Option(None, min=1, help="EOT samples per PGD step (default 2)"),
     draws: int = typer.Option(None, min=1, help="fresh draws that re-score each adversarial example (default 8)"),
     t_star: int = typer.Option(None, min=1, max=1000, help="DiffPure's constant level (default 300)"),
