@@ -2,7 +2,7 @@
 
 
 def test_attack_row_holds_time_floor_and_their_ratio():
-    from ssni.bench import attack_cost
+    from ssni.bench_attack import attack_cost
 
     (row,) = attack_cost(n=1, repeats=1, settings=((2, False, 1, True),))  # SSNI-N demo defense, 2 reverse steps
     assert row["defense"].startswith("DiffPure t*=300 + SSNI-N") and row["score_rows"] == 10

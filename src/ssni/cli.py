@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
+from .cli_common import DEVICE_OPTION_HELP, announce_device, claim_folder, load_config_noted, parse_overrides
+from .cli_studies import converge, sweep
 from .cli_train import train_app
 
 if TYPE_CHECKING:
@@ -19,21 +21,6 @@ if TYPE_CHECKING:
 app = typer.Typer(help="Sample-specific Score-aware Noise Injection (SSNI) for diffusion purification.",
                   no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None)
 app.add_typer(train_app, name="train")
-
-DEVICE_OPTION_HELP = "auto (cuda when available, else cpu), cpu, cuda or cuda:N"
-
-
-def _announce_device(name: str, precision: str = "fp32") -> None:
-    """Check the device against this machine and say which one the command uses, as its first line
-    (on rank 0 under torchrun)."""
-    import os
-
-    from .runtime import describe_device, resolve_device
-
-    device = resolve_device(name)
-    if int(os.environ.get("RANK", 0)) == 0:
-        typer.echo(describe_device(device, precision))
-
 
 @app.command()
 def demo(
@@ -66,7 +53,7 @@ def demo(
                           "models and SSNI's calibration were fit on)")
     cfg = demo_config(quick, dataset=dataset, split=split, all_methods=all_methods or None, n_test=n_test, eps=eps, pgd_steps=pgd_steps,
                       eot=eot, t_star=t_star, rescore_draws=draws, batch_size=batch_size, device=device)
-    _announce_device(cfg.device)
+    announce_device(cfg.device)
     on_interrupt(lambda: f"the finished evaluations are kept under {out / 'runs'}; run the same command again "
                          "to resume")
     results = run_demo(cfg, out, weights_dir)
@@ -75,24 +62,6 @@ def demo(
     typer.echo(f"robust columns from {cfg.rescore_draws} fresh draws per adversarial example, 95% Wilson intervals")
     typer.echo(f"wrote {out / 'results.json'}, table.txt, score_norms.png, t_star.png, purification.png, "
                "robust_vs_draws.png")
-
-
-def _parse_overrides(items: list[str]) -> dict:
-    """``section.key=value`` pairs; values parse as TOML scalars (strings may be bare)."""
-    import tomllib
-
-    from .errors import ConfigError
-
-    parsed = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or "." not in key:
-            raise ConfigError(f"override {item!r} must look like section.key=value, e.g. data.n=20")
-        try:
-            parsed[key] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            parsed[key] = raw
-    return parsed
 
 
 def _init_distributed() -> None:
@@ -130,13 +99,13 @@ def evaluate(
     from .evaluate import evaluate as run
 
     cfg = _evaluate_config(config, set_, limit, device, dry_run)
-    _announce_device(cfg.evaluate.device, cfg.evaluate.precision)
+    announce_device(cfg.evaluate.device, cfg.evaluate.precision)
     if plan:
         from .evaluate.plan import format_plan, plan_run
 
         typer.echo(format_plan(plan_run(cfg, weights_dir)))
         return
-    _claim(out, "evaluate", cfg.data.n)
+    claim_folder(out, "evaluate", cfg.data.n)
     _init_distributed()
     run(cfg, out, weights_dir, progress=progress)
     _summarize_evaluation(out, cfg, weights_dir, sanity, sanity_n)
@@ -148,36 +117,15 @@ def _evaluate_config(config: Path, set_: list[str], limit: int | None, device: s
     (in that order), shrunk by ``--dry-run``."""
     from .evaluate.config import dry_run as shrink
 
-    overrides = _parse_overrides(set_)
+    overrides = parse_overrides(set_)
     if limit is not None:
         overrides["data.n"] = limit
     if device is not None:
         overrides["evaluate.device"] = device
-    cfg = _load_config(config, overrides)
+    cfg = load_config_noted(config, overrides)
     if dry_run:
         cfg = shrink(cfg, n=limit or 2)
     return cfg
-
-
-def _load_config(config: Path, overrides: dict) -> ExperimentConfig:
-    """The experiment, with a ``note:`` line for what the file leaves to defaults a user may not expect."""
-    from .evaluate import load_config
-
-    notes: list[str] = []
-    cfg = load_config(config, overrides, notes)
-    for note in notes:
-        typer.echo(f"note: {note}", err=True)
-    return cfg
-
-
-def _claim(out: Path, command: str, total: int | None = None) -> None:
-    """Make ``out`` the command's folder before anything is written (refused: a file, a folder of another
-    command, no write access); after Ctrl-C, say what it keeps and how to resume."""
-    from .console import on_interrupt
-    from .folders import claim, stored
-
-    claim(out, command)
-    on_interrupt(lambda: f"{stored(out, command, total)}; run the same command again to resume")
 
 
 def _summarize_evaluation(out: Path, cfg: ExperimentConfig, weights_dir: Path | None, sanity: bool,
@@ -193,104 +141,8 @@ def _summarize_evaluation(out: Path, cfg: ExperimentConfig, weights_dir: Path | 
             raise typer.Exit(1)  # a failed check (masking or an unconverged attack) fails the run
 
 
-@app.command()
-def converge(
-    config: Path = typer.Option(..., "--config", help="experiment TOML; its first attack is the base budget"),
-    out: Path = typer.Option(..., "--out", help="output folder: one sub-folder per budget point (rerun to resume), "
-                             "convergence.json, convergence.png"),
-    ladder: str = typer.Option("steps=10,20,50,100,200 eot=1,2,4,8,16 restarts=1,2,4",
-                               help="rungs per axis; each axis varies alone at the configured base of the others"),
-    restarts: str = typer.Option(None, help="restart rungs (apgd), e.g. 1,2,4 (same as restarts=... in --ladder)"),
-    attack: list[str] = typer.Option([], "--attack", help="attack name(s) to study (default: the configured one)"),
-    limit: int = typer.Option(None, min=1, help="validation images (overrides data.n)"),
-    set_: list[str] = typer.Option([], "--set", help="override a config value: --set ssni.reweight=none"),
-    label: str = typer.Option(None, help="name of the defense in the plot legend"),
-    weights_dir: Path = typer.Option(None, help="folder with manifest.json (default: the shipped weights/)"),
-    progress: bool = typer.Option(True, help="progress bars"),
-    device: str = typer.Option(None, help=DEVICE_OPTION_HELP + " (overrides evaluate.device)"),
-) -> None:
-    """Robust accuracy (worst of N) along a budget ladder on the validation split; choose the budget.
-
-    Example: ssni converge --config configs/mnist-diffpure-ssni-n.toml --out runs/conv
-    --ladder "steps=5,10,20,40 eot=1,2,4,8" --attack pgd --attack apgd --limit 40
-    """
-    from .errors import ConfigError
-    from .evaluate.convergence import parse_ladder, run_convergence
-    from .evaluate.registries import ATTACKS
-
-    overrides = _parse_overrides(set_)
-    if limit is not None:
-        overrides["data.n"] = limit
-    if device is not None:
-        overrides["evaluate.device"] = device
-    rungs = parse_ladder(ladder + (f" restarts={restarts}" if restarts else ""))
-    if not rungs:
-        raise ConfigError("--ladder is empty; give the rungs to run, e.g. --ladder 'steps=10,20,50 eot=1,2,4'")
-    unknown = [a for a in attack if a not in ATTACKS]
-    if unknown:
-        raise ConfigError(f"unknown attack(s) {unknown} for --attack; choose from {sorted(ATTACKS)}")
-    cfg = _load_config(config, overrides)
-    _announce_device(cfg.evaluate.device, cfg.evaluate.precision)
-    _claim(out, "converge")
-    result = run_convergence(cfg, out, list(attack) or None, rungs, weights_dir,
-                             progress, label)
-    for name, choice in result["choice"].items():
-        typer.echo(f"{name}: {choice['verdict']}")
-        for axis, detail in choice["axes"].items():
-            typer.echo("\n".join(f"  {axis}: {line}" for line in detail["reasoning"]))
-    typer.echo(f"wrote {out / 'convergence.json'} and {out / 'convergence.png'}")
-
-
-@app.command()
-def sweep(
-    config: list[Path] = typer.Option(..., "--config", help="experiment TOML; repeat for several methods in one "
-                                      "sweep (e.g. DiffPure, SSNI-N, SSNI-L)"),
-    grid: list[str] = typer.Option([], "--grid", help="an axis: section.key=v1,v2,... (e.g. "
-                                   "purifier.diffpure.t_star=50,100,300 or attacks.0.eps=0.1,0.3); axes are crossed. "
-                                   "An axis reaches only the configs that have its key (a purifier table: that "
-                                   "method; attacks.K.key: a K-th attack that reads key; ssni.*: SSNI on); a config "
-                                   "runs once per combination of the axes it has, once if none. STEM:key=... "
-                                   "(STEM1,STEM2:...) limits an axis to those config file stems and replaces an "
-                                   "unscoped axis of that key for them. A key no config has is an error"),
-    out: Path = typer.Option(..., "--out", help="output folder: OUT/<stem>/<key=value,...>/ per point (rerun to "
-                             "resume), sweep.json, table.md, frontier.png, robust_vs_eps.png, paired.md"),
-    label: list[str] = typer.Option([], "--label", help="method name per --config, in order (default: the "
-                                    "purifier and SSNI variant, e.g. 'DiffPure + SSNI-N')"),
-    set_: list[str] = typer.Option([], "--set", help="override a value in every config: --set data.split=val"),
-    limit: int = typer.Option(None, min=1, help="evaluate only the first N samples of every point (data.n)"),
-    protocol: str = typer.Option("worst", help="robust axis of the plots and the paired verdicts: worst, "
-                                 "majority, single or any_iterate (the table shows all)"),
-    plan: bool = typer.Option(False, "--plan", help="predict every point's wall time (ssni evaluate --plan), print "
-                              "the sum and the time left, and exit"),
-    collect: bool = typer.Option(False, "--collect", help="run nothing: write the outputs from what the points' "
-                                 "stores hold now (e.g. while a sweep runs elsewhere)"),
-    weights_dir: Path = typer.Option(None, help="folder with manifest.json (default: the shipped weights/)"),
-    progress: bool = typer.Option(True, help="progress bars"),
-    device: str = typer.Option(None, help=DEVICE_OPTION_HELP + " (overrides evaluate.device in every config)"),
-) -> None:
-    """Evaluate a grid of configs, one resumable store per point; table, frontier plot, paired verdicts.
-
-    Points that differ only in speed-only keys (evaluate.batch_size, device, ...) are refused as duplicates.
-    Example: ssni sweep --config configs/a.toml --config configs/b.toml
-    --grid purifier.diffpure.t_star=100,200,300 --grid attacks.0.eps=0.1,0.3 --out runs/sweep
-    """
-    from .sweep import format_sweep_plan, format_table, parse_grid, plan_sweep, run_sweep, sweep_points
-
-    overrides = _parse_overrides(set_)
-    if limit is not None:
-        overrides["data.n"] = limit
-    if device is not None:
-        overrides["evaluate.device"] = device
-    _announce_device(device or "auto")
-    points = sweep_points(list(config), parse_grid(grid), overrides, list(label) or None)
-    if plan:
-        typer.echo(format_sweep_plan(plan_sweep(points, out, weights_dir)))
-        return
-    result = run_sweep(points, out, weights_dir, progress, protocol, run=not collect)
-    typer.echo(format_table(result))
-    typer.echo(f"wrote {out / 'sweep.json'}, table.md, times.json, frontier.png"
-               + (", robust_vs_eps.png" if len({p['eps'] for p in result['points']}) > 1 else "")
-               + (", paired.md" if (out / "paired.md").is_file() else ""))
+app.command()(converge)
+app.command()(sweep)
 
 
 @app.command()
@@ -319,7 +171,7 @@ def purify(
     from .folders import stored
     from .purify_folder import purify_folder
 
-    overrides = _parse_overrides(set_)
+    overrides = parse_overrides(set_)
     if device is not None:
         overrides["evaluate.device"] = device
     default = Path(__file__).resolve().parents[2] / "configs" / "mnist-diffpure-ssni-n.toml"
@@ -327,7 +179,7 @@ def purify(
         raise ConfigError("no --config given and the default configs/mnist-diffpure-ssni-n.toml is not here "
                           "(installed without the source tree); pass --config FILE")
     cfg = load_config(config or default, overrides)
-    _announce_device(cfg.evaluate.device, cfg.evaluate.precision)
+    announce_device(cfg.evaluate.device, cfg.evaluate.precision)
     on_interrupt(lambda: f"{stored(out, 'purify')}; run the same command again to resume")
     table = purify_folder(cfg, source, out, Path(weights_dir or default_weights_dir()), width, chunk, progress)
     typer.echo(f"wrote purified images and {table}")
@@ -411,7 +263,7 @@ def bench(
     from .folders import check_output_file
     from .runtime import resolve_device
 
-    _announce_device(device)
+    announce_device(device)
     run_device = resolve_device(device)
     out = out or Path(f"benchmarks/results/{run_device.type}-latest.json")
     check_output_file(out)  # before the benchmark runs, not after
