@@ -231,3 +231,12 @@ def test_score_norms_are_averaged_in_float32_under_bf16_autocast(tiny_unet, imag
             fast = score_norm(tiny_unet, VPSchedule(), images, noise, 4)
     assert fast.dtype == torch.float32
     torch.testing.assert_close(fast, exact, rtol=0.05, atol=0)  # bf16 networks, float32 mean and norm
+
+
+def test_images_on_another_device_than_the_networks_are_an_input_error(tiny_unet, tiny_classifier):
+    from ssni import Defense
+    from ssni.errors import InputError
+
+    defense = Defense(tiny_classifier, DiffPure(tiny_unet, t_star=4, steps=2))
+    with pytest.raises(InputError, match="images are on meta and the defense's networks on cpu"):
+        defense(torch.rand(2, 1, 28, 28, device="meta"))

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .diffusion import VPSchedule
 from .denoisers.protocol import EpsModel
-from .errors import ConfigError
+from .errors import ConfigError, InputError
 from .purifiers.base import Purifier
 from .reweight import Reweight
 from .rng import SampleNoise, batch_ids
@@ -118,8 +118,12 @@ class Defense(nn.Module):
         Other float types (float64, float16, bfloat16) are converted to the classifier's, the only
         conversion made (a reduced precision inside the networks is ``evaluate.precision``'s choice)."""
         size = self.image_size or getattr(self.classifier, "image_size", None)
+        weight = next((p for p in self.classifier.parameters() if p.is_floating_point()), None)
+        if isinstance(x, Tensor) and weight is not None and x.device != weight.device:
+            raise InputError(f"the images are on {x.device} and the defense's networks on {weight.device}; "
+                             f"move one of them (images.to('{weight.device}') or defense.to('{x.device}'))")
         x = check_images(x, self.in_channels, None if size is None else (size, size))
-        dtype = next((p.dtype for p in self.classifier.parameters() if p.is_floating_point()), torch.float32)
+        dtype = torch.float32 if weight is None else weight.dtype
         return x.to(dtype) if x.dtype != dtype else x
 
     def _noise(self, x: Tensor, sample_ids: Tensor | None, draw: int | Tensor | None, vote: int) -> SampleNoise:
