@@ -84,6 +84,7 @@ def plot_frontier(result: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         chosen = [p for p in done if panel is None or _tag(p, attack_keys) == panel]
+        stacked: dict[tuple, int] = {}  # labels of points at the same spot go one above the other
         skip = set(attack_keys) if panel is not None else set()
         for i, (name, line) in enumerate(_curves(chosen, skip).items()):
             tags = _varying(line) or [k for k in line[0]["values"] if k not in skip]
@@ -93,7 +94,10 @@ def plot_frontier(result: dict, path: Path) -> None:
             for p, xi, yi in zip(line, x, y):
                 ax.errorbar([xi], [yi], xerr=_err(p["clean"]), yerr=_err(p["robust"][protocol]), fmt="o",
                             color=f"C{i % 10}", capsize=2, label=name if p is line[0] else None)
-                ax.annotate(_tag(p, tags), (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                spot = (round(xi), round(yi))  # within about one point of accuracy
+                stacked[spot] = stacked.get(spot, -1) + 1
+                ax.annotate(_tag(p, tags), (xi, yi), textcoords="offset points", xytext=(4, 4 + 8 * stacked[spot]),
+                            fontsize=6, color=f"C{i % 10}")
         ax.set(xlabel="clean accuracy (%)", ylabel=f"robust accuracy, {protocol} (%)",
                title="all points" if panel is None else panel)
         ax.legend(fontsize=7)
