@@ -10,8 +10,8 @@ norm on one fresh draw against the target, the l_inf distance from the clean ima
 image, how many of the 8 re-scoring draws misclassify it, and, over the feasible-set run's forward passes,
 the largest l_inf distance visited (overall and among passes whose score norm met the target) and the
 share of passes whose score norm met the target. For every attack
-it prints robust counts (worst / majority / single of the re-scoring draws) per candidate and for the worst
-candidate per image, and for APGD how often its step was halved (docs/adaptive/README.md, issue 21 9c).
+it prints robust counts (worst / majority / single of the re-scoring draws) of the clean images, per candidate
+and for the worst candidate per image, and for APGD how often its step was halved (docs/adaptive/README.md, issue 21 9c).
 """
 
 from __future__ import annotations
@@ -112,7 +112,8 @@ def main() -> None:
     for row in rows:
         print(json.dumps(row))
     worst = (preds == y).sum(1).argmin(0)  # the runner's choice: fewest correct draws, first on ties
-    summary = {"candidates": [robust_counts(p, y) for p in preds],
+    clean = fresh_predictions(model, x, ids, cfg.evaluate.rescore_draws)  # the clean images, same draws
+    summary = {"clean": robust_counts(clean, y), "candidates": [robust_counts(p, y) for p in preds],
                "worst_candidate": robust_counts(preds[worst, :, torch.arange(len(y))].T, y),
                "first_candidate_is_clean": sum(r["is_clean"][0] for r in rows), "forward_passes": len(calls),
                "apgd_steps": halvings(attack)}
