@@ -46,7 +46,8 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
     if not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
         raise ConfigError(f"device {str(name)!r}: CUDA is not available on this machine (torch {torch.__version__}, "
-                          f"{build}, {torch.cuda.device_count()} GPU(s) visible); use --device cpu or auto")
+                          f"{build}, {torch.cuda.device_count()} GPU(s) visible); use device cpu or auto "
+                          '(--device cpu on the command line, evaluate.device = "cpu" in a config)')
     index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
     if index >= torch.cuda.device_count():
         raise ConfigError(f"device {str(name)!r}: this machine has {torch.cuda.device_count()} GPU(s), "
