@@ -329,3 +329,18 @@ def test_out_that_is_a_file_is_an_input_error(tmp_path, config_file, tiny_weight
 def test_a_list_where_a_name_belongs_is_a_config_error_not_a_traceback():
     with pytest.raises(ConfigError, match="method"):
         from_dict({"purifier": {"method": ["diffpure"]}})
+
+
+def test_auto_is_measured_only_when_there_is_work(tiny_config_file, tiny_weights, tmp_path, monkeypatch):
+    """An empty shard crashed in the "auto" measurement (it probed 0 images), and a finished folder was
+    measured again on every rerun, its recorded speed overwritten with the fallback."""
+    auto = load_config(tiny_config_file, {"data.n": 1, "evaluate.batch_size": "auto", "attacks.0.eot_batch": "auto"})
+    measured = []
+    choose = runner_module.choose_speed
+    monkeypatch.setattr(runner_module, "choose_speed", lambda *a, **k: measured.append(1) or choose(*a, **k))
+    evaluate(auto, tmp_path / "shard", tiny_weights, progress=False, rank=1, world=2)  # 1 sample: shard 1 is empty
+    assert measured == []
+    evaluate(auto, tmp_path / "run", tiny_weights, progress=False)
+    recorded = (tmp_path / "run" / "config.json").read_text()
+    evaluate(auto, tmp_path / "run", tiny_weights, progress=False)  # finished: nothing to measure or rewrite
+    assert measured == [1] and (tmp_path / "run" / "config.json").read_text() == recorded

@@ -1,5 +1,7 @@
 """Gradient modes of the attacks (exact | surrogate | bpda) and the calibration's own seed."""
 
+import json
+
 import pytest
 import torch
 
@@ -230,3 +232,21 @@ def test_a_derived_defense_leaves_the_shared_networks_in_their_mode():
     defense.training = True  # the wrapper's own flag only
     surrogate = SurrogateDefense(defense, 1)
     assert not classifier.training and not unet.training and surrogate.training
+
+
+def test_sanity_after_an_auto_run_uses_the_runs_speed_settings(tmp_path, tiny_weights):
+    """``--sanity`` on a config with ``"auto"`` speed keys (every paper preset) crashed after the whole
+    evaluation: the attacks were built from the unresolved config (``eot_batch = "auto"``)."""
+    from ssni.evaluate.report import speed_of_run, summarize_run
+    from ssni.evaluate.runner import evaluate
+
+    attack = {"name": "pgd", "eps": 0.3, "steps": 1, "step_size": 0.1, "eot": 2, "eot_batch": "auto"}
+    cfg = from_dict({**CALIBRATION_CONFIG, "data": {"n": 2}, "attacks": [attack],
+                     "purifier": {**CALIBRATION_CONFIG["purifier"], "checkpoint": "auto"},
+                     "evaluate": {"batch_size": "auto"}})
+    evaluate(cfg, tmp_path / "run", tiny_weights, progress=False)
+    run = speed_of_run(tmp_path / "run", cfg)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert run.hash() == cfg.hash() and run.evaluate.batch_size == saved["evaluate"]["batch_size"] != "auto"
+    assert run.attacks[0].eot_batch == saved["attacks"][0]["eot_batch"] != "auto"
+    assert "sanity" in summarize_run(tmp_path / "run", cfg, tiny_weights, sanity_n=2).lower()

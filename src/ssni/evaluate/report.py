@@ -28,7 +28,7 @@ def summarize_run(out: Path, cfg: ExperimentConfig, weights_dir: Path | None = N
     if sanity_n:
         from .runner import run_sanity
 
-        summary["sanity"] = run_sanity(cfg, weights_dir, sanity_n)
+        summary["sanity"] = run_sanity(speed_of_run(Path(out), cfg), weights_dir, sanity_n)
     write_summary(summary, Path(out))
     if rows:
         robust_vs_draws_plot({"robust": summary["robust_vs_draws"]}, Path(out) / "robust_vs_draws.png")
@@ -36,6 +36,17 @@ def summarize_run(out: Path, cfg: ExperimentConfig, weights_dir: Path | None = N
     if levels:
         level_histogram({"t*": torch.tensor(levels)}, Path(out) / "t_star.png")
     return format_summary(summary)
+
+
+def speed_of_run(out: Path, cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with the speed settings its run in ``out`` used (``"auto"`` resolved there, in
+    ``config.json``), so that follow-up work does not measure them again."""
+    saved = out / "config.json"
+    if saved.is_file():
+        run = from_dict({k: v for k, v in read_json(saved).items() if k != "hash"})
+        if run.hash() == cfg.hash():
+            return run
+    return cfg
 
 
 def report(out: Path) -> str:

@@ -171,18 +171,20 @@ def evaluate(cfg: ExperimentConfig, out: Path, weights_dir: Path | None = None, 
         model = prepare_model(cfg, weights_dir, out if rank == 0 else None)
         data = load_eval_data(cfg)
         data = data.subset(shard_positions(len(data), rank, world))
-        cfg, choice = choose_speed(cfg, model, data, world)
+        done = store.done_ids()
+        todo = torch.tensor([i for i, sid in enumerate(data.ids.tolist()) if sid not in done], dtype=torch.long)
+        # "auto" is measured only when there is work: not for a finished folder or an empty shard
+        cfg, choice = choose_speed(cfg, model, data, world) if len(todo) else (without_auto(cfg), {})
         if choice and progress:
             tqdm.write(format_choice(choice))
-        (out / "config.json").write_text(json.dumps({"hash": cfg.hash(), **cfg.to_dict()}, indent=2) + "\n")
+        if len(todo) or not (out / "config.json").is_file():  # keep the speed a finished run used
+            (out / "config.json").write_text(json.dumps({"hash": cfg.hash(), **cfg.to_dict()}, indent=2) + "\n")
         if choice:
             (out / "speed.json").write_text(json.dumps(choice, indent=2) + "\n")
         attacks = [build_attack(a, model, cfg.evaluate.seed) for a in cfg.attacks]
         for attack, _ in attacks:  # a nested bar per attack shows its iterations with an ETA
             if hasattr(attack, "progress"):
                 attack.progress = progress
-        done = store.done_ids()
-        todo = torch.tensor([i for i, sid in enumerate(data.ids.tolist()) if sid not in done], dtype=torch.long)
         bar = tqdm(total=len(data), initial=len(data) - len(todo), desc=f"evaluate[{rank}]", unit="img",
                    disable=not progress)
         run_all_batches(cfg, model, attacks, data, todo, store, bar)
@@ -253,10 +255,12 @@ def merge_shards(cfg: ExperimentConfig, out: Path, rank: int, world: int) -> Pat
 
 def run_sanity(cfg: ExperimentConfig, weights_dir: Path | None = None, n: int = 16) -> dict:
     """Defense checks and gradient-masking checks on the first ``n`` samples, with the first PGD-type attack
-    as configured: its gradient mode (exact, surrogate or BPDA) is the one the checks attack through."""
+    as configured: its gradient mode (exact, surrogate or BPDA) is the one the checks attack through.
+    ``"auto"`` speed settings take their small safe fallbacks (16 samples need no measurement)."""
     from ..attacks.checks import all_passed, defense_checks, sanity_checks
     from ..attacks.pgd import PGD
 
+    cfg = without_auto(cfg)
     model = prepare_model(cfg, Path(weights_dir or default_weights_dir()))
     data = load_eval_data(cfg, min(n, cfg.data.n))
     attack, target = next((build_attack(a, model, cfg.evaluate.seed) for a in cfg.attacks
