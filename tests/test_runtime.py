@@ -240,3 +240,68 @@ def test_images_on_another_device_than_the_networks_are_an_input_error(tiny_unet
     defense = Defense(tiny_classifier, DiffPure(tiny_unet, t_star=4, steps=2))
     with pytest.raises(InputError, match="images are on meta and the defense's networks on cpu"):
         defense(torch.rand(2, 1, 28, 28, device="meta"))
+
+
+CPU_OOM = "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to " \
+          "allocate 35184372088832 bytes. Error code 12 (Cannot allocate memory)"
+
+
+def test_the_cpu_allocators_failure_is_out_of_memory_too():
+    from ssni.runtime import is_out_of_memory
+
+    try:
+        torch.empty(2 ** 45, dtype=torch.uint8)  # 32 TiB: the CPU allocator refuses it at once
+    except RuntimeError as err:
+        real = err
+    else:  # pragma: no cover  (a machine that hands out 32 TiB)
+        pytest.skip("the allocator gave 32 TiB")
+    assert not isinstance(real, torch.OutOfMemoryError) and is_out_of_memory(real)
+    assert is_out_of_memory(RuntimeError(CPU_OOM)) and is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch")) and not is_out_of_memory(ValueError("out of memory"))
+
+
+def test_a_cpu_out_of_memory_batch_is_retried_like_a_cuda_one(tiny_config_file, tiny_weights, tmp_path, monkeypatch,
+                                                              capsys):
+    cfg = load_config(tiny_config_file, {"data.n": 4, "evaluate.batch_size": 4})
+    real, sizes = runner_module.run_batch, []
+
+    def fits_two_rows(cfg_, model, attacks, x, y, ids):
+        sizes.append(len(ids))
+        if len(ids) > 2:
+            raise RuntimeError(CPU_OOM)
+        return real(cfg_, model, attacks, x, y, ids)
+
+    monkeypatch.setattr(runner_module, "run_batch", fits_two_rows)
+    evaluate(cfg, tmp_path / "retried", tiny_weights, progress=False)
+    assert sizes == [4, 2, 2]
+    said = capsys.readouterr()
+    assert (said.out + said.err).count("out of memory on cpu at a batch of 4: continuing at 2") == 1
+
+
+def test_auto_and_the_plan_take_the_cpu_allocators_failure_as_out_of_memory(monkeypatch, tiny_unet, tiny_classifier,
+                                                                           images):
+    """One predicate and one halving rule: ``"auto"`` keeps the widths that fit, the plan halves its rows, and
+    one row that does not fit is a ResourceError in both, never the allocator's traceback."""
+    from ssni import Defense
+    from ssni.evaluate import auto, plan, units
+
+    def fits(limit):
+        def measure(model, x, rows, grad_rows, repeats=2):
+            if grad_rows > limit:
+                raise RuntimeError(CPU_OOM)
+            return units.Units(step=1.0, step_grad=1.0, step_ck=1.0, classifier=0.1, classifier_grad=0.1,
+                               step_saved_bytes=1.0, step_input_bytes=0.1, classifier_saved_bytes=0.0, weight_bytes=0)
+        return measure
+
+    model = Defense(tiny_classifier, DiffPure(tiny_unet, t_star=2, steps=2)).eval()
+    monkeypatch.setattr(units, "measure_units", fits(2))
+    assert sorted(auto.measure_widths(model, images, 8)) == [1, 2]
+    monkeypatch.setattr(plan, "measure_units", fits(4))
+    assert plan._measure_fitting_units(model, images, 8, 2, 1)[1] == 2  # 8 x 2 and 4 x 2 rows did not fit
+    for set_fits in (lambda f: monkeypatch.setattr(units, "measure_units", f),
+                     lambda f: monkeypatch.setattr(plan, "measure_units", f)):
+        set_fits(fits(0))
+    with pytest.raises(ResourceError, match="one sample does not fit"):
+        auto.measure_widths(model, images, 8)
+    with pytest.raises(ResourceError, match="one sample does not fit"):
+        plan._measure_fitting_units(model, images, 8, 2, 1)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 from torch import Tensor
@@ -28,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .errors import ConfigError, ResourceError
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+T = TypeVar("T")
 DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda or cuda:N"
 
 
@@ -105,10 +107,41 @@ def _set_tf32(conv: bool | str, matmul: bool | str | None = None) -> None:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = bool(conv), bool(matmul)
 
 
+OOM_TEXTS = ("out of memory", "can't allocate memory")  # CUDA and other backends; the CPU allocator
+
+
 def is_out_of_memory(err: BaseException) -> bool:
-    """A device allocation failure (CUDA's ``OutOfMemoryError``, or the same text from another backend)."""
-    return isinstance(err, torch.OutOfMemoryError) or (isinstance(err, RuntimeError)
-                                                        and "out of memory" in str(err).lower())
+    """An allocation failure: CUDA's ``OutOfMemoryError``, the same text from another backend, or the
+    CPU allocator's ``DefaultCPUAllocator: can't allocate memory`` (a plain ``RuntimeError``)."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and any(text in str(err).lower() for text in OOM_TEXTS)
+
+
+def unless_out_of_memory(fn: Callable[..., T], *args) -> T | None:
+    """``fn(*args)``, or ``None`` when it runs out of memory (:func:`is_out_of_memory`; other errors
+    propagate). The handler is left before returning, so the failed call's tensors can be freed."""
+    try:
+        return fn(*args)
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+    return None
+
+
+def halving_on_oom(fn: Callable[[int], T], rows: int, device: torch.device,
+                   said: Callable[[int, int], object] | None = None) -> tuple[T, int]:
+    """``(fn(rows), rows)`` at the first ``rows`` that fits: after each out-of-memory error ``rows``
+    halves (:func:`smaller_after_oom`: a :class:`ResourceError` at one row) and ``said(rows, half)``
+    hears of it. The one retry rule of the run, the plan and ``"auto"``."""
+    while True:
+        out = unless_out_of_memory(fn, rows)
+        if out is not None:
+            return out, rows
+        half = smaller_after_oom(rows, device)
+        if said is not None:
+            said(rows, half)
+        rows = half
 
 
 def smaller_after_oom(rows: int, device: torch.device) -> int:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from ..defense import Defense
-from ..runtime import is_out_of_memory
+from ..runtime import smaller_after_oom, unless_out_of_memory
 from . import costs
 from . import units as unit_measure
 from .config import ExperimentConfig
@@ -57,11 +57,9 @@ def measure_widths(model: Defense, x: Tensor, max_width: int, repeats: int = 2) 
     """Per-row units (:class:`ssni.evaluate.plan.Units`) at widths 1, 2, 4, ... up to ``max_width``."""
     units, best, flat = {}, math.inf, 0
     for width in _powers(max_width):
-        try:
-            u = unit_measure.measure_units(model, x, width, width, repeats)
-        except RuntimeError as err:
-            if not is_out_of_memory(err) or not units:
-                raise
+        u = unless_out_of_memory(unit_measure.measure_units, model, x, width, width, repeats)
+        if u is None:  # out of memory: the widths so far are the candidates (none: one row does not fit)
+            smaller_after_oom(width, x.device)
             break
         units[width] = u
         per_row = u.step + u.step_grad

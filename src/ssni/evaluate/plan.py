@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from ..data import IMAGE_FORMATS
 from ..defense import Defense
+from ..runtime import halving_on_oom
 from .auto import format_choice, resolve_auto, without_auto
 from .config import ExperimentConfig
 from .costs import (MEMORY_MARGIN, RunShape, _inference_memory, attack_cost, attack_row_bytes,  # noqa: F401
@@ -66,17 +67,9 @@ def make_plan(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor | No
 
 def _measure_fitting_units(model: Defense, x: Tensor, batch: int, eot_batch: int, repeats: int) -> tuple[Units, int]:
     """:func:`measure_units` at the run's rows, or, when one step's backward at those rows runs out of
-    device memory, at half as many until it fits (per-row units; the plan then says the batch is too big)."""
-    rows = batch
-    while True:
-        try:
-            return measure_units(model, x, rows, eot_batch * rows, repeats), rows
-        except torch.OutOfMemoryError:
-            if rows == 1:
-                raise
-            rows //= 2
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    device memory, at half as many until it fits (per-row units; the plan then says the batch is too big).
+    One row that does not fit is a :class:`ssni.errors.ResourceError` (:func:`ssni.runtime.halving_on_oom`)."""
+    return halving_on_oom(lambda rows: measure_units(model, x, rows, eot_batch * rows, repeats), batch, x.device)
 
 
 def format_plan(p: dict) -> str:

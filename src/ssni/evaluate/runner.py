@@ -25,7 +25,7 @@ from ..checkpoints.registry import default_weights_dir
 from ..defense import Defense
 from ..errors import InputError
 from ..progress import tqdm
-from ..runtime import compile_network, is_out_of_memory, on_device, precision_mode, resolve_device, smaller_after_oom
+from ..runtime import compile_network, halving_on_oom, on_device, precision_mode, resolve_device
 from .auto import format_choice, has_auto, resolve_auto, without_auto
 from .build import build_attack, build_model, calibrate, load_eval_data, load_models
 from .config import ExperimentConfig
@@ -212,24 +212,22 @@ def run_all_batches(cfg: ExperimentConfig, model: nn.Module, attacks: list, data
     smaller batch (batch size is speed-only: the rows are the same); one row that does not fit
     ends the run with a :class:`ssni.errors.ResourceError`."""
     device, size, start = resolve_device(cfg.evaluate.device), cfg.evaluate.batch_size, 0
-    while start < len(todo):
-        idx = todo[start:start + size]
+
+    def batch(n: int):
+        idx = todo[start:start + n]
         x, y, ids = on_device(device, data.images[idx], data.labels[idx], data.ids[idx])
-        try:
-            with precision(cfg):
-                rows, images = run_batch(cfg, model, attacks, x, y, ids)
-        except RuntimeError as err:
-            if not is_out_of_memory(err):
-                raise
-            rows = None  # leave the handler first, so the failed batch's tensors can be freed
-        if rows is None:
-            size = smaller_after_oom(len(idx), device)
-            bar.write(f"out of memory on {device} at a batch of {len(idx)}: continuing at {size} "
-                      f"(results do not depend on the batch size)")
-            continue
+        with precision(cfg):
+            return run_batch(cfg, model, attacks, x, y, ids)
+
+    def said(n: int, half: int) -> None:
+        bar.write(f"out of memory on {device} at a batch of {n}: continuing at {half} "
+                  "(results do not depend on the batch size)")
+
+    while start < len(todo):
+        (rows, images), size = halving_on_oom(batch, min(size, len(todo) - start), device, said)
         store.add(rows, images)
-        start += len(idx)
-        bar.update(len(idx))
+        start += size
+        bar.update(size)
 
 
 def merge_shards(cfg: ExperimentConfig, out: Path, rank: int, world: int) -> Path:
