@@ -344,3 +344,19 @@ def test_auto_is_measured_only_when_there_is_work(tiny_config_file, tiny_weights
     recorded = (tmp_path / "run" / "config.json").read_text()
     evaluate(auto, tmp_path / "run", tiny_weights, progress=False)  # finished: nothing to measure or rewrite
     assert measured == [1] and (tmp_path / "run" / "config.json").read_text() == recorded
+
+
+def test_report_reads_a_folder_whose_hash_an_older_ssni_made(tiny_config_file, tiny_weights, tmp_path):
+    """A release that moves a key into the speed-only set changes every config hash: resuming such a folder
+    is refused (the rows might not match the config), but `ssni report` still reads what it holds."""
+    import sqlite3
+
+    from ssni.evaluate.report import report
+
+    cfg = load_config(tiny_config_file, {"data.n": 2})
+    evaluate(cfg, tmp_path / "run", tiny_weights, progress=False)
+    with sqlite3.connect(tmp_path / "run" / "results.sqlite") as db:
+        db.execute("UPDATE meta SET value = 'made-by-an-older-ssni' WHERE key = 'config_hash'")
+    assert "clean" in report(tmp_path / "run").lower()
+    with pytest.raises(ResumeError, match="older ssni"):
+        evaluate(cfg, tmp_path / "run", tiny_weights, progress=False)

@@ -41,7 +41,7 @@ from .errors import ConfigError
 from .evaluate.config import SPEED_ONLY, ExperimentConfig, load_config
 from .evaluate.runner import evaluate
 from .evaluate.scoring import PROTOCOLS
-from .evaluate.store import RESULTS_FILE, Store
+from .evaluate.store import RESULTS_FILE, stored_rows
 from .evaluate.summary import pct, summarize
 
 PURIFIER_NAMES = {"diffpure": "DiffPure", "gdmp": "GDMP", "gns": "GNS", "none": "undefended"}
@@ -224,10 +224,7 @@ def check_duplicates(points: list[SweepPoint]) -> None:
 def _rows(folder: Path, cfg: ExperimentConfig) -> list[dict]:
     if not (folder / RESULTS_FILE).is_file():
         return []
-    store = Store(folder / RESULTS_FILE, cfg.hash(), json.dumps(cfg.to_dict(), sort_keys=True))
-    rows = store.rows()
-    store.close()
-    return rows
+    return stored_rows(folder / RESULTS_FILE, cfg)
 
 
 def point_level(cfg: ExperimentConfig) -> Any:

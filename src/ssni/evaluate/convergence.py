@@ -44,7 +44,7 @@ from .config import ExperimentConfig
 from .registries import ATTACKS
 from .runner import evaluate
 from .scoring import robust_under
-from .store import RESULTS_FILE, Store
+from .store import RESULTS_FILE, stored_rows
 from .summary import summarize
 
 AXES = ("steps", "eot", "restarts")
@@ -102,13 +102,6 @@ def point_folder(point: dict) -> str:
     return f"{point['attack']}-steps{point['steps']}-eot{point['eot']}-restarts{point['restarts']}"
 
 
-def stored_rows(out: Path, cfg: ExperimentConfig) -> list[dict]:
-    store = Store(out / RESULTS_FILE, cfg.hash(), json.dumps(cfg.to_dict(), sort_keys=True))
-    rows = store.rows()
-    store.close()
-    return rows
-
-
 def measure_point(cfg: ExperimentConfig, point: dict, out: Path, weights_dir: Path | None,
                   progress: bool) -> dict:
     """Run (or resume) one budget point into ``out/<folder>`` and summarise it."""
@@ -117,7 +110,7 @@ def measure_point(cfg: ExperimentConfig, point: dict, out: Path, weights_dir: Pa
     start = time.time()
     evaluate(pcfg, folder, weights_dir, progress=progress)
     wall = time.time() - start
-    rows = stored_rows(folder, pcfg)
+    rows = stored_rows(folder / RESULTS_FILE, pcfg)
     s = summarize(rows, pcfg)
     keep = ("acc", "correct", "n", "ci95")
     cost = point["steps"] * point["eot"] * point["restarts"]

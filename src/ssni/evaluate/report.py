@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,19 +10,19 @@ from ..errors import ResumeError
 from ..folders import read_json
 from ..report import level_histogram, robust_vs_draws_plot
 from .config import ExperimentConfig, from_dict
-from .store import RESULTS_FILE, Store
+from .store import RESULTS_FILE, stored_rows
 from .summary import format_summary, summarize, write_summary
 
 
-def summarize_run(out: Path, cfg: ExperimentConfig, weights_dir: Path | None = None, sanity_n: int = 0) -> str:
+def summarize_run(out: Path, cfg: ExperimentConfig, weights_dir: Path | None = None, sanity_n: int = 0,
+                  own_config: bool = False) -> str:
     """Write ``out/summary.json`` (with sanity checks on ``sanity_n`` samples if > 0), a ``t*`` plot
-    and robust accuracy against the number of fresh draws."""
+    and robust accuracy against the number of fresh draws. ``own_config``: ``cfg`` is the one the
+    folder recorded, so its store is read whatever hash an older ssni gave it."""
     path = Path(out) / RESULTS_FILE
     if not path.is_file():
         raise ResumeError(f"{path} not found; run `ssni evaluate --out {out}` first")
-    store = Store(path, cfg.hash(), json.dumps(cfg.to_dict(), sort_keys=True))
-    rows = store.rows()
-    store.close()
+    rows = stored_rows(path, None if own_config else cfg)
     summary = summarize(rows, cfg)
     if sanity_n:
         from .runner import run_sanity
@@ -56,4 +55,4 @@ def report(out: Path) -> str:
         raise ResumeError(f"{config_path} not found; run `ssni evaluate --out {out}` first")
     saved = read_json(config_path)
     saved.pop("hash", None)
-    return summarize_run(out, from_dict(saved))
+    return summarize_run(out, from_dict(saved), own_config=True)

@@ -51,7 +51,9 @@ COLUMNS = ("sample_id", "label", "clean_pred", "clean_correct", "score_norm", "t
 class Store:
     """An SQLite file of per-sample rows for one config (by hash)."""
 
-    def __init__(self, path: Path, config_hash: str, config_json: str):
+    def __init__(self, path: Path, config_hash: str | None, config_json: str | None):
+        """Open (or create) the store for the config with ``config_hash``; ``None``: open it to read,
+        whatever config made it."""
         self.path = Path(path)
         try:
             self.db = sqlite3.connect(self.path)
@@ -60,9 +62,13 @@ class Store:
             empty = self.db.execute("SELECT COUNT(*) FROM samples").fetchone()[0] == 0
         except sqlite3.DatabaseError as err:
             raise ResumeError(f"{self.path} is not a results store ({err}); use a new --out folder") from err
+        if config_hash is None:  # read what the store holds, whatever config made it
+            return
         if found and found.get("config_hash") != config_hash and not empty:
             raise ResumeError(f"{self.path} holds results of another config (hash {found.get('config_hash')}, "
-                              f"this one {config_hash}); use a new --out folder or the original config")
+                              f"this one {config_hash}); use a new --out folder or the original config. A folder "
+                              "made by an older ssni can differ by the hash alone (a release that adds or moves "
+                              "config keys changes it): `ssni report` still reads it; rerun into a new folder")
         if found.get("config_hash") != config_hash:  # new, or an empty store of a failed run: take it over
             with self.db:
                 self.db.execute("DELETE FROM meta")
@@ -112,6 +118,17 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+
+def stored_rows(path: Path, cfg=None) -> list[dict]:
+    """The rows of the store at ``path``: of the experiment ``cfg`` (another config's store is a
+    :class:`ResumeError`), or with ``cfg=None`` whatever the store holds."""
+    store = (Store(path, None, None) if cfg is None
+             else Store(path, cfg.hash(), json.dumps(cfg.to_dict(), sort_keys=True)))
+    try:
+        return store.rows()
+    finally:
+        store.close()
 
 
 @contextmanager
