@@ -166,3 +166,34 @@ def test_plan_measures_at_fewer_rows_when_the_batch_runs_out_of_memory(tiny_unet
     p = make_plan(ExperimentConfig(attacks=(AttackConfig(steps=1, eot=1),)), model, images, None, n=5, repeats=1)
     assert p["batch"] == 5 and p["measured_rows"] == 2 and p["seconds"] > 0
     assert "out of device memory at batch 5: units measured at 2 rows" in format_plan(p)
+
+
+def test_the_plan_counts_the_adaptive_attacks_network_rows(tiny_config_file, tiny_weights):
+    """The adaptive attack adds restoration passes, an APGD run and a held-out choice to its iterations;
+    the plan counted its iterations only (about 4x too little). With a unit of 1 per network row, the
+    cost model's count is the number of rows the network sees (PGD, the same count, as the control)."""
+    import pytest
+
+    from ssni.evaluate import load_config
+    from ssni.evaluate.build import build_attack, load_eval_data
+    from ssni.evaluate.costs import attack_cost, steps_per_sample
+    from ssni.evaluate.runner import prepare_model
+    from ssni.evaluate.units import Units
+
+    ones = Units(step=1, step_grad=1, step_ck=2, classifier=0, classifier_grad=0, step_saved_bytes=0,
+                 step_input_bytes=0, classifier_saved_bytes=0, weight_bytes=0)
+    counted = {}
+    for name in ("pgd", "adaptive"):
+        cfg = load_config(tiny_config_file, {"attacks.0.name": name, "attacks.0.steps": 6, "attacks.0.eot": 2,
+                                             "data.n": 4, "purifier.checkpoint": False})
+        model = prepare_model(cfg, tiny_weights)
+        data = load_eval_data(cfg)
+        score, reverse = steps_per_sample(model, data.images)
+        attack, _ = build_attack(cfg.attacks[0], model, cfg.evaluate.seed)
+        rows = []
+        hook = model.purifier.model.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+        attack(model, data.images, data.labels, data.ids)
+        hook.remove()
+        counted[name] = sum(rows) / len(data)
+        assert counted[name] == pytest.approx(attack_cost(cfg.attacks[0], ones, score, reverse, 1, False), rel=0.1)
+    assert counted["adaptive"] > 3.5 * counted["pgd"]

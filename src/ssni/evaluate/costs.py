@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..attacks.adaptive import AdaptiveAttack as ADAPTIVE
 from ..attacks.apgd import APGD
 from ..defense import Defense
 from .config import AttackConfig, ExperimentConfig
@@ -57,7 +58,21 @@ def attack_cost(a: AttackConfig, u: Units, score: float, reverse: float, votes: 
     else:
         per_draw = (score + reverse) * per_row + u.classifier_grad
     runs = TARGETED_RUNS if a.targeted else 1
-    return ITERATIONS.get(a.name, ITERATIONS["pgd"])(a) * runs * a.eot * votes * per_draw
+    iterations = ITERATIONS.get(a.name, ITERATIONS["pgd"])(a) * runs * a.eot * votes
+    if a.name != "adaptive":
+        return iterations * per_draw
+    return iterations * (1 + ADAPTIVE.unconstrained) * per_draw + adaptive_extra(a, u, score, reverse, votes, per_row)
+
+
+def adaptive_extra(a: AttackConfig, u: Units, score: float, reverse: float, votes: int, per_row: float) -> float:
+    """What the adaptive attack (:mod:`ssni.attacks.adaptive`) adds per sample to its iterations'
+    passes (counted, with its unconstrained APGD run, by :func:`attack_cost`): the restoration's
+    score-norm passes with gradient, the start's estimate, and the held-out choice among its
+    shortlist, the clean input and the APGD output (forward passes without gradient)."""
+    restoration = a.steps * ADAPTIVE.restore_steps * score * per_row
+    start = (score + reverse) * per_row + u.classifier_grad
+    choice = (ADAPTIVE.shortlist + 2) * ADAPTIVE.heldout_draws * ((score + reverse) * u.step + u.classifier)
+    return a.restarts * a.eot * votes * (restoration + start) + votes * choice
 
 
 def attack_row_bytes(u: Units, score: float, reverse: float, checkpointed: bool) -> float:
