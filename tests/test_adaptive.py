@@ -154,6 +154,23 @@ def test_toy_union_returns_the_unconstrained_example_when_no_feasible_point_fool
     assert (feasible - TOY_X).abs().max() > 0.2  # the feasible run still pushed d_2 out
 
 
+def test_the_shortlist_keeps_the_highest_keys_without_reading_back():
+    """``_remember`` replaces, per sample, the slot of lowest key when the new key is higher (slot 0 holds
+    the clean start), by selections on the device: no boolean index, so no read back to the host."""
+    from ssni.runtime import count_host_reads
+
+    adaptive = toy_attack(shortlist=2)
+    x = torch.zeros(3, 1, 2, 2)
+    adaptive._xs = x.unsqueeze(0).repeat(3, 1, 1, 1, 1)
+    adaptive._keys = torch.full((3, 3), -torch.inf)
+    reads = [count_host_reads(lambda: adaptive._remember(x, torch.zeros(3), slot=0))]
+    for value, key in ((1.0, [5.0, 1.0, 2.0]), (2.0, [3.0, 4.0, 0.0]), (3.0, [4.0, 0.5, 1.0])):
+        reads.append(count_host_reads(lambda: adaptive._remember(torch.full_like(x, value), torch.tensor(key))))
+    assert reads == [0, 0, 0, 0]
+    assert adaptive._keys.T.tolist() == [[0.0, 5.0, 4.0], [0.0, 1.0, 4.0], [0.0, 2.0, 1.0]]
+    assert adaptive._xs[:, :, 0, 0, 0].T.tolist() == [[0.0, 1.0, 3.0], [0.0, 1.0, 2.0], [0.0, 1.0, 3.0]]
+
+
 def test_toy_restoration_brings_an_infeasible_input_inside():
     defense = ToyDefense(theta=0.25)
     x = TOY_X.clone()

@@ -214,11 +214,36 @@ def test_host_reads_of_an_attack_step_do_not_grow_with_the_reverse_steps(checkpo
 
 def test_the_read_counter_sees_each_kind_of_read():
     x = torch.arange(4.0)
+    mask, rows = x > 1, torch.tensor([0, 2])
     assert count_host_reads(lambda: x.sum().item()) == 1
     assert count_host_reads(lambda: bool((x > 1).any())) == 1
     assert count_host_reads(lambda: x.tolist()) == 1
     assert count_host_reads(lambda: x.numpy()) == 1
     assert count_host_reads(lambda: x * 2 + 1) == 0
+    # ops whose output size (or Python result) depends on the values: each one syncs a GPU
+    reads = {"nonzero": lambda: mask.nonzero(), "where(mask)": lambda: torch.where(mask),
+             "equal": lambda: torch.equal(x, x), "is_nonzero": lambda: torch.is_nonzero(mask[:1]),
+             "allclose": lambda: torch.allclose(x, x), "masked_select": lambda: x.masked_select(mask),
+             "x[mask]": lambda: x[mask], "x[mask] = 0": lambda: x.clone().__setitem__(mask, 0.0),
+             "x[:, mask]": lambda: x.repeat(2, 1)[:, mask], "unique": lambda: x.unique(),
+             "repeat_interleave(tensor)": lambda: x.repeat_interleave(torch.tensor([1, 2, 1, 1]))}
+    assert {name: count_host_reads(f) for name, f in reads.items()} == {name: 1 for name in reads}
+    free = {"where(mask, a, b)": lambda: torch.where(mask, x, -x), "x[rows]": lambda: x[rows],
+            "x[rows] = 0": lambda: x.clone().__setitem__(rows, 0.0), "masked_fill": lambda: x.masked_fill(mask, 0),
+            "repeat_interleave(int)": lambda: x.repeat_interleave(2), "x[1:]": lambda: x[1:] + x[0]}
+    assert {name: count_host_reads(f) for name, f in free.items()} == {name: 0 for name in free}
+
+
+@pytest.mark.parametrize("restarts", [1, 2])
+def test_apgd_reads_nothing_back_per_step(restarts, tiny_classifier, images):
+    """The best point, the halved steps and the restarts' choice are selections by torch.where: on a
+    plain classifier an APGD run reads back its input check and its loss trace, whatever its steps."""
+    from ssni.attacks import APGD, ThreatModel
+
+    y = torch.zeros(len(images), dtype=torch.long)
+    counts = [count_host_reads(lambda: APGD(ThreatModel("linf", 0.1), steps=steps, restarts=restarts)(
+        tiny_classifier, images, y)) for steps in (3, 9)]
+    assert counts[0] == counts[1] <= 4  # check_images and trace_values
 
 
 def test_score_norms_are_averaged_in_float32_under_bf16_autocast(tiny_unet, images):

@@ -157,10 +157,27 @@ def smaller_after_oom(rows: int, device: torch.device) -> int:
     return rows // 2
 
 
+def _packets(*names: str) -> frozenset:
+    return frozenset(getattr(torch.ops.aten, n) for n in names if hasattr(torch.ops.aten, n))
+
+
+# ops whose result on the host (a Python value) or whose output size depends on tensor values: each
+# one waits for the device's queue
+_READ_OPS = _packets("_local_scalar_dense", "item", "is_nonzero", "equal", "allclose", "nonzero", "nonzero_numpy",
+                     "argwhere", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
+                     "unique_dim_consecutive", "bincount")
+_INDEX_OPS = _packets("index", "_unsafe_index", "index_put", "index_put_", "_index_put_impl_",
+                      "_unsafe_index_put")  # a boolean index is a nonzero: its count sizes the output
+
+
 class HostReads(TorchDispatchMode):
-    """Counts the reads of tensor values back to the host while active: scalar reads (``.item()``,
-    ``bool``/``int``/``float`` of a tensor, ``if tensor``), copies from an accelerator to the CPU, and
-    ``tolist``/``numpy`` (which bypass the dispatcher). Each one waits for the device's queue."""
+    """Counts the reads of tensor values back to the host while active, each of which waits for the
+    device's queue: scalar reads (``.item()``, ``bool``/``int``/``float`` of a tensor, ``if tensor``,
+    ``torch.equal``, ``is_nonzero``, ``allclose``), ops whose output size depends on the values
+    (``nonzero``, ``torch.where(mask)``, ``masked_select``, ``unique``, ``repeat_interleave`` without
+    ``output_size``, and indexing with a boolean mask: ``x[mask]``, ``x[mask] = v``), copies from an
+    accelerator to the CPU, and ``tolist``/``numpy`` (which bypass the dispatcher). On a CPU the same
+    calls are counted, so a CPU test sees the reads a GPU run would make."""
 
     def __init__(self):
         super().__init__()
@@ -168,15 +185,7 @@ class HostReads(TorchDispatchMode):
         self._patched: dict[str, object] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        elif func is torch.ops.aten._to_copy.default:  # .cpu(), .to("cpu") of an accelerator's tensor
-            target = (kwargs or {}).get("device")
-            if _on_accelerator(args[0]) and target is not None and torch.device(target).type == "cpu":
-                self.count += 1
-        elif func is torch.ops.aten.copy_.default:  # cpu_tensor.copy_(accelerator_tensor)
-            if args[0].device.type == "cpu" and _on_accelerator(args[1]):
-                self.count += 1
+        self.count += _reads(func, args, kwargs or {})
         return func(*args, **(kwargs or {}))
 
     def __enter__(self):
@@ -195,6 +204,24 @@ class HostReads(TorchDispatchMode):
         for name, original in self._patched.items():
             setattr(Tensor, name, original)
         return super().__exit__(*exc)
+
+
+def _reads(func, args: tuple, kwargs: dict) -> int:
+    """1 when the op ``func(*args, **kwargs)`` reads values back to the host (:class:`HostReads`), else 0."""
+    packet = func.overloadpacket
+    if packet in _READ_OPS:
+        return 1
+    if packet in _INDEX_OPS:  # x[mask], x[mask] = v: the mask's nonzero
+        return int(any(isinstance(i, Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1] or ()))
+    if packet is torch.ops.aten.repeat_interleave:  # counts as a tensor: the output's size is their sum
+        return int(isinstance(args[0], Tensor) and (len(args) < 2 or isinstance(args[1], Tensor))
+                   and kwargs.get("output_size") is None)
+    if func is torch.ops.aten._to_copy.default:  # .cpu(), .to("cpu") of an accelerator's tensor
+        target = kwargs.get("device")
+        return int(_on_accelerator(args[0]) and target is not None and torch.device(target).type == "cpu")
+    if func is torch.ops.aten.copy_.default:  # cpu_tensor.copy_(accelerator_tensor)
+        return int(args[0].device.type == "cpu" and _on_accelerator(args[1]))
+    return 0
 
 
 def _on_accelerator(t: object) -> bool:

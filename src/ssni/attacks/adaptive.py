@@ -258,8 +258,9 @@ class AdaptiveAttack(APGD):
             take = key > self._keys[worst, rows]
         else:
             worst, take = torch.full_like(rows, slot), torch.ones_like(key, dtype=torch.bool)
-        self._xs[worst[take], rows[take]] = x[take].detach()
-        self._keys[worst[take], rows[take]] = key[take]
+        # every row's slot is written, with its old value where not taken: no boolean index, no host read
+        self._xs[worst, rows] = mix(take, x.detach(), self._xs[worst, rows])
+        self._keys[worst, rows] = torch.where(take, key.detach(), self._keys[worst, rows])
 
     def _check(self, model: nn.Module) -> nn.Module:
         """A model with SSNI's score norm (a :class:`ssni.Defense` with ``ssni``, or one that speaks its

@@ -68,6 +68,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..rng import SampleNoise, batch_ids
 from ..validation import check_images
+from .feasible_steps import mix
 from .pgd import PGD, call_model, trace_values
 
 
@@ -200,15 +201,16 @@ class APGD(PGD):
             x_prev, x_k = x_k, x_new
             grad, loss = self._estimate(model, x_k, y, ids)
             history.append(loss)
-            better = loss > best_loss
-            best_x[better], best_grad[better], best_loss[better] = x_k[better], grad[better], loss[better]
+            better = loss > best_loss  # selections by torch.where: a boolean index would read the mask back
+            best_x, best_grad, best_loss = (mix(better, new, old) for new, old in
+                                            ((x_k, best_x), (grad, best_grad), (loss, best_loss)))
             if i + 1 in checks:
                 halved = stalled(history, i + 1 - last_check, self.rho, halved, best_then, best_loss)
-                best_then, last_check = best_loss.clone(), i + 1
-                eta[halved] /= 2
-                x_k, grad, loss = x_k.clone(), grad.clone(), loss.clone()
-                x_k[halved], grad[halved], loss[halved] = best_x[halved], best_grad[halved], best_loss[halved]
-            self.step_trace.append(eta.clone())
+                best_then, last_check = best_loss, i + 1
+                eta = torch.where(halved, eta / 2, eta)
+                x_k, grad, loss = (mix(halved, best, now) for best, now in
+                                   ((best_x, x_k), (best_grad, grad), (best_loss, loss)))
+            self.step_trace.append(eta)
         return (best_x, best_loss) if self.iterate == "best" else (x_k, loss)
 
     def _targets(self, model: nn.Module, x: Tensor, y: Tensor, ids: Tensor) -> list[Tensor | None]:
@@ -234,7 +236,7 @@ class APGD(PGD):
                     start = self.threat.random_point(x, SampleNoise.from_ids(self.seed, ids, restart))
                     x_run, loss = self._run(model, x, y, ids, start)
                     keep = loss > out_loss
-                    out[keep], out_loss[keep] = x_run[keep], loss[keep]
+                    out, out_loss = mix(keep, x_run, out), mix(keep, loss, out_loss)
         finally:
             self._target = None
             self.loss_trace = trace_values(self.loss_trace)
