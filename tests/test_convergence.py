@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from ssni.errors import ConfigError
 from ssni.evaluate import load_config
@@ -140,3 +141,40 @@ def test_cli_converge(tiny_config_file, tiny_weights, tmp_path):
                                       "--weights-dir", str(tiny_weights), "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "pgd:" in result.output and (tmp_path / "c" / "convergence.json").is_file()
+
+
+class NoisyLinear(torch.nn.Module):
+    """A classifier whose logits get a noise fixed by (sample id, draw), and a draw counter like a Defense."""
+
+    takes_sample_ids = True
+
+    def __init__(self):
+        super().__init__()
+        self.linear, self.draw = torch.nn.Linear(4, 3), 0
+        torch.nn.init.normal_(self.linear.weight, generator=torch.Generator().manual_seed(0))
+
+    def reserve_draws(self, count: int) -> int:
+        first, self.draw = self.draw, self.draw + count
+        return first
+
+    def forward(self, x, sample_ids=None, draw=None):
+        draw = torch.as_tensor(self.reserve_draws(1) if draw is None else draw)
+        key = (draw * 7919 + sample_ids * 104729)[:, None] + torch.arange(3)
+        noise = torch.frac(torch.sin(key.double() * 1.618) * 43758.5453).float() - 0.5
+        return self.linear(x.flatten(1)) + noise
+
+
+def test_sanity_budget_runs_are_paired_on_the_same_draws():
+    """--sanity's 2x-budget checks compare two runs sample by sample: both must start from the same attack
+    draws and be scored on the same fresh draws. Scored on the model's running counter, the same attack
+    run twice lost and gained samples from the draws alone."""
+    from ssni.attacks import PGD, ThreatModel
+    from ssni.attacks.checks import _budget_check, _robust
+
+    model, x = NoisyLinear(), torch.rand(40, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    y, ids = model.linear(x.flatten(1)).argmax(1), torch.arange(40)
+    attack = PGD(ThreatModel("linf", 0.01), steps=1, step_size=0.01, eot=2)
+    runs = [_robust(model, model, attack, x, y, ids, draws=3) for _ in range(2)]
+    assert 0 < int(runs[0].sum()) < 40 and torch.equal(runs[0], runs[1])
+    check = _budget_check("steps", runs[0], runs[1], torch.ones(40, dtype=torch.bool))
+    assert check["lost"] == check["gained"] == 0

@@ -39,13 +39,19 @@ from __future__ import annotations
 import math
 import sys
 import zlib
-from functools import lru_cache
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 from torch import Tensor
 
 from .errors import InputError
+
+# Draw indices by purpose (an evaluation and its checks use the same): the clean pass, attack k from
+# (k + 1) * ATTACK_DRAW on (its EOT draws follow), the r-th fresh re-scoring draw RESCORE_DRAW + r.
+CLEAN_DRAW = 0
+ATTACK_DRAW = 1_000_000
+RESCORE_DRAW = 1_000_000_000
 
 _MASK = (1 << 64) - 1
 _TABLE_BITS = 16

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..metrics import ALPHA, MIN_ATTACKED, TOLERANCE, budget_move, describe_move, dropped_beyond
+from ..rng import ATTACK_DRAW, CLEAN_DRAW, RESCORE_DRAW
 from .base import ThreatModel
 from .bpda import BPDA
 from .pgd import PGD, call_model
@@ -78,10 +79,14 @@ def _stochastic_check(stochastic: bool, purifier: bool) -> dict:
 def _robust(target: nn.Module, model: nn.Module, attack: PGD, x: Tensor, y: Tensor, ids: Tensor,
             draws: int) -> Tensor:
     """``[B]`` robust after ``attack`` (gradient from ``target``): correct on every one of ``draws``
-    fresh draws of ``model`` (the ``worst`` protocol of :func:`ssni.attacks.verdicts.fresh_verdicts`)."""
+    fresh draws of ``model`` (the ``worst`` protocol of :func:`ssni.attacks.verdicts.fresh_verdicts`).
+    Every run starts from the same attack draws and is scored on the same fresh draws, those of an
+    evaluation, so two budgets differ by the budget and not by the draws (a paired comparison)."""
+    if hasattr(model, "draw"):
+        model.draw = ATTACK_DRAW
     x_adv = attack(target, x, y, sample_ids=ids)
     with torch.no_grad():
-        preds = torch.stack([call_model(model, x_adv, ids).argmax(1) for _ in range(draws)])
+        preds = torch.stack([call_model(model, x_adv, ids, RESCORE_DRAW + r).argmax(1) for r in range(draws)])
     return fresh_verdicts(preds, y)["worst"]
 
 
@@ -109,7 +114,7 @@ def sanity_checks(model: nn.Module, attack: PGD, x: Tensor, y: Tensor, ids: Tens
     correct on the clean pass and on every one of ``draws`` fresh draws of ``model`` after the attack."""
     target = model if target is None else target
     with torch.no_grad():
-        clean = call_model(model, x, ids).argmax(1) == y
+        clean = call_model(model, x, ids, CLEAN_DRAW).argmax(1) == y
     run = lambda a, t=target: _robust(t, model, a, x, y, ids, draws) & clean  # noqa: E731
     base = run(attack)
     trace = list(attack.loss_trace)

@@ -25,6 +25,7 @@ from ..checkpoints.registry import default_weights_dir
 from ..defense import Defense
 from ..errors import InputError
 from ..progress import tqdm
+from ..rng import ATTACK_DRAW, CLEAN_DRAW, RESCORE_DRAW
 from ..runtime import compile_network, halving_on_oom, on_device, precision_mode, resolve_device
 from .auto import format_choice, has_auto, resolve_auto, without_auto
 from .build import build_attack, build_model, calibrate, load_eval_data, load_models
@@ -32,10 +33,6 @@ from .config import ExperimentConfig
 from .scoring import candidate_fields, robust_under, still_attackable, stored_candidate, union_verdicts
 from .store import RESULTS_FILE as RESULTS
 from .store import Store, exclusive
-
-CLEAN_DRAW = 0
-ATTACK_DRAW = 1_000_000  # attack k uses draws from (k + 1) * ATTACK_DRAW on
-RESCORE_DRAW = 1_000_000_000
 
 
 def predict(model: nn.Module, x: Tensor, ids: Tensor, draw: int) -> Tensor:
