@@ -7,7 +7,8 @@ from conftest import TINY_EXPERIMENT
 from ssni.cli import app
 from ssni.errors import ConfigError
 from ssni.evaluate import runner as runner_module
-from ssni.frontier import compare, frontier_verdict, mcnemar_exact, neighbours
+from ssni.frontier import compare, frontier_verdict, neighbours
+from ssni.metrics import mcnemar_exact
 from ssni.sweep import parse_grid, plan_sweep, run_sweep, sweep_points
 
 TINY = TINY_EXPERIMENT.replace("n = 2", "n = 4")  # two batches of 2 per point: a kill can land inside one

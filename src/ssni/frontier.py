@@ -19,12 +19,10 @@ tests is applied; the p-values are all reported.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 from .evaluate.scoring import robust_under
-
-ALPHA = 0.05
+from .metrics import ALPHA, mcnemar_exact
 
 
 def _plt():
@@ -129,15 +127,6 @@ def plot_robust_vs_eps(result: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def mcnemar_exact(a_only: int, b_only: int) -> float:
-    """Two-sided exact McNemar p-value: ``P(X <= min) + P(X >= max)`` for ``X ~ Bin(a_only + b_only, 1/2)``."""
-    n, low = a_only + b_only, min(a_only, b_only)
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(low + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
 
 
 def compare(a: dict[int, tuple[bool, bool]], b: dict[int, tuple[bool, bool]]) -> dict:

@@ -58,6 +58,12 @@ def sign_test(k: int, other: int) -> float:
     return sum(math.comb(d, j) for j in range(k, d + 1)) / 2**d
 
 
+def mcnemar_exact(a_only: int, b_only: int) -> float:
+    """Two-sided exact McNemar p-value on ``a_only`` and ``b_only`` discordant pairs: twice the smaller
+    tail of ``Binomial(a_only + b_only, 1/2)``, at most 1."""
+    return min(1.0, 2 * sign_test(max(a_only, b_only), min(a_only, b_only)))
+
+
 def budget_move(base: int, other: int, n: int, base_ids=None, other_ids=None) -> BudgetMove:
     """The move between two budgets: from the robust samples' ids when both are given (``base`` and
     ``other`` are then their sizes), else from the counts alone (see :class:`BudgetMove`)."""

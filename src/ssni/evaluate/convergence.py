@@ -39,7 +39,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from ..metrics import MIN_ATTACKED, TOLERANCE, budget_move, describe_move, dropped_beyond
+from ..metrics import ALPHA, MIN_ATTACKED, TOLERANCE, budget_move, describe_move, dropped_beyond
 from .config import ExperimentConfig
 from .registries import ATTACKS
 from .runner import evaluate
@@ -52,9 +52,9 @@ DEFAULT_LADDER = {"steps": (10, 20, 50, 100, 200), "eot": (1, 2, 4, 8, 16), "res
 NOT_CONVERGED = "not converged within the ladder"
 RULE_PROTOCOLS = ("worst", "majority")  # the N-draw verdicts the choice rule must see converged
 RULE = ("per axis and protocol (worst of N, majority), on per-sample verdicts: the first rung that no larger rung "
-        "beats by a one-sided exact sign test on the discordant pairs (p < 0.05) and whose robust count is within "
-        "5% of the samples of the largest rung's, with at least 10 samples attacked; the axis takes the largest "
-        "rung any protocol needs")
+        f"beats by a one-sided exact sign test on the discordant pairs (p < {ALPHA}) and whose robust count is within "
+        f"{TOLERANCE:.0%} of the samples of the largest rung's, with at least {MIN_ATTACKED} samples attacked; the "
+        "axis takes the largest rung any protocol needs")
 
 
 def parse_ladder(text: str) -> dict[str, tuple[int, ...]]:
