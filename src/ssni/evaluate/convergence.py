@@ -236,9 +236,9 @@ def plot_convergence(results: list[dict], path: Path, protocols: tuple[str, ...]
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(protocols), figsize=(6.5 * len(protocols), 4.8), sharey=True)
-    for ax, protocol in zip(list(axes) if len(protocols) > 1 else [axes], protocols):
-        _plot_protocol(ax, results, protocol)
     axes_list = list(axes) if len(protocols) > 1 else [axes]
+    for ax, protocol in zip(axes_list, protocols):
+        _plot_protocol(ax, results, protocol)
     axes_list[0].set_ylabel("robust accuracy (%)")
     axes_list[-1].legend(fontsize=6)
     fig.suptitle("Attack convergence (validation split, 95% Wilson)")

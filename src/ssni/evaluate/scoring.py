@@ -96,6 +96,8 @@ def candidate_fields(preds: Tensor, pick: Tensor, j: int) -> dict:
     if preds.shape[0] > 1:
         out["candidate_preds"] = preds[:, :, j].tolist()
     return out
+
+
 def still_attackable(verdicts: dict[str, Tensor]) -> Tensor:
     """Samples the next attack of the cascade must still try: robust under *some* protocol
     (``worst`` and ``any_iterate`` imply ``single``, so single or majority covers them all)."""
