@@ -21,14 +21,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .diffusion import VPSchedule
+from .diffusion import VPSchedule, trusted_levels
 from .denoisers.protocol import EpsModel
 from .errors import ConfigError, InputError
 from .purifiers.base import Purifier
 from .reweight import Reweight
 from .rng import SampleNoise, batch_ids
 from .score_norm import score_norm
-from .validation import check_images
+from .validation import check_images, trusted_images
 
 
 def resize(x: Tensor, size: int | None) -> Tensor:
@@ -41,13 +41,15 @@ def resize(x: Tensor, size: int | None) -> Tensor:
 @dataclass
 class Levels:
     """What SSNI decided for a batch: ``t: [R, B]`` integer levels, ``t_relaxed`` (or ``None``),
-    ``score_norm: [B]`` (or ``None`` without SSNI), and the reverse plan."""
+    ``score_norm: [B]`` (or ``None`` without SSNI), and the reverse plan; ``constant``: the base
+    method's ``t*`` (the purifier knows them on the host, so its grids need no read)."""
 
     t: Tensor
     t_relaxed: Tensor | None
     score_norm: Tensor | None
     start: Tensor
     extra_steps: int
+    constant: bool = False
 
 
 class SSNI(nn.Module):
@@ -116,7 +118,9 @@ class Defense(nn.Module):
         """``x`` checked against what the networks take: channels, and the size when known (``image_size``,
         else the size a named classifier was trained at, see :func:`ssni.checkpoints.registry.load_named`).
         Other float types (float64, float16, bfloat16) are converted to the classifier's, the only
-        conversion made (a reduced precision inside the networks is ``evaluate.precision``'s choice)."""
+        conversion made (a reduced precision inside the networks is ``evaluate.precision``'s choice).
+        The values (finite, in ``[0, 1]``) are read back once; not inside an attack, which checks its
+        images once and runs its passes inside :func:`ssni.validation.trusted_images`."""
         size = self.image_size or getattr(self.classifier, "image_size", None)
         weight = next((p for p in self.classifier.parameters() if p.is_floating_point()), None)
         if isinstance(x, Tensor) and weight is not None and x.device != weight.device:
@@ -144,8 +148,8 @@ class Defense(nn.Module):
     def levels(self, x: Tensor, noise: SampleNoise, max_rows: int | None = None) -> Levels:
         """The levels each sample gets: SSNI's, or the base method's constant ``t*``."""
         if self.ssni is None:
-            t = self.purifier.default_levels(x.shape[0]).to(x.device)
-            return Levels(t, None, None, t, 0)
+            t = self.purifier.default_levels(x.shape[0], x.device)
+            return Levels(t, None, None, t, 0, constant=True)
         return self.ssni(x, self.purifier.t_stars, noise, max_rows, self.purifier.checkpoint)
 
     def purify(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | Tensor | None = None,
@@ -155,13 +159,20 @@ class Defense(nn.Module):
         ``width`` caps the rows per network call, in the score-norm pass and in purification
         (continuous batching; see :meth:`ssni.purifiers.base.Purifier.purify`); results do not
         depend on it.
+
+        The images are checked here (:meth:`check_input`), once: the purifier runs inside
+        :func:`ssni.validation.trusted_images` and :func:`ssni.diffusion.trusted_levels` (the levels
+        come from SSNI or the purifier, in ``1..T`` by construction), so its own checks read nothing
+        back; with SSNI the reverse grids read the levels once.
         """
         x = self.check_input(x)
         noise = self._noise(x, sample_ids, draw, vote)
         x_diffusion = resize(x, self.resolution)
         lv = self.levels(x_diffusion, noise, width or self.max_rows)
-        out = self.purifier.purify(x_diffusion, lv.t, noise, t_relaxed=lv.t_relaxed, start=lv.start,
-                                   extra_steps=lv.extra_steps, width=width)
+        t, start = (None, None) if lv.constant else (lv.t, lv.start)
+        with trusted_images(), trusted_levels():
+            out = self.purifier.purify(x_diffusion, t, noise, t_relaxed=lv.t_relaxed, start=start,
+                                       extra_steps=lv.extra_steps, width=width)
         return resize(out, x.shape[-1]), lv
 
     def _all_votes(self, x: Tensor, sample_ids: Tensor | None,
@@ -169,7 +180,9 @@ class Defense(nn.Module):
         """``(logits, levels)`` of every vote of one draw."""
         if draw is None:
             draw = self.reserve_draws(1)
-        purified = (self.purify(x, sample_ids, draw, v) for v in range(self.votes))
+        x = self.check_input(x)
+        with trusted_images():  # checked once for all votes
+            purified = [self.purify(x, sample_ids, draw, v) for v in range(self.votes)]
         return [(self.classifier(out), lv) for out, lv in purified]
 
     def forward(self, x: Tensor, sample_ids: Tensor | None = None, draw: int | Tensor | None = None,

@@ -55,7 +55,8 @@ class VPSchedule:
 
     def check_levels(self, t: Tensor, batch: int | None = None, low: int = 0) -> Tensor:
         """Validate integer levels ``t: [B]`` in ``low..T`` and return them as int64 (one host sync
-        for a valid integer tensor: the range is read back only when it is wrong)."""
+        for a valid integer tensor: the range is read back only when it is wrong). Inside
+        :func:`trusted_levels` only the shape is checked: no host read."""
         if not isinstance(t, Tensor):
             raise InputError(f"noise levels must be a [B] tensor, found {type(t).__name__}; "
                              "wrap them with torch.as_tensor")
@@ -63,6 +64,8 @@ class VPSchedule:
             raise InputError(f"noise levels must be a [B] tensor, found shape {tuple(t.shape)}")
         if batch is not None and t.shape[0] != batch:
             raise InputError(f"expected {batch} noise levels (one per sample), found {t.shape[0]}")
+        if levels_trusted():
+            return t.long()
         if t.is_floating_point() and not torch.equal(t, t.round()):
             raise InputError("noise levels must be integers; round them first")
         t = t.long()
@@ -102,12 +105,14 @@ _TRUSTED = [0]  # depth of trusted_levels() blocks (a plain global: torch.compil
 
 @contextlib.contextmanager
 def trusted_levels() -> Iterator[None]:
-    """Inside this block networks skip the range check of their levels (:class:`ssni.denoisers.protocol.EpsAdapter`).
+    """Inside this block level checks keep to shapes: networks skip the range check of their levels
+    (:class:`ssni.denoisers.protocol.EpsAdapter`), and so does :meth:`VPSchedule.check_levels`.
 
     A purification checks its levels once, at its boundary (:meth:`VPSchedule.check_levels`, one
     host read), and every reverse step and score-norm call inside it runs without reading a
     value back to the host: a per-call check would wait for the device's queue at every step,
-    and break a compiled graph. Code outside such a block keeps the per-call check."""
+    and break a compiled graph. A :class:`ssni.Defense` calls its purifier inside such a block
+    (its levels lie in ``1..T`` by construction). Code outside such a block keeps the check."""
     _TRUSTED[0] += 1
     try:
         yield

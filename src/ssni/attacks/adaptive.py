@@ -64,7 +64,7 @@ from ..errors import ConfigError
 from ..reweight import LinearReweight, Reweight
 from ..rng import SampleNoise, batch_ids
 from ..score_norm import score_norm
-from ..validation import check_images
+from ..validation import check_images, trusted_images
 from .apgd import APGD, LOSSES, margin_loss
 from .base import ThreatModel
 from .feasible_steps import Point, l2_step, linf_step, mix, newton_restore, trust_box
@@ -302,19 +302,20 @@ class AdaptiveAttack(APGD):
         ids = batch_ids(x, sample_ids, cpu=True)
         self.loss_trace, self.step_trace = [], []
         self.fooled_any_iterate = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        self._set_target(model, x, ids)
-        self._xs = x.unsqueeze(0).repeat(self.shortlist + 1, *[1] * x.dim())
-        self._keys = torch.full((self.shortlist + 1, x.shape[0]), -torch.inf, device=x.device)
-        self._remember(x, torch.zeros(x.shape[0], device=x.device), slot=0)
-        try:
-            for target in self._targets(model, x, y, ids):
-                self._target = target
-                for restart in range(self.restarts):
-                    self._feasible_run(model, x, y, ids, self._start(x, ids, restart))
-        finally:
-            self._target = None
-        other = self._plain_apgd(model, x, y, ids) if self.unconstrained else None
-        return self._select(getattr(model, "scored", model), y, ids, other)  # chosen on the defense that is scored
+        with trusted_images():  # x is checked; iterates are projected into [0, 1]: no per-pass read
+            self._set_target(model, x, ids)
+            self._xs = x.unsqueeze(0).repeat(self.shortlist + 1, *[1] * x.dim())
+            self._keys = torch.full((self.shortlist + 1, x.shape[0]), -torch.inf, device=x.device)
+            self._remember(x, torch.zeros(x.shape[0], device=x.device), slot=0)
+            try:
+                for target in self._targets(model, x, y, ids):
+                    self._target = target
+                    for restart in range(self.restarts):
+                        self._feasible_run(model, x, y, ids, self._start(x, ids, restart))
+            finally:
+                self._target = None
+            other = self._plain_apgd(model, x, y, ids) if self.unconstrained else None
+            return self._select(getattr(model, "scored", model), y, ids, other)  # chosen on the scored defense
 
     def _heldout(self, model: nn.Module, x: Tensor, y: Tensor, ids: Tensor,
                  first: int) -> tuple[Tensor, Tensor]:

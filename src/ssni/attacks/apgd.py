@@ -67,7 +67,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from ..rng import SampleNoise, batch_ids
-from ..validation import check_images
+from ..validation import check_images, trusted_images
 from .feasible_steps import mix
 from .pgd import PGD, call_model, trace_values
 
@@ -230,13 +230,14 @@ class APGD(PGD):
         self.fooled_any_iterate = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         out, out_loss = x.clone(), torch.full((x.shape[0],), float("-inf"), device=x.device)
         try:
-            for target in self._targets(model, x, y, ids):
-                self._target = target
-                for restart in range(self.restarts):
-                    start = self.threat.random_point(x, SampleNoise.from_ids(self.seed, ids, restart))
-                    x_run, loss = self._run(model, x, y, ids, start)
-                    keep = loss > out_loss
-                    out, out_loss = mix(keep, x_run, out), mix(keep, loss, out_loss)
+            with trusted_images():  # x is checked; iterates are projected into [0, 1]: no per-pass read
+                for target in self._targets(model, x, y, ids):
+                    self._target = target
+                    for restart in range(self.restarts):
+                        start = self.threat.random_point(x, SampleNoise.from_ids(self.seed, ids, restart))
+                        x_run, loss = self._run(model, x, y, ids, start)
+                        keep = loss > out_loss
+                        out, out_loss = mix(keep, x_run, out), mix(keep, loss, out_loss)
         finally:
             self._target = None
             self.loss_trace = trace_values(self.loss_trace)

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..progress import tqdm
 from ..rng import SampleNoise, batch_ids
-from ..validation import check_images
+from ..validation import check_images, trusted_images
 from .base import ThreatModel
 
 
@@ -121,11 +121,12 @@ class PGD:
         x_adv = self.threat.random_point(x, SampleNoise.from_ids(self.seed, ids)) if self.random_start else x
         self.loss_trace = []
         self.fooled_any_iterate = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-        for _ in tqdm(range(self.steps), desc="PGD", leave=False, disable=not self.progress):
-            grad, loss, fooled = self.gradient(model, x_adv, y, sample_ids)
-            self.loss_trace.append(loss)
-            self.fooled_any_iterate |= fooled
-            direction = grad.sign() if self.sign_step else self.threat.ascent_direction(grad)
-            x_adv = self.threat.project(x_adv + self.step_size * direction, x)
+        with trusted_images():  # x is checked; iterates are projected into [0, 1]: no per-pass read
+            for _ in tqdm(range(self.steps), desc="PGD", leave=False, disable=not self.progress):
+                grad, loss, fooled = self.gradient(model, x_adv, y, sample_ids)
+                self.loss_trace.append(loss)
+                self.fooled_any_iterate |= fooled
+                direction = grad.sign() if self.sign_step else self.threat.ascent_direction(grad)
+                x_adv = self.threat.project(x_adv + self.step_size * direction, x)
         self.loss_trace = trace_values(self.loss_trace)
         return x_adv.detach()

@@ -83,9 +83,9 @@ class Purifier:
         if self.solver not in SOLVERS:
             raise ConfigError(f"unknown purifier solver {self.solver!r}; choose one of {list(SOLVERS)}")
 
-    def default_levels(self, batch: int) -> Tensor:
+    def default_levels(self, batch: int, device: torch.device | str = "cpu") -> Tensor:
         """``[R, B]`` levels of the base method (every sample at ``t*``)."""
-        return torch.tensor(self.t_stars).unsqueeze(1).repeat(1, batch)
+        return torch.tensor(self.t_stars, device=device).unsqueeze(1).repeat(1, batch)
 
     def purify(self, x: Tensor, t: Tensor | None, noise: SampleNoise, *, t_relaxed: Tensor | None = None,
                start: Tensor | None = None, extra_steps: int = 0, width: int | None = None) -> Tensor:
@@ -105,9 +105,14 @@ class Purifier:
             width: most rows per network call; a larger batch is purified by continuous
                 batching (a finished sample's row goes to the next one), which keeps calls full.
                 ``None``: the whole batch. Results do not depend on it.
+
+        Host reads: the image check (none inside :func:`ssni.validation.trusted_images`), the level
+        check (none inside :func:`ssni.diffusion.trusted_levels`: a :class:`ssni.Defense` makes both
+        checks before it calls this), and one read of the levels for the reverse grids, none for the
+        base method's levels (``t`` and ``start`` ``None``). No read in a reverse step.
         """
         check_images(x)
-        t, start, t_relaxed = self._checked_levels(x.shape[0], t, noise, start, t_relaxed)
+        t, start, t_relaxed, on_host = self._checked_levels(x, t, noise, start, t_relaxed)
         n = None if self.steps is None else self.steps + extra_steps
         run, grid_fn = self._chain_runner(width)
         x_orig = x_model = to_model_scale(x)
@@ -116,22 +121,27 @@ class Purifier:
             eps = noise.randn(("forward", r), x_model)
             x_t = forward_jump(self.schedule, x_model, self.jump_levels(t[r]), eps,
                                None if t_relaxed is None else t_relaxed[r])
-            grids = self._round_grids(t[r], start[r], n, grid_fn)
+            grids = self._round_grids(*on_host[r], n, grid_fn)
             step = partial(self.reverse_step, noise=noise, round_=r, x_orig=x_orig)
             x_model = run(x_t, grids, step, self.checkpoint)
         untouched = broadcast_to((t == 0).all(0), x).bool()
         return torch.where(untouched, x, to_image_scale(x_model))
 
-    def _checked_levels(self, batch: int, t: Tensor | None, noise: SampleNoise, start: Tensor | None,
-                        t_relaxed: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _checked_levels(self, x: Tensor, t: Tensor | None, noise: SampleNoise, start: Tensor | None,
+                        t_relaxed: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None, list]:
         """``purify``'s levels as ``[R, B]`` (``t``, ``start``, ``t_relaxed``), once they and ``noise`` are
-        checked against the batch."""
-        t = self._levels(t, batch)
-        start = t if start is None else self._levels(start, batch)
-        t_relaxed = None if t_relaxed is None else t_relaxed.reshape(t.shape)
+        checked against the batch, and per round ``(t, start)`` as lists on the host for the reverse
+        grids: one read for all rounds, none for the base method's levels (known on the host)."""
+        batch = x.shape[0]
         if len(noise) != batch:
             raise InputError(f"{len(noise)} noise streams for a batch of {batch} images")
-        return t, start, t_relaxed
+        constant = t is None and start is None
+        t = self._levels(t, batch, x.device)
+        start = t if start is None else self._levels(start, batch, x.device)
+        t_relaxed = None if t_relaxed is None else t_relaxed.reshape(t.shape)
+        on_host = ([([t_r] * batch,) * 2 for t_r in self.t_stars] if constant
+                   else list(zip(*torch.stack([t, start]).tolist())))
+        return t, start, t_relaxed, on_host
 
     def _chain_runner(self, width: int | None) -> tuple[Callable[..., Tensor], GridFn]:
         """The chain runner and the grid builder of ``self.scheduler`` (see :mod:`.schedule`)."""
@@ -141,16 +151,16 @@ class Purifier:
             return partial(run_join_when_due, width=width), unique_grid
         return run_common_length, common_grid
 
-    def _round_grids(self, t_r: Tensor, start_r: Tensor, n: int | None, grid_fn: GridFn) -> list[list[int]]:
+    def _round_grids(self, t_r: list[int], start_r: list[int], n: int | None, grid_fn: GridFn) -> list[list[int]]:
         """Each sample's descending reverse grid for one round: ``n`` steps from level ``t_r``, shifted up
         to start at ``start_r``."""
         # Unit steps on the common-length scheme: one grid of the longest chain's length.
-        n_r = int(t_r.max()) if n is None and self.scheduler == "common" else n
-        return [shifted_grid(grid_fn(ti, n_r), si - ti) for ti, si in zip(t_r.tolist(), start_r.tolist())]
+        n_r = max(t_r) if n is None and self.scheduler == "common" else n
+        return [shifted_grid(grid_fn(ti, n_r), si - ti) for ti, si in zip(t_r, start_r)]
 
-    def _levels(self, t: Tensor | None, batch: int) -> Tensor:
+    def _levels(self, t: Tensor | None, batch: int, device: torch.device | str = "cpu") -> Tensor:
         if t is None:
-            return self.default_levels(batch)
+            return self.default_levels(batch, device)
         if not isinstance(t, Tensor) or t.dim() not in (1, 2):
             raise InputError("levels must be a [B] or [R, B] integer tensor")
         rows = t.reshape(-1, t.shape[-1])
