@@ -171,6 +171,21 @@ def test_the_shortlist_keeps_the_highest_keys_without_reading_back():
     assert adaptive._xs[:, :, 0, 0, 0].T.tolist() == [[0.0, 1.0, 3.0], [0.0, 1.0, 2.0], [0.0, 1.0, 3.0]]
 
 
+def test_toy_the_attack_reads_back_the_same_at_4_and_12_steps():
+    """On a defense that reads nothing back itself, the feasible-set run's reads do not grow with its steps:
+    the loss trace stays on the device until the end (one read), the shortlist is kept by selections."""
+    from ssni.runtime import count_host_reads
+
+    counts, traces = [], []
+    for steps in (4, 12):
+        adaptive = toy_attack(steps=steps, unconstrained=False)
+        counts.append(count_host_reads(lambda: adaptive(ToyDefense(theta=0.25), TOY_X, TOY_Y)))
+        traces.append(adaptive.loss_trace)
+    assert counts[0] == counts[1]
+    assert [len(t) for t in traces] == [5, 13] and all(type(v) is float for t in traces for v in t)
+    assert traces[0] == traces[1][:5]  # the same run, read back once
+
+
 def test_toy_restoration_brings_an_infeasible_input_inside():
     defense = ToyDefense(theta=0.25)
     x = TOY_X.clone()

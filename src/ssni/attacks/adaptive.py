@@ -68,6 +68,7 @@ from ..validation import check_images, trusted_images
 from .apgd import APGD, LOSSES, margin_loss
 from .base import ThreatModel
 from .feasible_steps import Point, l2_step, linf_step, mix, newton_restore, trust_box
+from .pgd import trace_values
 
 TARGETS = ("mu", "mu+tau", "clean")
 SIGMOID_ONE = 1 / (1 + math.exp(-1))  # share of the sigmoid's range at mu + tau
@@ -179,7 +180,7 @@ class AdaptiveAttack(APGD):
             cs.append(c.detach().reshape(k, batch))
             self.fooled_any_iterate |= (logits.detach().argmax(1) != y.repeat(k)).reshape(k, batch).any(0)
         point = Point(grad / self.eot, grad_c / self.eot, torch.cat(losses).mean(0), torch.cat(cs).mean(0))
-        self.loss_trace.append(float(point.loss.mean()))
+        self.loss_trace.append(point.loss.mean())  # a tensor: read back once per attack (trace_values)
         return point
 
     def _score_norm(self, model: nn.Module, x_rows: Tensor, ids: Tensor, draws: Tensor) -> Tensor:
@@ -314,6 +315,7 @@ class AdaptiveAttack(APGD):
                         self._feasible_run(model, x, y, ids, self._start(x, ids, restart))
             finally:
                 self._target = None
+                self.loss_trace = trace_values(self.loss_trace)
             other = self._plain_apgd(model, x, y, ids) if self.unconstrained else None
             return self._select(getattr(model, "scored", model), y, ids, other)  # chosen on the scored defense
 
