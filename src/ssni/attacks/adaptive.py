@@ -150,41 +150,9 @@ class AdaptiveAttack(APGD):
             raise ConfigError(f"adaptive attack: score_target = {self.score_target!r}; choose one of "
                               f"{list(TARGETS)} or a score norm (a number)")
 
-    def _forward(self, model: nn.Module, x_rows: Tensor, ids: Tensor, draws: Tensor) -> tuple[Tensor, Tensor]:
-        """``(logits, e)`` of one stacked pass; ``e`` carries a gradient (the pass's own score norm, or its
-        value with the gradient of a differentiable score-norm pass on the same noise)."""
-        logits, e = model(x_rows, sample_ids=ids, draw=draws, return_score_norm=True)
-        if e.requires_grad or not isinstance(model, Defense):
-            return logits, e
-        s = model.ssni
-        noise = model._noise(x_rows, ids, draws, 0)
-        with torch.enable_grad():
-            twin = score_norm(s.score_model, s.schedule, resize(x_rows, model.resolution), noise, s.n_levels,
-                              model.max_rows, model.purifier.checkpoint)
-        return logits, e.detach() + (twin - twin.detach())
-
-    def _estimate(self, model: nn.Module, x: Tensor, y: Tensor, ids: Tensor) -> Point:
-        """EOT estimates at ``x`` (``eot_batch`` draws per stacked pass); records the trace and any-iterate
-        success."""
-        batch, grad, grad_c, losses, cs = x.shape[0], torch.zeros_like(x), torch.zeros_like(x), [], []
-        for start in range(0, self.eot, self.eot_batch):
-            k = min(self.eot_batch, self.eot - start)
-            x_var = x.detach().requires_grad_(True)
-            draws = model.reserve_draws(k) + torch.arange(k).repeat_interleave(batch)
-            logits, e = self._forward(model, x_var.repeat(k, *[1] * (x.dim() - 1)), ids.repeat(k), draws)
-            adv = LOSSES[self.loss](logits, y.repeat(k), None if self._target is None else self._target.repeat(k))
-            c = (e - self.e_target.repeat(k)) / self._scale.repeat(k)
-            grad_c += torch.autograd.grad(c.sum(), x_var, retain_graph=True)[0]
-            grad += torch.autograd.grad(adv.sum(), x_var)[0]
-            losses.append(adv.detach().reshape(k, batch))
-            cs.append(c.detach().reshape(k, batch))
-            self.fooled_any_iterate |= (logits.detach().argmax(1) != y.repeat(k)).reshape(k, batch).any(0)
-        point = Point(grad / self.eot, grad_c / self.eot, torch.cat(losses).mean(0), torch.cat(cs).mean(0))
-        self.loss_trace.append(point.loss.mean())  # a tensor: read back once per attack (trace_values)
-        return point
-
     def _score_norm(self, model: nn.Module, x_rows: Tensor, ids: Tensor, draws: Tensor) -> Tensor:
-        """``e`` with a gradient from the score network alone (no purification), on the draws' noise."""
+        """``e`` with a gradient from the score network alone (no purification), on the draws' noise: the
+        differentiable twin of the score norm a defense's pass computes."""
         if not isinstance(model, Defense):
             return model(x_rows, sample_ids=ids, draw=draws, return_score_norm=True)[1]
         s = model.ssni
@@ -193,18 +161,50 @@ class AdaptiveAttack(APGD):
             return score_norm(s.score_model, s.schedule, resize(x_rows, model.resolution), noise, s.n_levels,
                               model.max_rows, model.purifier.checkpoint)
 
-    def _constraint(self, model: nn.Module, x: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-        """EOT estimates ``(grad c, [B] c)`` at ``x`` from score-norm passes only."""
-        batch, grad_c, cs = x.shape[0], torch.zeros_like(x), []
+    def _forward(self, model: nn.Module, x_rows: Tensor, ids: Tensor, draws: Tensor) -> tuple[Tensor, Tensor]:
+        """``(logits, e)`` of one stacked pass; ``e`` carries a gradient (the pass's own score norm, or its
+        value with the gradient of its twin, :meth:`_score_norm`, on the same noise)."""
+        logits, e = model(x_rows, sample_ids=ids, draw=draws, return_score_norm=True)
+        if e.requires_grad or not isinstance(model, Defense):
+            return logits, e
+        twin = self._score_norm(model, x_rows, ids, draws)
+        return logits, e.detach() + (twin - twin.detach())
+
+    def _eot(self, model: nn.Module, x: Tensor, y: Tensor | None, ids: Tensor) -> Point:
+        """EOT estimates at ``x``, ``eot_batch`` draws per stacked pass (row ``j * B + i``: draw ``j`` of
+        sample ``i``). With labels ``y``, the defense's passes: ``grad`` and ``loss`` of the attack loss and
+        ``c`` from the same pass (and the any-iterate success); with ``y = None``, score-norm passes only
+        (``grad`` and ``loss`` are ``None``)."""
+        batch, full = x.shape[0], y is not None
+        grad, grad_c, losses, cs = torch.zeros_like(x), torch.zeros_like(x), [], []
         for start in range(0, self.eot, self.eot_batch):
             k = min(self.eot_batch, self.eot - start)
             x_var = x.detach().requires_grad_(True)
             draws = model.reserve_draws(k) + torch.arange(k).repeat_interleave(batch)
-            e = self._score_norm(model, x_var.repeat(k, *[1] * (x.dim() - 1)), ids.repeat(k), draws)
+            rows, row_ids = x_var.repeat(k, *[1] * (x.dim() - 1)), ids.repeat(k)
+            logits, e = (self._forward(model, rows, row_ids, draws) if full
+                         else (None, self._score_norm(model, rows, row_ids, draws)))
             c = (e - self.e_target.repeat(k)) / self._scale.repeat(k)
-            grad_c += torch.autograd.grad(c.sum(), x_var)[0]
+            grad_c += torch.autograd.grad(c.sum(), x_var, retain_graph=full)[0]
             cs.append(c.detach().reshape(k, batch))
-        return grad_c / self.eot, torch.cat(cs).mean(0)
+            if full:
+                adv = LOSSES[self.loss](logits, y.repeat(k), None if self._target is None else self._target.repeat(k))
+                grad += torch.autograd.grad(adv.sum(), x_var)[0]
+                losses.append(adv.detach().reshape(k, batch))
+                self.fooled_any_iterate |= (logits.detach().argmax(1) != y.repeat(k)).reshape(k, batch).any(0)
+        return Point(grad / self.eot if full else None, grad_c / self.eot,
+                     torch.cat(losses).mean(0) if full else None, torch.cat(cs).mean(0))
+
+    def _estimate(self, model: nn.Module, x: Tensor, y: Tensor, ids: Tensor) -> Point:
+        """The defense's EOT estimates at ``x`` (:meth:`_eot`); records the loss trace."""
+        point = self._eot(model, x, y, ids)
+        self.loss_trace.append(point.loss.mean())  # a tensor: read back once per attack (trace_values)
+        return point
+
+    def _constraint(self, model: nn.Module, x: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """EOT estimates ``(grad c, [B] c)`` at ``x`` from score-norm passes only."""
+        point = self._eot(model, x, None, ids)
+        return point.grad_c, point.c
 
     def _restore(self, model: nn.Module, x_try: Tensor, x: Tensor, ids: Tensor, eta: Tensor) -> Tensor:
         """Up to ``restore_steps`` Newton steps on ``c`` alone toward ``c = -margin`` (:func:`newton_restore`),
