@@ -35,6 +35,25 @@ def test_bucketed_network_gives_the_real_rows_the_same_output_and_gradient(tiny_
         torch.testing.assert_close(g_padded, g_plain, rtol=1e-4, atol=1e-6)
 
 
+def test_a_compiled_network_keeps_the_attributes_the_code_reads(tiny_unet, tiny_classifier):
+    """``evaluate.compile`` wraps the networks; a Defense still reads the classifier's trained image size
+    through the wrapper (it turned the size check off), and the UNet's config and schedule show through."""
+    from ssni import Defense
+    from ssni.errors import InputError
+    from ssni.runtime import compile_network
+
+    tiny_classifier.image_size = 28  # as load_named sets it from the manifest
+    compiled = compile_network(tiny_classifier)  # torch.compile is lazy: nothing compiles here
+    assert compiled.image_size == 28 and compiled.config is tiny_classifier.config
+    unet = BucketedNetwork(tiny_unet)
+    assert unet.config is tiny_unet.config and unet.net is tiny_unet and "net" in dict(unet.named_children())
+    with pytest.raises(AttributeError):
+        unet.no_such_attribute
+    defense = Defense(compiled, DiffPure(tiny_unet, t_star=4, steps=2))
+    with pytest.raises(InputError, match="expect 28x28 images, found 32x32"):
+        defense(torch.rand(1, 1, 32, 32))
+
+
 def test_bucketed_network_sees_only_bucket_widths_in_a_mixed_level_purification(tiny_unet, images):
     seen = []
 

@@ -258,6 +258,17 @@ class BucketedNetwork(torch.nn.Module):
         self.net = net  # the parameters live here, so .to() and state_dict() see the plain network
         self.compiled = [compiled if compiled is not None else net]  # a list: not registered as a submodule
 
+    def __getattr__(self, name: str):
+        """An attribute the wrapper lacks is the wrapped network's (``image_size``, ``config``,
+        ``schedule``, ...): code that reads a network's attributes sees the same ones compiled or not."""
+        try:
+            return super().__getattr__(name)  # parameters, buffers, submodules (``net``)
+        except AttributeError:
+            net = self.__dict__.get("_modules", {}).get("net")
+            if net is None:
+                raise
+            return getattr(net, name)
+
     def forward(self, x: Tensor, *per_row: Tensor) -> Tensor:
         rows = x.shape[0]
         width = bucket_width(rows)
