@@ -143,3 +143,39 @@ def test_cpu_and_cuda_agree_on_a_run(tiny_config_file, tiny_weights, tmp_path):
     for a, b in zip(results["cpu"], results["cuda"]):
         assert a["score_norm"] == pytest.approx(b["score_norm"], rel=1e-4)
         assert a["clean_pred"] == b["clean_pred"] and a["t_star"] == b["t_star"]
+
+
+class _Watched(torch.Tensor):
+    """Sample ids that record every call that could move them to another device."""
+
+    moves: list[str] = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.cpu, torch.Tensor.cuda, torch.Tensor.to):
+            cls.moves.append(func.__name__)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+@pytest.mark.parametrize("name", ["pgd", "apgd", "adaptive"])
+def test_attacks_keep_the_sample_ids_where_the_run_put_them(device, name, tiny_unet, tiny_classifier, images):
+    """The runner puts a batch's ids on the run's device once; the attacks and the defense derive the noise
+    seeds there and never move the ids (they moved them to the host, which on a GPU is a read per attack
+    and a copy of the seeds back to the device per pass)."""
+    from ssni import SSNI, Calibration, Defense, DiffPure, make_reweight
+    from ssni.attacks import APGD, PGD, ThreatModel
+    from ssni.attacks.adaptive import AdaptiveAttack
+
+    reweight = make_reweight("sigmoid", Calibration.fit(torch.tensor([1.0, 2.0, 3.0])))
+    defense = Defense(tiny_classifier, DiffPure(tiny_unet, t_star=4, steps=2),
+                      SSNI(tiny_unet, reweight, n_levels=2)).eval().to(device)
+    attack = {"pgd": PGD(ThreatModel("linf", 0.1), steps=2, eot=2, eot_batch=2, random_start=True),
+              "apgd": APGD(ThreatModel("linf", 0.1), steps=2, eot=2),
+              "adaptive": AdaptiveAttack(ThreatModel("linf", 0.1), steps=1, eot=1, restarts=2)}[name]
+    seen = []
+    defense.register_forward_pre_hook(lambda m, args, kw: seen.append(kw["sample_ids"].device), with_kwargs=True)
+    ids = torch.arange(100, 100 + len(images), device=device).as_subclass(_Watched)
+    _Watched.moves.clear()
+    x_adv = attack(defense, images.to(device), torch.zeros(len(images), dtype=torch.long, device=device), ids)
+    assert _Watched.moves == [] and seen and set(seen) == {ids.device}
+    assert x_adv.device == ids.device

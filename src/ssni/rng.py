@@ -106,12 +106,14 @@ def _mix(z: Tensor, part: int | Tensor) -> Tensor:
 
 
 def batch_ids(x: Tensor, sample_ids: Tensor | Sequence[int] | None, cpu: bool = False) -> Tensor:
-    """``[B]`` ids of the rows of ``x``: ``sample_ids`` as a tensor, or the positions ``0..B-1`` when ``None``.
+    """``[B]`` ids of the rows of ``x``: ``sample_ids`` as a tensor, or the positions ``0..B-1`` (on ``x``'s
+    device) when ``None``.
 
-    ``cpu=True`` moves given ids to the host (attacks keep ids there and pass them on); otherwise they
-    stay on their own device, where :func:`sample_seeds` derives the seeds."""
+    Given ids stay on their own device (a run's are on its device), where :func:`sample_seeds` derives
+    the seeds (exact int64 arithmetic: the same seeds on every device); ``cpu=True`` moves them to the
+    host, for code that looks samples up by id in Python (the transfer attack's fixed levels)."""
     if sample_ids is None:
-        return torch.arange(x.shape[0])
+        return torch.arange(x.shape[0], device=x.device)
     ids = torch.as_tensor(sample_ids)
     return ids.cpu() if cpu else ids
 

@@ -3,8 +3,13 @@
 - **Device.** ``"auto"`` (the default) is ``cuda`` when torch sees a GPU, else ``cpu``; a named
   device is checked before anything loads, so a machine without it gets one clear error.
   Under ``torchrun`` a bare ``cuda`` is the process's ``cuda:LOCAL_RANK``.
-- **Per-sample tensors** (images, labels, ids, levels, masks) are put on the run's device by
-  :func:`on_device` when a batch is made; nothing downstream moves them.
+- **Per-sample tensors.** A batch's images, labels and ids are put on the run's device by
+  :func:`on_device` when it is made; levels, masks and draws are made there. Attacks and the
+  defense keep the ids where they are given and derive the noise seeds on that device (exact
+  int64 arithmetic: the same seeds everywhere). Values go back to the host only where a host
+  decision needs them: the levels a join-scheduled purification plans its calls from (once per
+  purification with SSNI), the transfer attack's ids (its fixed levels are looked up by id), a
+  check at a public boundary, and a finished batch's rows.
 - **Precision.** ``fp32`` is real fp32: TensorFloat-32 is off for convolutions and matrix
   products (cuDNN would otherwise run fp32 convolutions in TF32, which moved score norms by up
   to 8.4e-4 relative on an H100 and changed 27 of 40 clean levels). ``tf32`` and ``bf16``

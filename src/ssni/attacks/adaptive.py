@@ -180,7 +180,7 @@ class AdaptiveAttack(APGD):
         for start in range(0, self.eot, self.eot_batch):
             k = min(self.eot_batch, self.eot - start)
             x_var = x.detach().requires_grad_(True)
-            draws = model.reserve_draws(k) + torch.arange(k).repeat_interleave(batch)
+            draws = model.reserve_draws(k) + torch.arange(k, device=ids.device).repeat_interleave(batch)
             rows, row_ids = x_var.repeat(k, *[1] * (x.dim() - 1)), ids.repeat(k)
             logits, e = (self._forward(model, rows, row_ids, draws) if full
                          else (None, self._score_norm(model, rows, row_ids, draws)))
@@ -300,7 +300,7 @@ class AdaptiveAttack(APGD):
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None = None) -> Tensor:
         check_images(x)
         model, x = self._check(model), x.detach()
-        ids = batch_ids(x, sample_ids, cpu=True)
+        ids = batch_ids(x, sample_ids)  # on the device the caller keeps them: the seeds are derived there
         self.loss_trace, self.step_trace = [], []
         self.fooled_any_iterate = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         with trusted_images():  # x is checked; iterates are projected into [0, 1]: no per-pass read

@@ -225,7 +225,7 @@ class APGD(PGD):
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None = None) -> Tensor:
         check_images(x)
         x = x.detach()
-        ids = batch_ids(x, sample_ids, cpu=True)
+        ids = batch_ids(x, sample_ids)  # on the device the caller keeps them: the seeds are derived there
         self.loss_trace, self.step_trace = [], []
         self.fooled_any_iterate = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         out, out_loss = x.clone(), torch.full((x.shape[0],), float("-inf"), device=x.device)

@@ -93,13 +93,13 @@ class PGD:
         total, loss_sum, rows = torch.zeros_like(x), torch.zeros((), device=x.device), []
         fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         stackable = hasattr(model, "reserve_draws")
+        ids = batch_ids(x, sample_ids)  # on the device the caller keeps them: the seeds are derived there
         for start in range(0, self.eot, self.eot_batch if stackable else 1):
             k = min(self.eot_batch, self.eot - start) if stackable else 1
             x_var = x.detach().requires_grad_(True)
             if stackable:  # k draws of every sample as one batch: row j * B + i is draw first + j of sample i
-                ids = batch_ids(x, sample_ids, cpu=True)
                 first = model.reserve_draws(k) if first_draw is None else first_draw + start
-                draws = first + torch.arange(k).repeat_interleave(x.shape[0])
+                draws = first + torch.arange(k, device=ids.device).repeat_interleave(x.shape[0])
                 loss, logits = self.objective(model, x_var.repeat(k, *([1] * (x.dim() - 1))), y.repeat(k),
                                               ids.repeat(k), draws)
             else:
@@ -117,13 +117,13 @@ class PGD:
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, sample_ids: Tensor | None = None) -> Tensor:
         check_images(x)
         x = x.detach()
-        ids = batch_ids(x, sample_ids, cpu=True)
+        ids = batch_ids(x, sample_ids)
         x_adv = self.threat.random_point(x, SampleNoise.from_ids(self.seed, ids)) if self.random_start else x
         self.loss_trace = []
         self.fooled_any_iterate = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         with trusted_images():  # x is checked; iterates are projected into [0, 1]: no per-pass read
             for _ in tqdm(range(self.steps), desc="PGD", leave=False, disable=not self.progress):
-                grad, loss, fooled = self.gradient(model, x_adv, y, sample_ids)
+                grad, loss, fooled = self.gradient(model, x_adv, y, ids)
                 self.loss_trace.append(loss)
                 self.fooled_any_iterate |= fooled
                 direction = grad.sign() if self.sign_step else self.threat.ascent_direction(grad)

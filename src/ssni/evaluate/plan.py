@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from ..data import IMAGE_FORMATS
 from ..defense import Defense
-from ..runtime import halving_on_oom
+from ..runtime import halving_on_oom, on_device
 from .auto import format_choice, resolve_auto, without_auto
 from .config import ExperimentConfig
 from .costs import (MEMORY_MARGIN, RunShape, _inference_memory, attack_cost, attack_row_bytes,  # noqa: F401
@@ -136,12 +136,12 @@ def plan_run(cfg: ExperimentConfig, weights_dir: Path | None = None, world: int 
     device = resolve_device(cfg.evaluate.device)
     try:
         data = load_eval_data(cfg, min(probe, cfg.data.n))
-        x, y, synthetic = data.images.to(device), data.labels.to(device), False
+        (x, y), synthetic = on_device(device, data.images, data.labels), False
     except InputError:  # the data is not on this machine (a config mistake is raised, not guessed around)
         mode, size = IMAGE_FORMATS[cfg.data.dataset]
         shape = (1 if mode == "L" else 3, size, size)
-        x = torch.rand(min(probe, cfg.data.n), *shape, generator=torch.Generator().manual_seed(0)).to(device)
-        y, synthetic = None, True
+        probe_images = torch.rand(min(probe, cfg.data.n), *shape, generator=torch.Generator().manual_seed(0))
+        (x,), y, synthetic = on_device(device, probe_images), None, True
     calibration, to_fit = None, 0
     if cfg.ssni.reweight != "none":
         calibration = saved_calibration(cfg, weights_dir)[0]  # calibration_split == data.split fails here
