@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -25,17 +24,9 @@ from ssni.runtime import precision_mode, resolve_device
 
 def best(fn, repeats: int = 3) -> float:
     """Best wall time of ``repeats`` calls after a warm-up, the device queue drained around each."""
-    from ssni.evaluate.units import _sync
+    from ssni.evaluate.units import best_time
 
-    fn()
-    result = math.inf
-    for _ in range(repeats):
-        _sync()
-        start = time.perf_counter()
-        fn()
-        _sync()
-        result = min(result, time.perf_counter() - start)
-    return result
+    return best_time(fn, repeats)
 
 
 def ddpmpp_deep(device, smoke: bool):

@@ -29,7 +29,7 @@ def test_logits_shape_and_gradient_reaches_input(ssni_kind, tiny_unet, tiny_clas
 def test_checkpointing_covers_the_score_norm_pass_with_the_same_gradient(tiny_unet, tiny_classifier, images):
     """A defense with checkpointing keeps only call inputs for the backward, score-norm rows included,
     and gives the gradient of the defense without it."""
-    from ssni.evaluate.plan import saved_bytes
+    from ssni.evaluate.units import saved_bytes
 
     grads, kept = {}, {}
     for checkpoint in (False, True):

@@ -6,8 +6,9 @@ import torch
 
 from ssni import Calibration, Defense, DiffPure, SampleNoise, SSNI, VPSchedule, make_reweight, score_norm
 from ssni.evaluate.config import AttackConfig, ExperimentConfig
-from ssni.evaluate.plan import Units, _inference_memory, attack_cost, attack_row_bytes, format_plan, make_plan, \
-    peak_live_bytes, saved_bytes, steps_per_sample
+from ssni.evaluate.costs import _inference_memory, attack_cost, attack_row_bytes, steps_per_sample
+from ssni.evaluate.plan import format_plan, make_plan
+from ssni.evaluate.units import Units, peak_live_bytes, saved_bytes
 from ssni.purifiers.schedule import join_plan, unique_grid
 
 

@@ -55,7 +55,7 @@ def test_score_norm_of_a_sample_does_not_depend_on_its_batch(tiny_unet, images):
 def test_checkpointed_pass_gives_the_same_value_and_gradient_and_saves_only_inputs(tiny_unet, images):
     """With checkpointing the pass keeps its chunks' inputs (one level's B rows each) for the backward,
     not the network's activations, and recomputes them there: same value, same gradient."""
-    from ssni.evaluate.plan import saved_bytes
+    from ssni.evaluate.units import saved_bytes
 
     noise = noise_for(range(5))
     results = {}

@@ -36,12 +36,10 @@ from .evaluate.build import calibrate
 from .evaluate.config import ExperimentConfig, SSNIConfig
 from .purifiers import DiffPure
 from .reweight import make_reweight
-from .bench_attack import attack_cost
-from .evaluate.units import _sync
+from .bench_attack import attack_rows
+from .evaluate.units import best_time
 from .rng import SampleNoise
-from .runtime import on_device, precision_mode
-
-CPU = torch.device("cpu")
+from .runtime import CPU, on_device, precision_mode
 
 
 class _TorchCalls(TorchFunctionMode):
@@ -59,21 +57,6 @@ def count_torch_calls(fn) -> int:
     with _TorchCalls() as mode:
         fn()
     return mode.count
-
-
-def _timed(fn, repeats: int = 3, warmup: bool = True) -> float:
-    """Best wall time of ``repeats`` runs (after one warm-up run unless ``warmup=False``), the device's
-    queue drained before and after each."""
-    if warmup:
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        _sync()
-        start = time.perf_counter()
-        fn()
-        _sync()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def purification(batch: int = 32, t_star: int = 300, steps: int = 300, repeats: int = 3,
@@ -99,9 +82,9 @@ def purification(batch: int = 32, t_star: int = 300, steps: int = 300, repeats: 
         results.update(_schedule_seconds(unet, single, data.images, t, noise, repeats))
         x_t, levels = 2 * data.images - 1, t.clamp(1, 1000)
         results["seconds_per_evaluation"], results["unit_call_sizes"] = floor_unit(unet, x_t, levels, t, steps)
-        results["ssni_seconds"] = _timed(lambda: ssni(data.images, (t_star,), noise), repeats)
+        results["ssni_seconds"] = best_time(lambda: ssni(data.images, (t_star,), noise), repeats)
         results.update(stream_images=len(stream), stream_floor_evaluations=_floor(stream_t, steps),
-                       stream_seconds=_timed(lambda: single.purify(stream.images, stream_t, stream_noise, width=batch),
+                       stream_seconds=best_time(lambda: single.purify(stream.images, stream_t, stream_noise, width=batch),
                                              1, False))
     return results | _purification_ratios(results)
 
@@ -132,8 +115,8 @@ def _schedule_seconds(unet: CountingModel, single: DiffPure, images: Tensor, t: 
         unet.reset()
         purifier.purify(images, t, noise)  # counts the evaluations; doubles as the warm-up
         results[f"{name}_evaluations"] = unet.evaluations
-        results[f"{name}_seconds"] = _timed(lambda: purifier.purify(images, t, noise), repeats, False)
-    results["one_at_a_time_seconds"] = _timed(lambda: [single.purify(
+        results[f"{name}_seconds"] = best_time(lambda: purifier.purify(images, t, noise), repeats, False)
+    results["one_at_a_time_seconds"] = best_time(lambda: [single.purify(
         images[i:i + 1], t[i:i + 1], noise.subset(torch.tensor([i]))) for i in range(len(images))], 1, False)
     diffusers_seconds = diffusers_loop_seconds(unet.model, images, t, single.steps)
     if diffusers_seconds is not None:
@@ -165,7 +148,7 @@ def floor_unit(unet, x_t, levels, t, steps: int, sizes: int = 6, repeats: int = 
 
     used = sorted({len(rows) for rows, _, _ in join_plan([unique_grid(int(ti), steps) for ti in t])})
     picked = sorted({used[round(i * (len(used) - 1) / max(sizes - 1, 1))] for i in range(sizes)} | {used[-1]})
-    return min(_timed(lambda: unet(x_t[:k], levels[:k]), repeats) / k for k in picked), picked
+    return min(best_time(lambda: unet(x_t[:k], levels[:k]), repeats) / k for k in picked), picked
 
 
 def precision(batch: int = 16, t_star: int = 300, steps: int = 30, repeats: int = 3, device: torch.device = CPU) -> dict:
@@ -202,9 +185,9 @@ def precision(batch: int = 16, t_star: int = 300, steps: int = 30, repeats: int 
                               attention=True)).eval().to(device)
         x, t = on_device(device, torch.randn(8, 3, 32, 32), torch.randint(1, 1000, (8,)))
         results["cifar_unet_params"] = sum(p.numel() for p in big.parameters())
-        results["cifar_unet_fp32_seconds"] = _timed(lambda: big(x, t), repeats)
+        results["cifar_unet_fp32_seconds"] = best_time(lambda: big(x, t), repeats)
         with bf16():
-            results["cifar_unet_bf16_seconds"] = _timed(lambda: big(x, t), repeats)
+            results["cifar_unet_bf16_seconds"] = best_time(lambda: big(x, t), repeats)
             approx_big = big(x, t).float()
         exact_big = big(x, t)
         results["cifar_unet_relative_error"] = ((approx_big - exact_big).norm() / exact_big.norm()).item()
@@ -224,8 +207,8 @@ def compiled(batch: int = 16, t_star: int = 300, steps: int = 300) -> dict:
         start = time.perf_counter()
         DiffPure(fast, t_star=t_star, steps=steps).purify(data.images, t, noise)
         first = time.perf_counter() - start
-        eager = _timed(lambda: DiffPure(unet, t_star=t_star, steps=steps).purify(data.images, t, noise), 1)
-        warm = _timed(lambda: DiffPure(fast, t_star=t_star, steps=steps).purify(data.images, t, noise), 1, False)
+        eager = best_time(lambda: DiffPure(unet, t_star=t_star, steps=steps).purify(data.images, t, noise), 1)
+        warm = best_time(lambda: DiffPure(fast, t_star=t_star, steps=steps).purify(data.images, t, noise), 1, False)
     return {"batch": batch, "eager_seconds": eager, "compiled_seconds": warm,
             "first_compiled_run_seconds": first, "eager_over_compiled": eager / warm}
 
@@ -264,7 +247,7 @@ def diffusers_loop_seconds(unet, images, t, steps: int) -> float | None:
                 eps = unet(x, torch.full((x.shape[0],), int(step) + 1, device=x.device))
                 x = scheduler.step(eps, step, x, generator=gen).prev_sample
 
-    return _timed(run, 1, warmup=False)
+    return best_time(run, 1, warmup=False)
 
 
 class NullNet(torch.nn.Module):
@@ -284,7 +267,7 @@ def host_overhead(shape=(1, 28, 28), batch: int = 40, steps: int = 10, t_star: i
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
     def timed(fn):
-        return _timed(lambda: (fn(), sync()), repeats)
+        return best_time(lambda: (fn(), sync()), repeats)
 
     with torch.inference_mode():
         host = timed(lambda: DiffPure(NullNet(), t_star=t_star, steps=steps).purify(x, t, noise)) / steps
@@ -320,7 +303,7 @@ def run_bench(out: Path | None = None, quick: bool = True, compile_: bool = Fals
                "precision": precision(repeats=1 if quick else 3, device=device),
                "host": [host_overhead(batch=b, net=net, repeats=3 if quick else 5, device=str(device))
                         for b in (40, 100)],
-               "attack": attack_cost(4 if quick else 16, 1 if quick else 3, device=device)}
+               "attack": attack_rows(4 if quick else 16, 1 if quick else 3, device=device)}
     if compile_:
         results["compile"] = compiled(batch=16 if quick else 32)
     if out is not None:

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-CPU = torch.device("cpu")
+from .runtime import CPU
 
 
 ATTACK_SCRIPT = """
@@ -53,10 +53,10 @@ ATTACK_SETTINGS = ((10, False, 1, True), (10, True, 1, True), (10, False, 1, Fal
                    (10, False, 2, False), (10, True, 2, False), (40, False, 1, False), (40, True, 1, False))
 
 
-def attack_cost(n: int = 16, repeats: int = 1, settings=ATTACK_SETTINGS, device: torch.device = CPU) -> list[dict]:
+def attack_rows(n: int = 16, repeats: int = 1, settings=ATTACK_SETTINGS, device: torch.device = CPU) -> list[dict]:
     """PGD(2 steps) + EOT(2) through DiffPure (t* = 150), or through the demo's DiffPure (t* = 300)
     + SSNI-N, each setting in a fresh process for a clean peak RSS. The floor is the one ``--plan``
-    predicts (:func:`ssni.evaluate.plan.attack_cost`): PGD steps x EOT x (score-norm rows + the
+    predicts (:func:`ssni.evaluate.costs.attack_cost`): PGD steps x EOT x (score-norm rows + the
     samples' reverse steps) x one forward + backward per row (+ the recomputed forward under
     checkpointing) + the classifier, with units measured at the rows the attack's passes have."""
     rows = []

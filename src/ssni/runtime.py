@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .errors import ConfigError, ResourceError
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+CPU = torch.device("cpu")
 T = TypeVar("T")
 DEVICE_HELP = "auto (cuda when available, else cpu), cpu, cuda or cuda:N"
 
@@ -91,20 +92,24 @@ def precision_mode(precision: str, device: torch.device) -> Iterator[None]:
         _set_tf32(*saved)
 
 
+def _precision_strings() -> bool:
+    """Whether this torch sets TF32 by per-backend ``fp32_precision`` strings (torch >= 2.9), which
+    refuse a mix with the older ``allow_tf32`` booleans: the one place that picks the interface."""
+    return (getattr(torch.backends.cudnn, "conv", None) is not None
+            and hasattr(torch.backends.cuda.matmul, "fp32_precision"))
+
+
 def _tf32_flags() -> tuple:
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        return conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
+    if _precision_strings():
+        return torch.backends.cudnn.conv.fp32_precision, torch.backends.cuda.matmul.fp32_precision
     return torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
 
 
 def _set_tf32(conv: bool | str, matmul: bool | str | None = None) -> None:
-    """TF32 on (``True``) or off (``False``) for cuDNN convolutions and CUDA matmuls, or the saved flags.
-
-    torch >= 2.9 has per-backend ``fp32_precision`` strings and refuses a mix with the older
-    ``allow_tf32`` booleans, so only one of the two interfaces is ever used."""
+    """TF32 on (``True``) or off (``False``) for cuDNN convolutions and CUDA matmuls, or the saved flags,
+    through the one interface this torch has (:func:`_precision_strings`)."""
     matmul = conv if matmul is None else matmul
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision") and getattr(torch.backends.cudnn, "conv", None):
+    if _precision_strings():
         as_text = lambda v: v if isinstance(v, str) else ("tf32" if v else "ieee")  # noqa: E731
         torch.backends.cudnn.conv.fp32_precision = as_text(conv)
         torch.backends.cuda.matmul.fp32_precision = as_text(matmul)

@@ -5,7 +5,7 @@ Before a run (and in ``--plan``) one reverse step of the purifier and the classi
 the run's device at growing row counts (1, 2, 4, ... until the time per row stops falling by
 :data:`SATURATION`, the device runs out of memory, or the largest useful width is reached). Every
 candidate (batch, eot_batch, checkpointing) is then predicted by the plan's cost model
-(:func:`ssni.evaluate.plan.predict`) with the units measured at its own row counts (the attack's
+(:func:`ssni.evaluate.costs.predict`) with the units measured at its own row counts (the attack's
 rows are ``batch x eot_batch x`` the attacked share), and the fastest candidate that fits in
 memory wins; among candidates within :data:`TIE` of the fastest, one without checkpointing (no
 recomputed forward) and then the one that needs the least memory. All three settings are speed-only (outside the config hash): results do not depend on them.
@@ -54,7 +54,7 @@ def _powers(limit: int) -> list[int]:
 
 
 def measure_widths(model: Defense, x: Tensor, max_width: int, repeats: int = 2) -> dict:
-    """Per-row units (:class:`ssni.evaluate.plan.Units`) at widths 1, 2, 4, ... up to ``max_width``."""
+    """Per-row units (:class:`ssni.evaluate.units.Units`) at widths 1, 2, 4, ... up to ``max_width``."""
     units, best, flat = {}, math.inf, 0
     for width in _powers(max_width):
         u = unless_out_of_memory(unit_measure.measure_units, model, x, width, width, repeats)

@@ -10,7 +10,7 @@ row counts the run uses):
 - memory: the bytes autograd saves for backward per row of one reverse step, counted exactly
   with ``torch.autograd.graph.saved_tensors_hooks`` (device independent), the step's input
   (what checkpointing keeps), the weights, and on CUDA also ``max_memory_allocated``; and the
-  most bytes an inference step holds at once per row (:func:`peak_live_bytes`), since the
+  most bytes an inference step holds at once per row (:func:`ssni.evaluate.units.peak_live_bytes`), since the
   score-norm pass without gradient runs all ``N x B`` rows in one call.
 
 The run is then counted in those units, following :mod:`ssni.evaluate.runner`: a clean pass
@@ -36,10 +36,9 @@ from ..defense import Defense
 from ..runtime import halving_on_oom, on_device
 from .auto import format_choice, resolve_auto, without_auto
 from .config import ExperimentConfig
-from .costs import (MEMORY_MARGIN, RunShape, _inference_memory, attack_cost, attack_row_bytes,  # noqa: F401
-                    free_bytes, predict, probe_shape, resident_bytes, steps_per_sample)  # (re-exported for tests)
+from .costs import MEMORY_MARGIN, free_bytes, predict, probe_shape, resident_bytes
 from .roofline import format_roofline, roofline
-from .units import Units, measure_units, peak_live_bytes, saved_bytes  # noqa: F401  (the plan's units, re-exported)
+from .units import Units, measure_units
 
 def make_plan(cfg: ExperimentConfig, model: nn.Module, x: Tensor, y: Tensor | None, n: int, world: int = 1,
               repeats: int = 3) -> dict:

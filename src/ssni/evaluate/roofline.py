@@ -2,7 +2,7 @@
 
 The FLOPs of one forward row of the diffusion network and of the classifier are counted by
 torch's FLOP counter (convolutions, matrix products, attention). The run's FLOPs follow the plan's
-own cost model (:func:`ssni.evaluate.plan.predict`) with FLOPs in place of seconds: a forward row
+own cost model (:func:`ssni.evaluate.costs.predict`) with FLOPs in place of seconds: a forward row
 costs ``F``, a forward and backward row ``3 F`` (activation checkpointing's recomputation is
 overhead, not part of the floor). The floor is those FLOPs at the peak of a large square matrix
 product on the same device, measured in the run's precision and in bf16 (the fastest format a

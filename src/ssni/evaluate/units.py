@@ -1,6 +1,7 @@
 """Per-row units of a plan, measured on the device: seconds of one reverse step and of the
-classifier (inference, with gradient, checkpointed) and the bytes they hold (see
-:mod:`ssni.evaluate.plan`)."""
+classifier (inference, with gradient, checkpointed) and the bytes they hold (the cost model in
+:mod:`ssni.evaluate.costs` counts a run in them; ``--plan`` and ``"auto"`` measure them). The timer
+(:func:`best_time`, :func:`sync`) is also ``ssni bench``'s."""
 
 from __future__ import annotations
 
@@ -18,20 +19,23 @@ from ..defense import Defense
 from ..diffusion import with_trusted_levels
 
 
-def _best(fn, repeats: int = 3) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up (synchronising CUDA around each)."""
-    fn()
+def best_time(fn, repeats: int = 3, warmup: bool = True) -> float:
+    """Best wall time of ``repeats`` calls (after one warm-up call unless ``warmup=False``), the
+    device's queue drained before and after each."""
+    if warmup:
+        fn()
     best = float("inf")
     for _ in range(repeats):
-        _sync()
+        sync()
         start = time.perf_counter()
         fn()
-        _sync()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def _sync() -> None:
+def sync() -> None:
+    """Wait for CUDA's queue (when CUDA is in use), so a timer measures the work, not its launch."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
@@ -94,7 +98,7 @@ def peak_live_bytes(fn, device: torch.device) -> int:
     """Most bytes of tensors that ``fn()`` creates and holds at the same time (an inference pass's
     activations): the allocator's peak on CUDA, else counted op by op (kernels' own scratch unseen)."""
     if device.type == "cuda":
-        _sync()
+        sync()
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         fn()
@@ -152,12 +156,12 @@ def measure_units(model: Defense, x: Tensor, rows: int, grad_rows: int, repeats:
         return run
 
     with torch.no_grad():
-        t_step = _best(lambda: step_inf(x_inf), repeats)
-        t_cls = _best(lambda: model.classifier(x_cls), repeats)
+        t_step = best_time(lambda: step_inf(x_inf), repeats)
+        t_cls = best_time(lambda: model.classifier(x_cls), repeats)
         live = peak_live_bytes(lambda: step_inf(x_inf), x.device) / rows
-    t_grad = _best(grad_of(step), repeats)
-    t_ck = _best(grad_of(lambda z: checkpoint(step, z, use_reentrant=False)), repeats)
-    t_cls_grad = _best(lambda: torch.autograd.grad(model.classifier(x_cls_grad.requires_grad_(True)).sum(),
+    t_grad = best_time(grad_of(step), repeats)
+    t_ck = best_time(grad_of(lambda z: checkpoint(step, z, use_reentrant=False)), repeats)
+    t_cls_grad = best_time(lambda: torch.autograd.grad(model.classifier(x_cls_grad.requires_grad_(True)).sum(),
                                                    x_cls_grad), repeats)
     z = x_model.detach().requires_grad_(True)
     peak = None
