@@ -163,8 +163,9 @@ def test_auto_picks_the_fastest_candidate_that_fits(monkeypatch, tiny_unet, tiny
                      "attacks": [{"eot": 4, "eot_batch": "auto"}]})
     resolved, choice = auto.resolve_auto(cfg, model, images, None)
     # each attack row keeps (0 score + 2 reverse) x 1 byte x ... : without checkpointing 2 bytes per row
-    assert choice["fits"] and choice["batch_size"] * choice["eot_batch"] >= 4
-    assert resolved.evaluate.batch_size == choice["batch_size"] and resolved.attacks[0].eot_batch == choice["eot_batch"]
+    assert choice["fits"] and choice["batch_size"] * choice["eot_batch"]["0:pgd"] >= 4
+    assert resolved.evaluate.batch_size == choice["batch_size"]
+    assert resolved.attacks[0].eot_batch == choice["eot_batch"]["0:pgd"]
     assert "auto" not in (resolved.evaluate.batch_size, resolved.purifier.checkpoint, resolved.attacks[0].eot_batch)
 
 
@@ -210,6 +211,33 @@ def test_host_reads_of_an_attack_step_do_not_grow_with_the_reverse_steps(checkpo
         attack = PGD(ThreatModel("linf", 0.1), steps=1, eot=1)
         counts.append(count_host_reads(lambda: attack(defense, images, y)))
     assert counts[0] == counts[1]
+
+
+def test_auto_chooses_each_attacks_eot_batch_and_records_only_its_choices(monkeypatch, tiny_unet, tiny_classifier,
+                                                                           images):
+    """A set eot_batch belongs to its attack: an "auto" attack beside it gets its own measured choice (it got
+    the largest set value, unmeasured), and a set batch_size is the run's, so the choice does not record it
+    (it recorded min(batch, per_shard), which the run does not use)."""
+    from ssni import Defense
+    from ssni.evaluate import auto, costs, units
+    from ssni.evaluate.config import from_dict
+
+    def measured(model, x, rows, grad_rows, repeats=2):
+        per_row = 1.0 / min(rows, 8)  # wider calls are cheaper per row up to 8 rows
+        return units.Units(step=per_row, step_grad=3 * per_row, step_ck=4 * per_row, classifier=0.1 * per_row,
+                           classifier_grad=0.3 * per_row, step_saved_bytes=1.0, step_input_bytes=0.1,
+                           classifier_saved_bytes=0.0, weight_bytes=0)
+
+    monkeypatch.setattr(units, "measure_units", measured)
+    monkeypatch.setattr(costs, "free_bytes", lambda device: (1e12, "test"))
+    model = Defense(tiny_classifier, DiffPure(tiny_unet, t_star=2, steps=2)).eval()
+    cfg = from_dict({"data": {"n": 4}, "evaluate": {"batch_size": 16},
+                     "attacks": [{"eot": 4, "eot_batch": 1}, {"eot": 8, "eot_batch": "auto"}, {"eot": 2}]})
+    resolved, choice = auto.resolve_auto(cfg, model, images, None)
+    assert [a.eot_batch for a in resolved.attacks] == [1, 2, 1]  # 4 samples x 2 draws: the 8 rows that saturate
+    assert choice["eot_batch"] == {"1:pgd": 2} and "batch_size" not in choice and "checkpoint" not in choice
+    assert resolved.evaluate.batch_size == 16 and choice["fits"]
+    assert auto.format_choice(choice).startswith("auto: 1:pgd eot_batch 2 (fastest of 1 candidates")
 
 
 def _small_defense(ssni: bool, checkpoint: bool, steps: int = 3):
