@@ -19,7 +19,8 @@ def test_user_errors_print_one_line_and_exit_2(tmp_path):
     result = run_cli("demo", "--quick", "--weights-dir", str(tmp_path), "--out", str(tmp_path / "o"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "ssni train score" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "ship with the package" in lines[0]
+    assert "drop --weights-dir" in lines[0] and not (tmp_path / "o").exists()  # refused before --out is made
 
 
 def test_out_of_range_option_is_rejected_with_exit_2():

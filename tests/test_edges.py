@@ -365,3 +365,185 @@ def test_redirected_progress_is_plain_lines():
     bar = tqdm(total=3, file=Terminal())
     assert not isinstance(bar, PlainProgress)
     bar.close()
+
+
+# --- third pass (issue 23): folders of demo, sweep, fetch and train; flags over --set; notes and hints -----
+
+def _listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_demo_claims_its_folder_before_it_runs(monkeypatch, capsys, tmp_path):
+    import ssni.demo
+    from ssni.demo import DemoConfig
+
+    monkeypatch.setattr(ssni.demo, "evaluate", lambda *a, **k: pytest.fail("the demo ran"))
+    (tmp_path / "afile").write_text("x")
+    evaluated = claim(tmp_path / "evaluated", "evaluate")
+    (evaluated / "results.sqlite").write_text("")
+    before = _listing(tmp_path)
+    for out, words in ((tmp_path / "afile", ["--out", "afile is a file"]),
+                       (tmp_path / "afile" / "d", ["cannot write into", str(tmp_path / "afile" / "d")]),
+                       (evaluated, [str(evaluated), "ssni evaluate", "new --out"])):
+        status, _, err = run_ssni(monkeypatch, capsys, "demo", "--quick", "--out", out)
+        one_error(status, err, *words)
+    assert _listing(tmp_path) == before and (tmp_path / "afile").read_text() == "x"
+    with pytest.raises(InputError, match="holds the results of `ssni evaluate`"):  # the library call claims it
+        ssni.demo.run_demo(DemoConfig(), evaluated)
+    assert _listing(tmp_path) == before
+
+
+def test_demo_takes_over_its_old_folder_and_says_what_ctrl_c_keeps(monkeypatch, capsys, tmp_path):
+    import ssni.demo
+
+    old = tmp_path / "demo"  # written by a demo before the marker existed, stopped in its first method
+    (old / "runs" / "undefended").mkdir(parents=True)
+    (old / "runs" / "undefended" / "results.sqlite").write_text("")
+    assert owner(old) == "demo" and owner(old / "runs" / "undefended") == "evaluate"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ssni.demo, "evaluate", interrupted)
+    status, _, err = run_ssni(monkeypatch, capsys, "demo", "--quick", "--out", old)
+    assert status == 130 and (old / OWNER_FILE).read_text() == "demo\n"
+    assert err.strip().splitlines()[-1] == (f"interrupted: the finished evaluations are kept under {old / 'runs'}; "
+                                            "run the same command again to resume")
+    status, _, err = run_ssni(monkeypatch, capsys, "evaluate", "--config", DEMO_CONFIG, "--out", old, "--limit", "1")
+    one_error(status, err, "ssni demo")
+
+
+def _denied_for(monkeypatch, name: str) -> None:
+    """Creating a folder called ``name`` fails as in a folder the user may not write (the tour's immutable one)."""
+    real = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self.name == name:
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+
+
+@pytest.mark.parametrize("command", [["fetch", "cifar10-data"], ["fetch", "imagenet-resnet50"],
+                                     ["train", "classifier", "--steps", "1"], ["train", "score", "--steps", "1"]])
+def test_fetch_and_train_refuse_a_weights_dir_they_cannot_write(monkeypatch, capsys, tmp_path, command):
+    import urllib.request
+
+    import ssni.train
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: pytest.fail("downloaded"))
+    monkeypatch.setattr(ssni.train, "train_and_register", lambda *a, **k: pytest.fail("trained"))
+    (tmp_path / "afile").write_text("x")
+    status, _, err = run_ssni(monkeypatch, capsys, *command, "--weights-dir", tmp_path / "afile" / "w")
+    one_error(status, err, f"cannot write into {tmp_path / 'afile' / 'w'}: Not a directory")
+    _denied_for(monkeypatch, "w")
+    status, _, err = run_ssni(monkeypatch, capsys, *command, "--weights-dir", tmp_path / "w")
+    one_error(status, err, f"cannot write into {tmp_path / 'w'}: Operation not permitted")
+    assert "--weights-dir" in err if command[0] == "train" else True
+    assert _listing(tmp_path) == ["afile"]
+
+
+def test_convert_says_first_that_the_file_is_missing(monkeypatch, capsys, tmp_path):
+    status, _, err = run_ssni(monkeypatch, capsys, "convert", tmp_path / "none.pkl")
+    one_error(status, err, f"cannot read {tmp_path / 'none.pkl'}: No such file or directory")
+    assert "--allow-pickle" not in err
+    status, _, err = run_ssni(monkeypatch, capsys, "convert", tmp_path)
+    one_error(status, err, "it is a folder")
+    (tmp_path / "real.pkl").write_bytes(b"x")
+    status, _, err = run_ssni(monkeypatch, capsys, "convert", tmp_path / "real.pkl")
+    one_error(status, err, "--allow-pickle")  # a file that is there: trust is asked for
+
+
+@pytest.mark.parametrize("command", [["evaluate"], ["converge"], ["sweep"]])
+def test_a_bad_set_value_is_refused_although_a_flag_replaces_it(monkeypatch, capsys, tmp_path, command):
+    status, _, err = run_ssni(monkeypatch, capsys, *command, "--config", DEMO_CONFIG, "--out", tmp_path / "o",
+                              "--limit", "1", "--set", "data.n=-5")
+    one_error(status, err, "n = -5", "expected an integer >= 1")
+    assert not (tmp_path / "o").exists()
+
+
+def test_command_overrides_put_the_flags_over_set():
+    from ssni.cli_common import command_overrides, parse_overrides
+
+    assert command_overrides(["data.n=3", "evaluate.device=cpu"], 1, "auto", [DEMO_CONFIG]) == {
+        "data.n": 1, "evaluate.device": "auto"}
+    assert parse_overrides(['data.split="val"', "data.split2=val", "a.b=0.5", "a.c=true"]) == {
+        "data.split": "val", "data.split2": "val", "a.b": 0.5, "a.c": True}
+
+
+def test_purify_notes_the_files_it_skips(monkeypatch, capsys, tmp_path):
+    from PIL import Image
+
+    import ssni.purify_folder
+
+    source, ran = tmp_path / "in", []
+    (source / "sub").mkdir(parents=True)
+    for name in ("a.png", "sub/b.PNG", "c.tif", "sub/d.TIFF", "README"):
+        Image.new("L", (28, 28)).save(source / name, format="PNG" if "png" in name.lower() else "TIFF")
+    monkeypatch.setattr(ssni.purify_folder, "purify_folder", lambda cfg, src, out, *a: ran.append(src) or out)
+    status, _, err = run_ssni(monkeypatch, capsys, "purify", source, "--out", tmp_path / "out")
+    assert status == 0 and ran == [source]
+    assert err.strip().splitlines() == [(f"note: 3 file(s) under {source} skipped (.tif, .tiff, no extension): "
+                                         "purify reads .bmp, .jpeg, .jpg, .png, .webp")]
+    for name in ("c.tif", "sub/d.TIFF", "README"):
+        (source / name).unlink()
+    status, _, err = run_ssni(monkeypatch, capsys, "purify", source, "--out", tmp_path / "out")
+    assert status == 0 and err == ""
+
+
+def test_a_shipped_model_missing_from_a_weights_dir_is_copied_not_trained(tmp_path):
+    from dataclasses import replace
+
+    from ssni.checkpoints.registry import default_weights_dir
+    from ssni.evaluate import load_config
+    from ssni.evaluate.build import check_models
+
+    cfg = load_config(DEMO_CONFIG)
+    with pytest.raises(CheckpointError) as err:
+        check_models(cfg, tmp_path)
+    shipped = default_weights_dir()
+    assert str(err.value) == (
+        f"{tmp_path} has no mnist-unet or mnist-cnn and no public model has that name (`ssni models` lists them); "
+        f"mnist-unet and mnist-cnn ship with the package ({shipped / 'mnist-unet.safetensors'}, "
+        f"{shipped / 'mnist-cnn.safetensors'}): drop --weights-dir, or copy the files and their entries in "
+        f"{shipped / 'manifest.json'} into {tmp_path}")
+    with pytest.raises(CheckpointError) as err:
+        check_models(replace(cfg, models=replace(cfg.models, diffusion="my-unet")), tmp_path)
+    assert "mnist-cnn ships with the package" in str(err.value) and "copy the file and its entry" in str(err.value)
+    assert str(err.value).endswith("; train it with `ssni train score --dataset mnist-5k --name my-unet`")
+
+
+def test_the_converge_ladder_default_is_the_library_one(monkeypatch, capsys, tiny_config_file, tmp_path):
+    from ssni.evaluate import convergence
+
+    seen = []
+
+    def fake(cfg, out, attacks, rungs, *rest):
+        seen.append(rungs)
+        return {"choice": {}}
+
+    monkeypatch.setattr(convergence, "run_convergence", fake)
+    for extra in ([], ["--restarts", "1,3"]):
+        status, _, _ = run_ssni(monkeypatch, capsys, "converge", "--config", tiny_config_file, "--out",
+                                tmp_path / "c", *extra)
+        assert status == 0
+    assert seen == [convergence.DEFAULT_LADDER, {**convergence.DEFAULT_LADDER, "restarts": (1, 3)}]
+
+
+def test_the_device_help_is_the_runtime_one():
+    from ssni.cli_common import DEVICE_OPTION_HELP
+    from ssni.runtime import DEVICE_HELP
+
+    assert DEVICE_OPTION_HELP == DEVICE_HELP
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message of a machine without CUDA")
+def test_the_no_cuda_error_is_not_worded_for_the_command_line_only():
+    from ssni.errors import ConfigError
+    from ssni.runtime import resolve_device
+
+    with pytest.raises(ConfigError) as err:
+        resolve_device("cuda")
+    assert str(err.value).endswith('; use device cpu or auto (--device cpu on the command line, '
+                                   'evaluate.device = "cpu" in a config)')

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -152,3 +153,88 @@ def test_frontier_curves_join_a_method_along_its_level_within_one_attack():
     assert list(curves) == ["DiffPure", "SSNI"]
     assert [p["values"]["purifier.diffpure.t_star"] for p in curves["DiffPure"]] == [100, 200, 300]
     assert len(_curves(points, set())) == 3  # without panels, each eps is its own DiffPure curve
+
+
+def run_ssni(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """``ssni ARGS`` through the console entry point (its error line, exit status and Ctrl-C message)."""
+    import sys
+
+    from ssni.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["ssni", *map(str, args)])
+    with pytest.raises(SystemExit) as done:
+        main()
+    captured = capsys.readouterr()
+    return done.value.code, captured.out, captured.err
+
+
+def test_sweep_claims_its_folder(monkeypatch, capsys, tmp_path, write_toml):
+    import ssni.sweep
+    from ssni.errors import InputError
+    from ssni.folders import claim
+
+    monkeypatch.setattr(ssni.sweep, "run_sweep", lambda *a, **k: pytest.fail("the sweep ran"))
+    config = write_toml(TINY)
+    (tmp_path / "afile").write_text("x")
+    evaluated = claim(tmp_path / "evaluated", "evaluate")
+    purified = tmp_path / "purified"  # made by ssni purify before the marker existed
+    purified.mkdir()
+    (purified / "purify.csv").write_text("file,score_norm,t_star,prediction\n")
+    before = sorted(tmp_path.rglob("*"))
+    for out, words in ((tmp_path / "afile", "--out .*afile is a file"),
+                       (tmp_path / "afile" / "s", "cannot write into .*afile/s: Not a directory"),
+                       (evaluated, "evaluated holds the results of `ssni evaluate`.*new --out"),
+                       (purified, "purified holds the results of `ssni purify`")):
+        status, _, err = run_ssni(monkeypatch, capsys, "sweep", "--config", config, "--out", out)
+        assert status == 2 and len(err.strip().splitlines()) == 1 and err.startswith("error: "), err
+        assert re.search(words, err), err
+    assert sorted(tmp_path.rglob("*")) == before
+    monkeypatch.undo()
+    with pytest.raises(InputError, match="`ssni evaluate`"):  # the library call claims it too
+        run_sweep(sweep_points([config], []), evaluated)
+
+
+def test_a_sweep_folder_from_before_the_marker_resumes_and_ctrl_c_counts_its_points(
+        monkeypatch, capsys, tmp_path, write_toml, tiny_weights):
+    from ssni.folders import OWNER_FILE, owner
+
+    config = write_toml(TINY)
+    points = sweep_points([config], parse_grid(["purifier.diffpure.t_star=10,20"]))
+    out = tmp_path / "s"
+    run_sweep(points[:1], out, tiny_weights, progress=False)
+    (out / OWNER_FILE).unlink()  # as an older ssni left it: sweep.json, times.json and a point folder
+    assert owner(out) == "sweep" and owner(out / points[0].folder) == "evaluate"
+    real_run_batch, calls = runner_module.run_batch, []
+
+    def interrupt(*args):
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner_module, "run_batch", interrupt)
+    args = ["sweep", "--config", config, "--grid", "purifier.diffpure.t_star=10,20", "--out", out,
+            "--weights-dir", tiny_weights, "--no-progress"]
+    status, _, err = run_ssni(monkeypatch, capsys, *args)
+    assert status == 130 and len(calls) == 1  # the finished point was not run again
+    assert err.strip().splitlines()[-1] == (f"interrupted: 1 of 2 point(s) are complete under {out} (listed in "
+                                            f"{out / 'sweep.json'}); run the same command again to resume")
+    assert (out / OWNER_FILE).read_text() == "sweep\n"
+    monkeypatch.setattr(runner_module, "run_batch", real_run_batch)
+    status, stdout, _ = run_ssni(monkeypatch, capsys, *args)
+    assert status in (0, None) and f"wrote {out / 'sweep.json'}" in stdout
+    assert [p["n"] for p in json.loads((out / "sweep.json").read_text())["points"]] == [4, 4]
+    status, stdout, _ = run_ssni(monkeypatch, capsys, "report", out / points[1].folder)  # a point is evaluate's
+    assert status in (0, None) and "clean" in stdout
+
+
+def test_sweep_announces_the_device_and_precision_of_its_points(monkeypatch, capsys, write_toml):
+    import ssni.evaluate.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "plan_run", lambda cfg, weights_dir=None: {"seconds": 1.0, "peak_bytes": 0})
+    configs = [write_toml(TINY, "a.toml"), write_toml(TINY + 'precision = "bf16"\n', "b.toml"),
+               write_toml(TINY.replace("[evaluate]", '[evaluate]\ndevice = "cpu"\nseed = 5'), "c.toml")]
+    status, stdout, _ = run_ssni(monkeypatch, capsys, "sweep", *(x for c in configs for x in ("--config", c)),
+                                 "--out", "unused", "--plan")
+    lines = stdout.splitlines()
+    assert status in (0, None) and lines[0].startswith("device: cpu (") and lines[1].startswith("device: cpu (")
+    assert lines[0].endswith("; precision fp32 (2 of 3 points)")  # auto is cpu here: one line with c.toml's
+    assert lines[1].endswith("; precision bf16 (1 of 3 points)") and lines[2].startswith("plan: 3 point(s)")

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from .cli_common import DEVICE_OPTION_HELP, announce_device, claim_folder, load_config_noted, parse_overrides
+from .cli_common import (DEVICE_OPTION_HELP, announce_device, claim_folder, command_overrides, load_config_noted,
+                         resume_note)
 from .cli_studies import converge, sweep
 from .cli_train import train_app
 
@@ -43,7 +44,6 @@ def demo(
 
     Example: ssni demo --quick --out out/demo
     """
-    from .console import on_interrupt
     from .demo import demo_config, run_demo
     from .errors import ConfigError
     from .report import format_table
@@ -54,9 +54,8 @@ def demo(
     cfg = demo_config(quick, dataset=dataset, split=split, all_methods=all_methods or None, n_test=n_test, eps=eps, pgd_steps=pgd_steps,
                       eot=eot, t_star=t_star, rescore_draws=draws, batch_size=batch_size, device=device)
     announce_device(cfg.device)
-    on_interrupt(lambda: f"the finished evaluations are kept under {out / 'runs'}; run the same command again "
-                         "to resume")
-    results = run_demo(cfg, out, weights_dir)
+    resume_note(out, "demo")
+    results = run_demo(cfg, out, weights_dir)  # claims --out once the models are found
     typer.echo(format_table(results["rows"]))
     typer.echo(f"score-norm AUROC clean vs adversarial: {results['auroc_score_norm']:.3f}")
     typer.echo(f"robust columns from {cfg.rescore_draws} fresh draws per adversarial example, 95% Wilson intervals")
@@ -117,12 +116,7 @@ def _evaluate_config(config: Path, set_: list[str], limit: int | None, device: s
     (in that order), shrunk by ``--dry-run``."""
     from .evaluate.config import dry_run as shrink
 
-    overrides = parse_overrides(set_)
-    if limit is not None:
-        overrides["data.n"] = limit
-    if device is not None:
-        overrides["evaluate.device"] = device
-    cfg = load_config_noted(config, overrides)
+    cfg = load_config_noted(config, command_overrides(set_, limit, device, [config]))
     if dry_run:
         cfg = shrink(cfg, n=limit or 2)
     return cfg
@@ -166,21 +160,19 @@ def purify(
     """
     from .checkpoints.registry import default_weights_dir
     from .errors import ConfigError
-    from .console import on_interrupt
     from .evaluate import load_config
-    from .folders import stored
-    from .purify_folder import purify_folder
+    from .purify_folder import purify_folder, skipped_note
 
-    overrides = parse_overrides(set_)
-    if device is not None:
-        overrides["evaluate.device"] = device
     default = Path(__file__).resolve().parents[2] / "configs" / "mnist-diffpure-ssni-n.toml"
     if config is None and not default.is_file():
         raise ConfigError("no --config given and the default configs/mnist-diffpure-ssni-n.toml is not here "
                           "(installed without the source tree); pass --config FILE")
-    cfg = load_config(config or default, overrides)
+    cfg = load_config(config or default, command_overrides(set_, device=device, configs=[config or default]))
     announce_device(cfg.evaluate.device, cfg.evaluate.precision)
-    on_interrupt(lambda: f"{stored(out, 'purify')}; run the same command again to resume")
+    note = skipped_note(source)
+    if note:
+        typer.echo(f"note: {note}", err=True)
+    resume_note(out, "purify")
     table = purify_folder(cfg, source, out, Path(weights_dir or default_weights_dir()), width, chunk, progress)
     typer.echo(f"wrote purified images and {table}")
 
@@ -241,6 +233,9 @@ def convert(
     from .checkpoints.edm_pickle import convert_edm_pickle
     from .errors import CheckpointError
 
+    if not source.is_file():  # before asking for trust in it
+        raise CheckpointError(f"cannot read {source}: " + ("it is a folder" if source.is_dir() else
+                                                          "No such file or directory"))
     if not allow_pickle:
         raise CheckpointError(f"{source} is a pickle; pass --allow-pickle to confirm you trust it (the reader runs "
                               "none of the code inside, but a pickle is a program)")

@@ -6,15 +6,23 @@ from pathlib import Path
 
 import typer
 
-from .cli_common import DEVICE_OPTION_HELP, announce_device, claim_folder, load_config_noted, parse_overrides
+from .cli_common import (
+    DEVICE_OPTION_HELP,
+    announce_device,
+    announce_devices,
+    claim_folder,
+    command_overrides,
+    load_config_noted,
+)
 
 
 def converge(
     config: Path = typer.Option(..., "--config", help="experiment TOML; its first attack is the base budget"),
     out: Path = typer.Option(..., "--out", help="output folder: one sub-folder per budget point (rerun to resume), "
                              "convergence.json, convergence.png"),
-    ladder: str = typer.Option("steps=10,20,50,100,200 eot=1,2,4,8,16 restarts=1,2,4",
-                               help="rungs per axis; each axis varies alone at the configured base of the others"),
+    ladder: str = typer.Option(None, help="rungs per axis, e.g. 'steps=10,20,50 eot=1,2,4'; each axis varies alone "
+                               "at the configured base of the others (default: DEFAULT_LADDER of "
+                               "ssni.evaluate.convergence: steps, eot and restarts)"),
     restarts: str = typer.Option(None, help="restart rungs (apgd), e.g. 1,2,4 (same as restarts=... in --ladder)"),
     attack: list[str] = typer.Option([], "--attack", help="attack name(s) to study (default: the configured one)"),
     limit: int = typer.Option(None, min=1, help="validation images (overrides data.n)"),
@@ -30,15 +38,12 @@ def converge(
     --ladder "steps=5,10,20,40 eot=1,2,4,8" --attack pgd --attack apgd --limit 40
     """
     from .errors import ConfigError
-    from .evaluate.convergence import parse_ladder, run_convergence
+    from .evaluate.convergence import DEFAULT_LADDER, parse_ladder, run_convergence
     from .evaluate.registries import ATTACKS
 
-    overrides = parse_overrides(set_)
-    if limit is not None:
-        overrides["data.n"] = limit
-    if device is not None:
-        overrides["evaluate.device"] = device
-    rungs = parse_ladder(ladder + (f" restarts={restarts}" if restarts else ""))
+    overrides = command_overrides(set_, limit, device, [config])
+    rungs = {**(DEFAULT_LADDER if ladder is None else parse_ladder(ladder)),
+             **(parse_ladder(f"restarts={restarts}") if restarts else {})}
     if not rungs:
         raise ConfigError("--ladder is empty; give the rungs to run, e.g. --ladder 'steps=10,20,50 eot=1,2,4'")
     unknown = [a for a in attack if a not in ATTACKS]
@@ -90,16 +95,13 @@ def sweep(
     """
     from .sweep import format_sweep_plan, format_table, parse_grid, plan_sweep, run_sweep, sweep_points
 
-    overrides = parse_overrides(set_)
-    if limit is not None:
-        overrides["data.n"] = limit
-    if device is not None:
-        overrides["evaluate.device"] = device
-    announce_device(device or "auto")
+    overrides = command_overrides(set_, limit, device, config)
     points = sweep_points(list(config), parse_grid(grid), overrides, list(label) or None)
+    announce_devices(((p.cfg.evaluate.device, p.cfg.evaluate.precision) for p in points), "points")
     if plan:
         typer.echo(format_sweep_plan(plan_sweep(points, out, weights_dir)))
         return
+    claim_folder(out, "sweep")
     result = run_sweep(points, out, weights_dir, progress, protocol, run=not collect)
     typer.echo(format_table(result))
     typer.echo(f"wrote {out / 'sweep.json'}, table.md, times.json, frontier.png"

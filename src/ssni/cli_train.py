@@ -17,9 +17,13 @@ def command_line() -> str:
     return "ssni " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
-def _not_saved_until_the_end() -> None:
+def _before_training(weights_dir: Path) -> None:
+    """Check that the weights can be written there (before training, not after), and say on Ctrl-C
+    that nothing was saved."""
     from .console import on_interrupt
+    from .folders import check_folder
 
+    check_folder(weights_dir, "--weights-dir")
     on_interrupt(lambda: "nothing was saved (training writes its weights when it ends); run the command again "
                          "to start over")
 
@@ -45,7 +49,7 @@ def train_score(
 
     arch = UNetConfig(base_channels=base_channels, channel_mults=tuple(int(m) for m in mults.split(",")))
     cfg = TrainConfig(dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema=0.999)
-    _not_saved_until_the_end()
+    _before_training(weights_dir)
     entry = train_and_register("score", cfg, arch, weights_dir, name, command_line(), force=force)
     typer.echo(f"{name}: {entry['metrics']} in {entry['train_seconds']} s -> {weights_dir / entry['file']}")
 
@@ -69,7 +73,7 @@ def train_classifier(
     from .train import TrainConfig, train_and_register
 
     cfg = TrainConfig(dataset=dataset, steps=steps, batch_size=batch_size, lr=lr, seed=seed, ema=0.99)
-    _not_saved_until_the_end()
+    _before_training(weights_dir)
     entry = train_and_register("classifier", cfg, SmallCNNConfig(width=width), weights_dir, name, command_line(),
                                force=force)
     typer.echo(f"{name}: {entry['metrics']} in {entry['train_seconds']} s -> {weights_dir / entry['file']}")

@@ -30,6 +30,7 @@ from .evaluate.config import (AttackConfig, DataConfig, EvaluateConfig, Experime
 from .evaluate.runner import evaluate
 from .evaluate.store import Store
 from .evaluate.summary import summarize
+from .folders import claim
 from .metrics import auroc
 from .report import format_table, image_grid, level_histogram, robust_vs_draws_plot, score_norm_histogram
 from .rng import SampleNoise
@@ -104,11 +105,13 @@ def slug(name: str) -> str:
 
 
 def run_demo(cfg: DemoConfig, out: Path, weights_dir: Path | None = None, progress: bool = True) -> dict:
-    """Run (or resume) every method into ``out/runs/``; write results.json, table.txt and figures."""
+    """Run (or resume) every method into ``out/runs/``; write results.json, table.txt and figures.
+    The models are checked, then ``out`` is claimed (:func:`ssni.folders.claim`: a file, a folder of
+    another command or one that cannot be written is refused), before anything is written."""
     weights_dir = Path(weights_dir or default_weights_dir())
-    out.mkdir(parents=True, exist_ok=True)
     configs, rows = method_configs(cfg), []
     check_models(configs["DiffPure"], weights_dir)
+    out = claim(out, "demo")
     for name, exp in tqdm(configs.items(), desc="methods", disable=not progress):
         store_path = evaluate(exp, out / "runs" / slug(name), weights_dir, progress=progress)
         store = Store(store_path, exp.hash(), json.dumps(exp.to_dict(), sort_keys=True))

@@ -19,7 +19,10 @@ from .errors import InputError, ResumeError
 
 OWNER_FILE = ".ssni-command"
 TABLES = {"evaluate": ("results.sqlite", "shard-*-of-*.sqlite"), "purify": ("purify.csv",),
-          "converge": ("convergence.json",)}  # what each command's folder holds
+          "converge": ("convergence.json",), "demo": ("results.json", "table.txt", "runs/*/results.sqlite"),
+          "sweep": ("sweep.json", "times.json")}  # what each command's folder holds
+# The evaluations inside a demo, sweep or converge folder (runs/<method>/, <stem>/<point>/, <axis>/<rung>/) are
+# evaluate folders of their own: `ssni report` reads them, `ssni evaluate` resumes them.
 
 
 def owner(out: Path) -> str | None:
@@ -38,19 +41,40 @@ def claim(out: Path, command: str) -> Path:
     """Create ``out`` if needed and mark it as ``command``'s; raise :class:`InputError` for a file,
     a folder of another command, or a folder that cannot be written."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file; give a folder (it is created if missing)")
+    _not_a_file(out, "--out")
     found = owner(out)
     if found not in (None, command):
-        raise InputError(f"{out} holds the results of `ssni {found}`; `ssni {command}` would overwrite its "
-                         "config.json: give a new --out folder")
+        raise InputError(f"{out} holds the results of `ssni {found}`; `ssni {command}` would mix its own files "
+                         "into them: give a new --out folder")
+    return _write_into(out, "--out", OWNER_FILE, command + "\n")
+
+
+def check_folder(path: Path, option: str | None = None) -> Path:
+    """Create the folder ``path`` if needed and check that it can be written (a probe file, removed
+    again); raise :class:`InputError` for a file or a folder that cannot be written (with the
+    command-line ``option`` that names the folder, when given)."""
+    path = Path(path)
+    _not_a_file(path, option)
+    _write_into(path, option, ".ssni-probe", "")
+    (path / ".ssni-probe").unlink()
+    return path
+
+
+def _not_a_file(path: Path, option: str | None) -> None:
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{option + ' ' if option else ''}{path} is a file; give a folder (it is created if "
+                         "missing)")
+
+
+def _write_into(folder: Path, option: str | None, name: str, text: str) -> Path:
+    """Create ``folder`` and write ``folder/name``; an :class:`OSError` becomes one :class:`InputError`."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / OWNER_FILE).write_text(command + "\n")
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
     except OSError as err:
-        raise InputError(f"cannot write into {out}: {err.strerror or err}; give an --out folder you can "
-                         "write to") from err
-    return out
+        hint = f"; give {option} a folder you can write to" if option else ""
+        raise InputError(f"cannot write into {folder}: {err.strerror or err}{hint}") from err
+    return folder
 
 
 def check_output_file(path: Path) -> None:
@@ -91,9 +115,15 @@ def stored(out: Path, command: str, total: int | None = None) -> str:
             with open(out / "purify.csv", newline="") as handle:
                 count = sum(1 for _ in csv.DictReader(handle))
             return f"{count}{of} image(s) are purified and listed in {out / 'purify.csv'}"
-    except (OSError, sqlite3.Error):
+        if command == "demo":
+            return f"the finished evaluations are kept under {out / 'runs'}"
+        if command == "sweep" and (out / "sweep.json").is_file():
+            points = read_json(out / "sweep.json")["points"]
+            done = sum(1 for p in points if p.get("complete"))
+            return f"{done} of {len(points)} point(s) are complete under {out} (listed in {out / 'sweep.json'})"
+    except (OSError, sqlite3.Error, ResumeError, KeyError, TypeError):
         pass
     return f"what finished is kept in {out}"
 
 
-__all__ = ["OWNER_FILE", "check_output_file", "claim", "owner", "read_json", "stored"]
+__all__ = ["OWNER_FILE", "check_folder", "check_output_file", "claim", "owner", "read_json", "stored"]

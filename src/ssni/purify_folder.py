@@ -36,11 +36,14 @@ COLUMNS = ["file", "score_norm", "t_star", "prediction"]
 SHRINK_WARNING = 4.0  # a side shrunk by more than this factor loses most of the image's detail: say so
 
 
-def find_images(source: Path) -> list[Path]:
-    """Image files under ``source`` (sorted relative paths)."""
+def find_images(source: Path, skipped: list[Path] | None = None) -> list[Path]:
+    """Image files under ``source`` (sorted relative paths); ``skipped`` receives the other files."""
     if not source.is_dir():
         raise InputError(f"{source} is not a folder of images")
-    files = sorted(p.relative_to(source) for p in source.rglob("*") if p.suffix.lower() in SUFFIXES)
+    paths = sorted(p.relative_to(source) for p in source.rglob("*"))
+    files = [p for p in paths if p.suffix.lower() in SUFFIXES]
+    if skipped is not None:
+        skipped += [p for p in paths if p.suffix.lower() not in SUFFIXES and (source / p).is_file()]
     if not files:
         raise InputError(f"{source} holds no images ({', '.join(sorted(SUFFIXES))})")
     seen: dict[Path, Path] = {}
@@ -51,6 +54,18 @@ def find_images(source: Path) -> list[Path]:
                              "rename one of them")
         seen[target] = file
     return files
+
+
+def skipped_note(source: Path) -> str | None:
+    """The ``note:`` text for files under ``source`` that are not images purify reads (``None``: none);
+    a folder without images is refused (:func:`find_images`)."""
+    skipped: list[Path] = []
+    find_images(Path(source), skipped)
+    if not skipped:
+        return None
+    kinds = ", ".join(sorted({p.suffix.lower() or "no extension" for p in skipped}))
+    return (f"{len(skipped)} file(s) under {source} skipped ({kinds}): purify reads "
+            f"{', '.join(sorted(SUFFIXES))}")
 
 
 def output_name(file: Path) -> Path:
@@ -200,4 +215,4 @@ def purify_folder(cfg: ExperimentConfig, source: Path, out: Path, weights_dir: P
     return out / "purify.csv"
 
 
-__all__ = ["find_images", "image_id", "output_name", "purify_folder", "read_images"]
+__all__ = ["find_images", "image_id", "output_name", "purify_folder", "read_images", "skipped_note"]

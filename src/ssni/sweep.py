@@ -43,6 +43,7 @@ from .evaluate.runner import evaluate
 from .evaluate.scoring import PROTOCOLS
 from .evaluate.store import RESULTS_FILE, stored_rows
 from .evaluate.summary import pct, summarize
+from .folders import claim
 
 PURIFIER_NAMES = {"diffpure": "DiffPure", "gdmp": "GDMP", "gns": "GNS", "none": "undefended"}
 REWEIGHT_NAMES = {"sigmoid": "SSNI-N", "linear": "SSNI-L"}
@@ -82,8 +83,9 @@ def _text(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _scalar(raw: str) -> Any:
-    """A grid value as a TOML scalar (``0.3``, ``true``, ``"x"``); a bare word stays a string."""
+def scalar(raw: str) -> Any:
+    """A value typed on the command line (``--grid``, ``--set``) as a TOML scalar (``0.3``, ``true``,
+    ``"x"``); a bare word stays a string."""
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
@@ -98,7 +100,7 @@ def parse_grid(items: list[str]) -> list[Axis]:
         head, sep, raw = item.partition("=")
         scope, _, key = head.rpartition(":")
         width = len(key.split("+"))
-        values = tuple(dict.fromkeys(tuple(_scalar(x.strip()) for x in v.split("+"))
+        values = tuple(dict.fromkeys(tuple(scalar(x.strip()) for x in v.split("+"))
                                      for v in raw.split(",") if v.strip()))
         if not sep or not all("." in k for k in key.split("+")) or not values or {len(v) for v in values} != {width}:
             raise ConfigError(f"--grid {item!r}: write [STEM:]section.key=v1,v2,... (e.g. "
@@ -289,11 +291,11 @@ def run_sweep(points: list[SweepPoint], out: Path, weights_dir: Path | None = No
               protocol: str = "worst", run: bool = True) -> dict:
     """Run (or resume) every point into ``out``, then write the outputs. After each point
     ``sweep.json`` and ``table.md`` are rewritten, so a long sweep can be read while it runs.
-    ``run=False`` only collects what the stores hold."""
+    ``run=False`` only collects what the stores hold. ``out`` is claimed as a sweep folder first
+    (:func:`ssni.folders.claim`: a file or another command's folder is refused)."""
     if protocol not in PROTOCOLS:
         raise ConfigError(f"--protocol {protocol!r}: choose one of {list(PROTOCOLS)}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = claim(out, "sweep")  # its points are evaluate folders inside it
     times_path = out / "times.json"
     times = json.loads(times_path.read_text()) if times_path.is_file() else {}
     for i, p in enumerate(points if run else []):

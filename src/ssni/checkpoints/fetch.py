@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import CheckpointError
+from ..folders import check_folder
 from ..progress import tqdm
 
 CHUNK = 1 << 20
@@ -30,7 +31,7 @@ def download(url: str, target: Path, *, sha256: str | None = None, md5: str | No
     target = Path(target)
     if target.is_file() and _hash_ok(target, sha256, md5):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    check_folder(target.parent)  # one InputError for a folder that cannot be made or written
     part = target.with_name(target.name + ".part")
     have = part.stat().st_size if part.is_file() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})

@@ -11,7 +11,7 @@ from torch import nn
 from ..attacks import ThreatModel
 from ..attacks.gradient_modes import gradient_target
 from ..checkpoints.models import find_model, load_model
-from ..checkpoints.registry import load_manifest
+from ..checkpoints.registry import MANIFEST, default_weights_dir, load_manifest
 from ..data import IMAGE_FORMATS, ImageSet, load_split
 from ..defense import SSNI, Defense, resize
 from ..diffusion import VPSchedule
@@ -37,14 +37,25 @@ def load_models(cfg: ExperimentConfig, weights_dir: Path) -> tuple[nn.Module, nn
 
 
 def check_models(cfg: ExperimentConfig, weights_dir: Path) -> None:
-    """Raise a :class:`CheckpointError` that says how to get them if the named models are unknown."""
+    """Raise a :class:`CheckpointError` that says how to get them if the named models are unknown: a
+    model shipped with the package is in the default weights folder, the others are trained."""
     missing = [(kind, name) for kind, name in (("score", cfg.models.diffusion), ("classifier", cfg.models.classifier))
                if find_model(name, weights_dir) is None]
-    if missing:
-        names = " or ".join(name for _, name in missing)
-        train = " and ".join(f"`ssni train {kind} --dataset {cfg.data.dataset} --name {name}`" for kind, name in missing)
-        raise CheckpointError(f"{weights_dir} has no {names} and no public model has that name (`ssni models` "
-                              f"lists them); train {'it' if len(missing) == 1 else 'them'} with {train}")
+    if not missing:
+        return
+    shipped_dir = default_weights_dir()
+    shipped = load_manifest(shipped_dir)
+    ships = [name for _, name in missing if name in shipped]
+    train = [(kind, name) for kind, name in missing if name not in shipped]
+    hints = [(f"{' and '.join(ships)} ship{'s' if len(ships) == 1 else ''} with the package "
+              f"({', '.join(str(shipped_dir / shipped[n]['file']) for n in ships)}): drop --weights-dir, or copy "
+              f"the file{'s' if len(ships) > 1 else ''} and {'its entry' if len(ships) == 1 else 'their entries'} "
+              f"in {shipped_dir / MANIFEST} into {weights_dir}")] if ships else []
+    if train:
+        how = " and ".join(f"`ssni train {kind} --dataset {cfg.data.dataset} --name {name}`" for kind, name in train)
+        hints.append(f"train {'it' if len(train) == 1 else 'them'} with {how}")
+    raise CheckpointError(f"{weights_dir} has no {' or '.join(name for _, name in missing)} and no public model "
+                          f"has that name (`ssni models` lists them); {'; '.join(hints)}")
 
 
 def load_eval_data(cfg: ExperimentConfig, n: int | None = None) -> ImageSet:
