@@ -547,3 +547,22 @@ def test_the_no_cuda_error_is_not_worded_for_the_command_line_only():
         resolve_device("cuda")
     assert str(err.value).endswith('; use device cpu or auto (--device cpu on the command line, '
                                    'evaluate.device = "cpu" in a config)')
+
+
+@pytest.mark.parametrize("command", ["score", "classifier"])
+def test_every_train_option_has_a_description(command):
+    import typer
+
+    from ssni.cli import app
+
+    group = typer.main.get_command(app).commands["train"]
+    options = [p for p in group.commands[command].params if p.name != "help"]
+    assert options and [p.name for p in options if not p.help] == []
+
+
+def test_demo_split_error_explains_train_only_for_train(monkeypatch, capsys, tmp_path):
+    status, _, err = run_ssni(monkeypatch, capsys, "demo", "--split", "foo", "--out", tmp_path / "d")
+    assert err.strip() == "error: --split 'foo': the demo evaluates test or val" and status == 2
+    status, _, err = run_ssni(monkeypatch, capsys, "demo", "--split", "train", "--out", tmp_path / "d")
+    one_error(status, err, "(train is the split the shipped models")
+    assert not (tmp_path / "d").exists()

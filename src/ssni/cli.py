@@ -49,8 +49,8 @@ def demo(
     from .report import format_table
 
     if split not in ("test", "val"):  # train is what the models and SSNI's calibration were fit on
-        raise ConfigError(f"--split {split!r}: the demo evaluates test or val (train is the split the shipped "
-                          "models and SSNI's calibration were fit on)")
+        why = " (train is the split the shipped models and SSNI's calibration were fit on)" if split == "train" else ""
+        raise ConfigError(f"--split {split!r}: the demo evaluates test or val{why}")
     cfg = demo_config(quick, dataset=dataset, split=split, all_methods=all_methods or None, n_test=n_test, eps=eps, pgd_steps=pgd_steps,
                       eot=eot, t_star=t_star, rescore_draws=draws, batch_size=batch_size, device=device)
     announce_device(cfg.device)

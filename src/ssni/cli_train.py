@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+DATASET_HELP = "training images: mnist-5k (embedded) or fashion-mnist (Debian package); trained on its train part"
 train_app = typer.Typer(help="Train the small models shipped in weights/ (CPU, seeded).", no_args_is_help=True,
                         rich_markup_mode=None)
 
@@ -36,9 +37,10 @@ def train_score(
                              "then cosine decay)"),
     seed: int = typer.Option(0, help="seeds the initial weights, data order, augmentation and diffusion noise "
                              "(the same seed and torch build give the same file)"),
-    base_channels: int = typer.Option(16, min=8),
+    base_channels: int = typer.Option(16, min=8, help="channels of the UNet's first resolution (the others are "
+                                      "multiples: --mults)"),
     mults: str = typer.Option("1,2,4", help="channel multipliers per resolution"),
-    dataset: str = typer.Option("mnist-5k"),
+    dataset: str = typer.Option("mnist-5k", help=DATASET_HELP),
     weights_dir: Path = typer.Option(Path("trained"), help="where the weights and manifest go"),
     name: str = typer.Option("mnist-unet", help="manifest name"),
     force: bool = typer.Option(False, "--force", help="replace an existing model of that name"),
@@ -62,8 +64,8 @@ def train_classifier(
                              "then cosine decay)"),
     seed: int = typer.Option(0, help="seeds the initial weights, data order and augmentation (the same seed "
                              "and torch build give the same file)"),
-    width: int = typer.Option(32, min=4),
-    dataset: str = typer.Option("mnist-5k"),
+    width: int = typer.Option(32, min=4, help="channels of the CNN's first conv stage (the second has twice as many)"),
+    dataset: str = typer.Option("mnist-5k", help=DATASET_HELP),
     weights_dir: Path = typer.Option(Path("trained"), help="where the weights and manifest go"),
     name: str = typer.Option("mnist-cnn", help="manifest name"),
     force: bool = typer.Option(False, "--force", help="replace an existing model of that name"),
