@@ -260,10 +260,10 @@ def run_sanity(cfg: ExperimentConfig, weights_dir: Path | None = None, n: int = 
     data = load_eval_data(cfg, min(n, cfg.data.n))
     attack, target = next((build_attack(a, model, cfg.evaluate.seed) for a in cfg.attacks
                            if a.name in ("pgd", "apgd", "bpda")), (None, model))  # the checks compare budgets
-    x, y = on_device(resolve_device(cfg.evaluate.device), data.images, data.labels)
+    x, y, ids = on_device(resolve_device(cfg.evaluate.device), data.images, data.labels, data.ids)
     checks = defense_checks(model, x, y)
     if isinstance(attack, PGD):
-        checks += sanity_checks(model, attack, x, y, data.ids, cfg.evaluate.rescore_draws, target)
+        checks += sanity_checks(model, attack, x, y, ids, cfg.evaluate.rescore_draws, target)
     if isinstance(model, Defense):  # fidelity of every gradient mode to the exact one (informative entries)
         from ..attacks.gradient_modes import cosine_checks, gradient_cosines
         from .config import AttackConfig
@@ -271,6 +271,6 @@ def run_sanity(cfg: ExperimentConfig, weights_dir: Path | None = None, n: int = 
         pgd_like = [a for a in cfg.attacks if a.name in ("pgd", "apgd", "bpda", "adaptive")] or [AttackConfig()]
         steps = next((a.surrogate_steps for a in pgd_like if a.gradient == "surrogate"), pgd_like[0].surrogate_steps)
         m = min(len(data), 8)
-        checks += cosine_checks(gradient_cosines(model, x[:m], y[:m], data.ids[:m], eot=pgd_like[0].eot,
+        checks += cosine_checks(gradient_cosines(model, x[:m], y[:m], ids[:m], eot=pgd_like[0].eot,
                                                  surrogate_steps=steps), steps)
     return {"n": len(data), "checks": checks, "all_passed": all_passed(checks)}
