@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sqlite3
 from pathlib import Path
 
 from ssni.evaluate.config import from_dict
@@ -21,10 +20,8 @@ from ssni.frontier import compare, format_paired, paired_verdicts, verdicts_of
 
 
 def point_verdicts(folder: Path, protocol: str) -> dict[int, tuple[bool, bool]]:
-    with sqlite3.connect(folder / RESULTS_FILE) as db:  # the config the store was made with
-        cfg = from_dict(json.loads(db.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()[0]))
-    store = Store(folder / RESULTS_FILE, cfg.hash(), json.dumps(cfg.to_dict(), sort_keys=True))
-    rows = store.rows()
+    store = Store(folder / RESULTS_FILE, None, None)  # read with the config the store was made with
+    cfg, rows = from_dict(store.config()), store.rows()
     store.close()
     return verdicts_of(rows, [f"{k}:{a.name}" for k, a in enumerate(cfg.attacks)], protocol)
 

@@ -1,6 +1,6 @@
 #!/bin/bash
 # The frontier experiment of issue 22 on MNIST (CPU, one thread per job, one job at a time).
-# Usage: bash docs/frontier/run.sh val|plan|test|repro   (each step resumes where it stopped)
+# Usage: bash docs/frontier/run.sh val|plan|test|test40|repro   (each step resumes where it stopped)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 S=docs/frontier
@@ -17,6 +17,9 @@ case $1 in
   plan) ssni sweep $CONFIGS $LEVELS $EPS --limit $N --out runs/frontier-test --plan ;;
   # 3. the test sweep, our protocol (exact gradients, worst of 8 headline)
   test) ssni sweep $CONFIGS $LEVELS $EPS --limit $N --out runs/frontier-test --no-progress ;;
+  # 3b. eps 0.15 again at the budget the paired convergence rule chose for the demo (PGD 40 steps, docs/convergence)
+  test40) ssni sweep $CONFIGS $LEVELS --grid attacks.0.eps+attacks.0.step_size=0.15+0.025 --set attacks.0.steps=40 \
+            --limit $N --out runs/frontier-test-40 --no-progress ;;
   # 4. the paper's protocol (surrogate gradients of a 2-step chain, single-draw headline, reference quirks)
   repro) ssni sweep --config $S/repro/diffpure.toml --config $S/repro/ssni-n.toml --config $S/repro/ssni-l.toml \
            $LEVELS $EPS --limit $N --out runs/frontier-repro --protocol single --no-progress ;;
