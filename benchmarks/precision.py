@@ -1,12 +1,12 @@
 """Precision modes against CPU fp32 on the same MNIST test images: the README's precision table.
 
-    # once, on a CPU (the reference; about 40 min at one thread for 200 images):
+    # once, on a CPU (the reference; about 45 min at one thread for 200 images):
     python benchmarks/precision.py --device cpu --modes fp32 --write-reference benchmarks/results/precision-cpu-fp32.json
     # on the GPU (benchmarks/gpu.sh runs this):
     python benchmarks/precision.py --device cuda --reference benchmarks/results/precision-cpu-fp32.json --out DIR
 
 Each mode runs the demo's DiffPure + SSNI-N experiment (configs/mnist-diffpure-ssni-n.toml: clean pass,
-PGD-20 x EOT-2 with exact gradients, 8 fresh re-scoring draws) on the device at that precision, and is
+PGD-40 x EOT-2 with exact gradients, 8 fresh re-scoring draws) on the device at that precision, and is
 compared sample by sample with the reference rows: score-norm relative error, clean t* and prediction
 agreement, and the worst / majority / single verdicts of the attack (on samples attacked on both sides).
 The purified-image error is one purification (draw 0) of the first 64 images against the CPU's.
