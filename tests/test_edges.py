@@ -266,8 +266,9 @@ def test_reduced_precision_inputs_give_the_float32_result(mnist_defense, dtype):
 # --- Ctrl-C, file modes, help -------------------------------------------------------------------
 
 def test_ctrl_c_says_what_was_kept_and_how_to_resume(monkeypatch, capsys, tmp_path):
-    import ssni.purify_folder
     from PIL import Image
+
+    import ssni.purify_folder
 
     (tmp_path / "in").mkdir()
     Image.new("L", (28, 28)).save(tmp_path / "in" / "a.png")
@@ -329,14 +330,7 @@ def test_the_two_import_cycles_stay_broken(path, forbidden):
 
 
 def test_a_permission_error_while_claiming_is_one_error(monkeypatch, tmp_path):
-    real = Path.write_text
-
-    def denied(self, *args, **kwargs):
-        if self.name == OWNER_FILE:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "write_text", denied)
+    _denied_for(monkeypatch, OWNER_FILE, "write_text", PermissionError(13, "Permission denied"))
     with pytest.raises(InputError, match="cannot write into .*Permission denied"):
         claim(tmp_path / "out", "evaluate")
 
@@ -413,16 +407,18 @@ def test_demo_takes_over_its_old_folder_and_says_what_ctrl_c_keeps(monkeypatch, 
     one_error(status, err, "ssni demo")
 
 
-def _denied_for(monkeypatch, name: str) -> None:
-    """Creating a folder called ``name`` fails as in a folder the user may not write (the tour's immutable one)."""
-    real = Path.mkdir
+def _denied_for(monkeypatch, name: str, method: str = "mkdir",
+                error: OSError = PermissionError(1, "Operation not permitted")) -> None:
+    """``Path.<method>`` on a path called ``name`` fails with ``error`` (default: as in a folder the user may
+    not write, the tour's immutable one)."""
+    real = getattr(Path, method)
 
-    def mkdir(self, *args, **kwargs):
+    def denied(self, *args, **kwargs):
         if self.name == name:
-            raise PermissionError(1, "Operation not permitted", str(self))
+            raise type(error)(error.errno, error.strerror, str(self))
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "mkdir", mkdir)
+    monkeypatch.setattr(Path, method, denied)
 
 
 @pytest.mark.parametrize("command", [["fetch", "cifar10-data"], ["fetch", "imagenet-resnet50"],

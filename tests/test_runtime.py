@@ -37,11 +37,12 @@ def test_cuda_without_a_gpu_is_one_clear_error():
 
 def test_cli_device_errors_are_one_line_and_the_first_line_names_the_device(tiny_config_file, tiny_weights,
                                                                              tmp_path):
+    import subprocess
+    import sys
+
     from typer.testing import CliRunner
 
     from ssni.cli import app, main  # noqa: F401  (main maps SSNIError to exit 2)
-    import subprocess
-    import sys
 
     bad = subprocess.run([sys.executable, "-m", "ssni.cli", "evaluate", "--config", str(tiny_config_file),
                           "--out", str(tmp_path / "x"), "--device", "foo"], capture_output=True, text=True)
@@ -143,6 +144,19 @@ def test_auto_settings_are_resolved_recorded_and_change_no_result(tiny_config_fi
     assert_same_rows(_rows(tmp_path / "fixed", cfg), _rows(tmp_path / "auto", auto))
 
 
+def units_cheaper_up_to(widest: int):
+    """A stand-in for ``units.measure_units``: per-row costs that fall with the call's width up to
+    ``widest`` rows, then stay flat."""
+    from ssni.evaluate import units
+
+    def measured(model, x, rows, grad_rows, repeats=2):
+        per_row = 1.0 / min(rows, widest)
+        return units.Units(step=per_row, step_grad=3 * per_row, step_ck=4 * per_row, classifier=0.1 * per_row,
+                           classifier_grad=0.3 * per_row, step_saved_bytes=1.0, step_input_bytes=0.1,
+                           classifier_saved_bytes=0.0, weight_bytes=0)
+    return measured
+
+
 def test_auto_picks_the_fastest_candidate_that_fits(monkeypatch, tiny_unet, tiny_classifier, images):
     """With per-row costs that fall until 4 rows and memory for 6 attack rows, the choice is the widest
     call that fits: batch x eot_batch <= 6 and as wide as the saturation allows."""
@@ -150,13 +164,7 @@ def test_auto_picks_the_fastest_candidate_that_fits(monkeypatch, tiny_unet, tiny
     from ssni.evaluate import auto, costs, units
     from ssni.evaluate.config import from_dict
 
-    def measured(model, x, rows, grad_rows, repeats=2):
-        per_row = 1.0 / min(rows, 4)  # wider calls are cheaper per row up to 4 rows
-        return units.Units(step=per_row, step_grad=3 * per_row, step_ck=4 * per_row, classifier=0.1 * per_row,
-                           classifier_grad=0.3 * per_row, step_saved_bytes=1.0, step_input_bytes=0.1,
-                           classifier_saved_bytes=0.0, weight_bytes=0)
-
-    monkeypatch.setattr(units, "measure_units", measured)
+    monkeypatch.setattr(units, "measure_units", units_cheaper_up_to(4))
     monkeypatch.setattr(costs, "free_bytes", lambda device: (6 * 2 * 3 / costs.MEMORY_MARGIN + 1e-9, "test"))
     model = Defense(tiny_classifier, DiffPure(tiny_unet, t_star=2, steps=2)).eval()
     cfg = from_dict({"data": {"n": 8}, "evaluate": {"batch_size": "auto"}, "purifier": {"checkpoint": "auto"},
@@ -222,13 +230,7 @@ def test_auto_chooses_each_attacks_eot_batch_and_records_only_its_choices(monkey
     from ssni.evaluate import auto, costs, units
     from ssni.evaluate.config import from_dict
 
-    def measured(model, x, rows, grad_rows, repeats=2):
-        per_row = 1.0 / min(rows, 8)  # wider calls are cheaper per row up to 8 rows
-        return units.Units(step=per_row, step_grad=3 * per_row, step_ck=4 * per_row, classifier=0.1 * per_row,
-                           classifier_grad=0.3 * per_row, step_saved_bytes=1.0, step_input_bytes=0.1,
-                           classifier_saved_bytes=0.0, weight_bytes=0)
-
-    monkeypatch.setattr(units, "measure_units", measured)
+    monkeypatch.setattr(units, "measure_units", units_cheaper_up_to(8))
     monkeypatch.setattr(costs, "free_bytes", lambda device: (1e12, "test"))
     model = Defense(tiny_classifier, DiffPure(tiny_unet, t_star=2, steps=2)).eval()
     cfg = from_dict({"data": {"n": 4}, "evaluate": {"batch_size": 16},

@@ -39,17 +39,26 @@ Defaults on CIFAR-10: ``t* = 36`` per round, 4 rounds, unit steps, ``x0`` clippe
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from ..diffusion import broadcast_to, forward_jump
+from ..diffusion import VPSchedule, broadcast_to, forward_jump
 from ..errors import ConfigError
 from ..rng import SampleNoise
 from .base import Purifier, check_positive_levels
 
 REFERENCE_PTB = 8.0  # GDMP's config.attack.ptb (pixels) in m; fixed here, see the module docstring
+
+
+@functools.lru_cache(maxsize=8)
+def second_level_variance(schedule: VPSchedule) -> float:
+    """The reference's posterior variance at level 2, ``(1 - abar_1) / (1 - abar_2) * (1 - abar_2 / abar_1)``:
+    its guidance variance on the last step; read from the host table once per schedule, not per step."""
+    abar_1, abar_2 = schedule.abar_table[1:3].tolist()
+    return (1 - abar_1) / (1 - abar_2) * (1 - abar_2 / abar_1)
 
 
 @dataclass(frozen=True)
@@ -118,7 +127,5 @@ class GDMP(Purifier):
         abar_a = broadcast_to(self.schedule.abar(a, like=like), like)
         abar_c = broadcast_to(self.schedule.abar(c, like=like), like)
         beta = 1 - abar_a / abar_c
-        abar_1, abar_2 = self.schedule.abar_table[1:3].tolist()
-        beta_tilde_2 = (1 - abar_1) / (1 - abar_2) * (1 - abar_2 / abar_1)
         last = broadcast_to(c == 0, like).bool()
-        return torch.where(last, 0.0, beta), torch.where(last, beta_tilde_2, beta)
+        return torch.where(last, 0.0, beta), torch.where(last, second_level_variance(self.schedule), beta)
